@@ -1,0 +1,229 @@
+"""Structured config schema: every key a run can take, with its type.
+
+Hydra merges the YAML files in ``conf/`` onto these dataclasses, so a typo, an
+unknown key or a value of the wrong type fails at composition, before any model
+loads. Group files select their schema with a defaults entry (``base_pretrained``
+and the like), following Hydra's "config groups with schema" pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from xmodal.errors import ConfigError
+
+
+class TextPooling(str, Enum):
+    mean = "mean"
+    sum = "sum"
+    max = "max"
+    last = "last"
+
+
+class ImagePooling(str, Enum):
+    mean = "mean"
+    sum = "sum"
+    max = "max"
+    topn = "topn"  # per feature: mean of its N largest values over image tokens
+    eoi = "eoi"  # the first token after the image (Gemma 3: <end_of_image>)
+
+
+# ---------------------------------------------------------------- model ----
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    name: str = MISSING  # short name used in tables, cache keys and W&B
+    dtype: str = "float32"
+    device: str = "auto"  # "auto": cuda when available, else cpu
+
+
+@dataclass
+class PretrainedModelConfig(ModelConfig):
+    name_or_path: str = MISSING  # hub id or local directory
+    revision: str = "main"
+    trust_remote_code: bool = False  # never on by default: it runs code from the hub
+
+
+@dataclass
+class TinyModelConfig(ModelConfig):
+    """A random-weight Gemma 3 multimodal model with the real Gemma 3 tokenizer."""
+
+    num_hidden_layers: int = 6
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 32
+    vision_hidden_size: int = 32
+    vision_layers: int = 2
+    image_size: int = 64
+    patch_size: int = 8
+    mm_tokens_per_image: int = 16
+    init_seed: int = 0
+
+
+# ------------------------------------------------------------------ sae ----
+@dataclass
+class SAEConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+    device: str = "auto"
+    dtype: str = "float32"
+
+
+@dataclass
+class NoSAEConfig(SAEConfig):
+    """Work on raw residuals: the 'features' are the residual dimensions."""
+
+
+@dataclass
+class PretrainedSAEConfig(SAEConfig):
+    release: str = MISSING  # a sae-lens release, e.g. gemma-scope-2-4b-pt-res
+    id_template: str = MISSING  # e.g. layer_{layer}_width_{width}_l0_{l0}
+    width: str = "16k"
+    l0: str = "medium"
+
+
+@dataclass
+class LocalSAEConfig(SAEConfig):
+    path: str = MISSING  # a sae-lens directory; may contain {layer}
+
+
+# -------------------------------------------------------------- dataset ----
+@dataclass
+class DatasetConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
+class SyntheticDatasetConfig(DatasetConfig):
+    images_per_concept: int = 3
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class ImageFolderDatasetConfig(DatasetConfig):
+    root: str = MISSING  # <root>/<concept>/*.jpg|png, optional <root>/concepts.csv
+    max_images_per_concept: Optional[int] = None
+
+
+@dataclass
+class BuiltinDatasetConfig(DatasetConfig):
+    image_root: Optional[str] = None  # photos as <image_root>/<concept>/*.jpg
+    categories: list[str] = field(
+        default_factory=lambda: ["landmarks", "animals", "objects", "scenes", "abstract"]
+    )
+    max_images_per_concept: Optional[int] = None
+
+
+# ----------------------------------------------------------- experiment ----
+@dataclass
+class ExperimentConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
+class OverlapConfig(ExperimentConfig):
+    top_k: int = 50
+    corr_threshold: float = 0.6  # the plan's bar for a cross-modal feature
+    n_permutations: int = 1000
+    heatmap_features: int = 20
+    encode_batch_size: int = 256
+
+
+# --------------------------------------------------------------- logger ----
+@dataclass
+class LoggerConfig:
+    _target_: str = MISSING
+
+
+@dataclass
+class WandbLoggerConfig(LoggerConfig):
+    project: str = "xmodal"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline works without account or network; `wandb sync` later
+    group: Optional[str] = None  # default: the sweep directory's name
+    tags: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------- extraction ----
+@dataclass
+class PositionsConfig:
+    """Which residual-stream positions stand for a concept, and how they are pooled."""
+
+    text_prompt: str = "{concept}"  # user turn for the text modality
+    image_prompt: str = ""  # text after the image in the user turn
+    use_chat_template: bool = True
+    text_pooling: TextPooling = TextPooling.mean
+    image_pooling: ImagePooling = ImagePooling.mean
+    top_n: int = 5
+    batch_size: int = 8
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str = MISSING
+    model_cache: str = "${paths.cache_dir}/models"
+    activation_cache: str = "${paths.cache_dir}/activations"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    sae: SAEConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    experiment: ExperimentConfig = MISSING
+    logger: LoggerConfig = MISSING
+    positions: PositionsConfig = field(default_factory=PositionsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    layer: int = 1
+    seed: int = 0
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="xmodal_config", node=Config)
+    for group, name, node in [
+        ("model", "base_pretrained", PretrainedModelConfig),
+        ("model", "base_tiny", TinyModelConfig),
+        ("sae", "base_none", NoSAEConfig),
+        ("sae", "base_pretrained", PretrainedSAEConfig),
+        ("sae", "base_local", LocalSAEConfig),
+        ("dataset", "base_synthetic", SyntheticDatasetConfig),
+        ("dataset", "base_image_folder", ImageFolderDatasetConfig),
+        ("dataset", "base_builtin", BuiltinDatasetConfig),
+        ("experiment", "base_overlap", OverlapConfig),
+        ("logger", "base_none", LoggerConfig),
+        ("logger", "base_wandb", WandbLoggerConfig),
+    ]:
+        cs.store(group=group, name=name, node=node)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Semantic checks the type system cannot express. Raises ConfigError."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config keys without a value: {', '.join(missing)}; set them on the command line")
+    if cfg.layer < 0:
+        raise ConfigError(f"layer={cfg.layer} is negative; layers count from 0")
+    if cfg.positions.top_n < 1:
+        raise ConfigError(f"positions.top_n={cfg.positions.top_n} must be at least 1")
+    if cfg.positions.batch_size < 1:
+        raise ConfigError(f"positions.batch_size={cfg.positions.batch_size} must be at least 1")
+    if "{concept}" not in cfg.positions.text_prompt:
+        raise ConfigError(
+            f"positions.text_prompt={cfg.positions.text_prompt!r} must contain '{{concept}}' where the concept goes"
+        )
+    exp: Any = cfg.experiment
+    if "top_k" in exp and exp.top_k < 1:
+        raise ConfigError(f"experiment.top_k={exp.top_k} must be at least 1")
+    if "n_permutations" in exp and exp.n_permutations < 1:
+        raise ConfigError(f"experiment.n_permutations={exp.n_permutations} must be at least 1")

@@ -1,0 +1,91 @@
+"""Matched concept pairs: each concept has one text and one or more images."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from xmodal.errors import DatasetError
+
+
+@dataclass(frozen=True)
+class Concept:
+    name: str  # identifier, e.g. "eiffel_tower"
+    text: str  # what the text modality reads, e.g. "Eiffel Tower"
+    category: str = ""
+    partner: str | None = None  # a confusable concept, for specificity (cat / dog)
+
+
+@dataclass
+class ConceptImage:
+    concept: str
+    source: str  # file path, or a description of how it was drawn
+    data: bytes  # encoded image bytes: hashed for the cache key, decoded on load()
+
+    def load(self) -> Image.Image:
+        return Image.open(io.BytesIO(self.data)).convert("RGB")
+
+
+def read_image_file(path: Path, concept: str) -> ConceptImage:
+    """Read and fully decode an image file; a corrupt file is a DatasetError naming it."""
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DatasetError(
+            f"image {str(path)!r} of concept {concept!r} cannot be read ({err}); remove or replace the file"
+        ) from err
+    return ConceptImage(concept=concept, source=str(path), data=data)
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class ConceptDataset:
+    name: str
+    concepts: list[Concept]
+    images: list[ConceptImage] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.concepts]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise DatasetError(f"dataset {self.name!r} lists concepts more than once: {duplicates}")
+        if len(self.concepts) < 2:
+            raise DatasetError(
+                f"dataset {self.name!r} has {len(self.concepts)} concept(s); cross-modal statistics need at least 2"
+            )
+        known = set(names)
+        for concept in self.concepts:
+            if concept.partner is not None and concept.partner not in known:
+                # A partner outside the set cannot be measured; keep the concept, drop the pairing.
+                object.__setattr__(concept, "partner", None)
+        for img in self.images:
+            if img.concept not in known:
+                raise DatasetError(f"image {img.source!r} belongs to unknown concept {img.concept!r}")
+        without = [c.name for c in self.concepts if not any(i.concept == c.name for i in self.images)]
+        if without:
+            raise DatasetError(
+                f"dataset {self.name!r}: concepts without any image: {without[:10]}; add images or drop them"
+            )
+
+    def concept(self, name: str) -> Concept:
+        return next(c for c in self.concepts if c.name == name)
+
+    def content_hash(self) -> str:
+        """Hash of everything the model sees: concept texts, order, and image bytes."""
+        digest = hashlib.sha256()
+        for c in self.concepts:
+            digest.update(f"{c.name}\x00{c.text}\x00".encode())
+        for img in self.images:
+            digest.update(img.concept.encode() + b"\x00" + hashlib.sha256(img.data).digest())
+        return digest.hexdigest()

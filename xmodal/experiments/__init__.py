@@ -1,0 +1,1 @@
+"""Studies, each an Experiment with one run(ctx)."""

@@ -1,0 +1,78 @@
+"""The Experiment interface: one ``run(ctx)`` that reads activations and writes results.
+
+The run context hands an experiment everything it needs already validated: the
+model adapter (weights still unloaded), the feature space (SAE or raw), the
+dataset, the layer, the activation cache and the result writer. An experiment
+returns its flat metrics; ``xmodal.run`` writes result.json after it returns.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from xmodal.activations.cache import ActivationCache, get_activations
+from xmodal.activations.extract import LayerActivations
+from xmodal.config import PositionsConfig
+from xmodal.data.concepts import ConceptDataset
+from xmodal.models.base import ModelAdapter
+from xmodal.reporting.loggers import NullLogger
+from xmodal.reporting.results import ResultWriter
+from xmodal.saes.loading import FeatureSpace
+
+
+@dataclass
+class RunContext:
+    model: ModelAdapter
+    features: FeatureSpace
+    dataset: ConceptDataset
+    layer: int
+    seed: int
+    positions: PositionsConfig
+    cache: ActivationCache | None
+    writer: ResultWriter
+    logger: NullLogger = field(default_factory=NullLogger)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    progress: bool = True
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings_s[phase] = self.timings_s.get(phase, 0.0) + time.perf_counter() - start
+
+    def rng(self, stream: str = "") -> np.random.Generator:
+        """A generator seeded by the config seed and a stream name, so phases do not share draws."""
+        return np.random.default_rng([self.seed, *stream.encode()])
+
+    def activations(self, layers: Sequence[int] | None = None) -> dict[int, LayerActivations]:
+        with self.timed("activations"):
+            return get_activations(
+                self.model, self.dataset, list(layers or [self.layer]), self.positions, self.cache, self.progress
+            )
+
+    def table(self, name: str, frame: pd.DataFrame) -> None:
+        self.writer.table(name, frame)
+        self.logger.log_table(name, frame)
+
+    def figure(self, name: str, fig: Any) -> None:
+        path = self.writer.figure(name, fig)
+        self.logger.log_figure(name, path)
+
+
+class Experiment(ABC):
+    """A study: subclasses implement run() and describe their method in its docstring."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def run(self, ctx: RunContext) -> dict[str, float]:
+        """Compute, write tables and figures through ctx, and return flat metrics."""

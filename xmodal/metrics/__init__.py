@@ -1,0 +1,1 @@
+"""Statistics: overlap metrics and their permutation nulls."""

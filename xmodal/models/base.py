@@ -1,0 +1,247 @@
+"""What every VLM family shares: lazy loading, prompts, token positions, decoder layers.
+
+A family adapter (gemma3.py, paligemma.py, llava.py, text_only.py) overrides only
+what differs: the transformers class, where the decoder layers live, the image
+token, and how a prompt is written. Weights load on first use of ``.model`` so a
+run whose activations are all cached never loads them, and a bad layer index fails
+after reading ``config.json`` alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from xmodal.errors import ConfigError, DatasetError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SENTINEL = "\u2063XMODALCONCEPT\u2063"  # never produced by a tokenizer's normal text
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def hub_load(fn: Callable[..., Any], name_or_path: str, what: str, **kwargs: Any) -> Any:
+    """Call a transformers ``from_pretrained`` and turn its failures into one clear line."""
+    looks_local = name_or_path.startswith(("/", ".", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise ModelLoadError(
+            f"local {what} directory {name_or_path!r} does not exist; "
+            "set model.name_or_path to a folder holding config.json and the weights"
+        )
+    try:
+        return fn(str(Path(name_or_path).expanduser()) if looks_local else name_or_path, **kwargs)
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"could not load {what} {name_or_path!r} (revision {kwargs.get('revision', 'main')}) offline "
+            f"or from the hub: {first_line} To fix: point model.name_or_path at a local copy "
+            f"(a folder with config.json and weights), or run `hf download {name_or_path}` where there "
+            "is network and set HF_HOME to that cache."
+        ) from err
+
+
+@dataclass
+class TextPrompt:
+    """A tokenised text prompt and where the concept's tokens sit in it."""
+
+    input_ids: list[int]
+    concept_positions: list[int]
+
+
+class ModelAdapter:
+    """A loaded (or loadable) VLM with the few facts experiments need about it."""
+
+    family: ClassVar[str] = "base"
+    decoder_layers_path: ClassVar[str] = "model.language_model.layers"
+    supports_images: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        name: str,
+        hf_config: Any,
+        load_model: Callable[[], nn.Module],
+        load_processor: Callable[[], Any],
+        identity: dict[str, Any],
+        device: torch.device,
+    ) -> None:
+        self.name = name
+        self.hf_config = hf_config
+        self._load_model = load_model
+        self._load_processor = load_processor
+        self.identity = identity  # everything that determines the weights; part of cache keys
+        self.device = device
+
+    # ------------------------------------------------------------ loading --
+    @classmethod
+    def auto_model_class(cls) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def auto_processor_class(cls) -> Any:
+        from transformers import AutoProcessor
+
+        return AutoProcessor
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        name_or_path: str,
+        revision: str = "main",
+        dtype: str = "bfloat16",
+        device: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> "ModelAdapter":
+        from transformers import AutoConfig
+
+        torch_dtype = resolve_dtype(dtype)
+        torch_device = resolve_device(device)
+        common = dict(revision=revision, trust_remote_code=trust_remote_code)
+        hf_config = hub_load(AutoConfig.from_pretrained, name_or_path, "model config", **common)
+
+        def load_model() -> nn.Module:
+            log.info("Loading %s weights from %s (%s, %s)", name, name_or_path, dtype, torch_device)
+            model = hub_load(
+                cls.auto_model_class().from_pretrained, name_or_path, "model", dtype=torch_dtype, **common
+            )
+            return model.to(torch_device).eval()
+
+        def load_processor() -> Any:
+            return hub_load(cls.auto_processor_class().from_pretrained, name_or_path, "processor", **common)
+
+        identity = {
+            "family": cls.family,
+            "name_or_path": name_or_path,
+            "revision": revision,
+            "commit": getattr(hf_config, "_commit_hash", None),
+            "dtype": dtype,
+        }
+        return cls(name, hf_config, load_model, load_processor, identity, torch_device)
+
+    @cached_property
+    def model(self) -> nn.Module:
+        model = self._load_model()
+        model.requires_grad_(False)
+        return model
+
+    @cached_property
+    def processor(self) -> Any:
+        return self._load_processor()
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    # -------------------------------------------------------------- facts --
+    @property
+    def text_config(self) -> Any:
+        return self.hf_config.get_text_config()
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def image_token_id(self) -> int | None:
+        return getattr(self.hf_config, "image_token_id", None)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return operator.attrgetter(self.decoder_layers_path)(self.model)
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise ConfigError(
+                f"layer={layer} is out of range for model {self.name!r}, which has {self.num_layers} "
+                f"decoder layers (0..{self.num_layers - 1}); pick one in that range"
+            )
+
+    # ------------------------------------------------------------ prompts --
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+
+    def user_message(self, text: str, with_image: bool) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = [{"type": "image"}] if with_image else []
+        if text:
+            content.append({"type": "text", "text": text})
+        return [{"role": "user", "content": content}]
+
+    def render_prompt(self, text: str, with_image: bool, use_chat_template: bool) -> str:
+        """The prompt string before tokenisation (image placeholders not yet expanded)."""
+        if use_chat_template and self.chat_template:
+            template_owner = self.processor if with_image else self.tokenizer
+            return template_owner.apply_chat_template(
+                self.user_message(text, with_image), tokenize=False, add_generation_prompt=True
+            )
+        return self.plain_prompt(text, with_image)
+
+    def plain_prompt(self, text: str, with_image: bool) -> str:
+        """Prompt without a chat template; families with a fixed format override this."""
+        if with_image:
+            return f"{self.processor.image_token}{text}"
+        return text
+
+    def _adds_bos(self, rendered: str) -> bool:
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return not (bos and rendered.startswith(bos))
+
+    def text_prompt(self, prompt_template: str, concept_text: str, use_chat_template: bool) -> TextPrompt:
+        """Tokenise the concept inside its prompt and find the concept's token positions."""
+        rendered = self.render_prompt(prompt_template.replace("{concept}", _SENTINEL), False, use_chat_template)
+        start = rendered.find(_SENTINEL)
+        rendered = rendered.replace(_SENTINEL, concept_text)
+        end = start + len(concept_text)
+        tokenizer = self.tokenizer
+        if not getattr(tokenizer, "is_fast", False):
+            raise ModelLoadError(f"model {self.name!r} has a slow tokenizer; xmodal needs a fast one for offsets")
+        encoded = tokenizer(rendered, add_special_tokens=self._adds_bos(rendered), return_offsets_mapping=True)
+        positions = [
+            i for i, (s, e) in enumerate(encoded["offset_mapping"]) if e > s and s < end and e > start
+        ]
+        if not concept_text.strip() or not positions:
+            raise DatasetError(
+                f"concept text {concept_text!r} gives no tokens inside the prompt; give the concept a non-empty text"
+            )
+        return TextPrompt(list(encoded["input_ids"]), positions)
+
+    def image_inputs(self, images: Sequence[Image.Image], prompt: str, use_chat_template: bool) -> Any:
+        """Processor outputs for a batch of images, all with the same prompt."""
+        if not self.supports_images:
+            raise ConfigError(f"model {self.name!r} ({self.family}) is text-only; it cannot read images")
+        rendered = self.render_prompt(prompt, True, use_chat_template)
+        return self.processor(
+            text=[rendered] * len(images),
+            images=[[img.convert("RGB")] for img in images],
+            return_tensors="pt",
+            add_special_tokens=self._adds_bos(rendered),
+        )
+
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the image soft-token positions."""
+        if self.image_token_id is None:
+            raise ConfigError(f"model {self.name!r} has no image token id")
+        return input_ids == self.image_token_id

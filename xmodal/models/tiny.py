@@ -1,0 +1,102 @@
+"""A random-weight Gemma 3 multimodal model with the real Gemma 3 tokenizer, for tests and mechanics.
+
+Its numbers say nothing about real VLMs. It goes through the same Gemma3Adapter as
+Gemma 3 4B, so every code path (processor, image tokens, hooks) is the real one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from xmodal.models.base import resolve_device, resolve_dtype
+from xmodal.models.gemma3 import Gemma3Adapter
+from xmodal.models.tokenizer import gemma3_chat_template, gemma3_tokenizer
+
+
+def tiny_gemma3(
+    name: str = "tiny",
+    tokenizer_cache: str = "~/.cache/xmodal/models",
+    num_hidden_layers: int = 6,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_attention_heads: int = 2,
+    num_key_value_heads: int = 1,
+    head_dim: int = 32,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    image_size: int = 64,
+    patch_size: int = 8,
+    mm_tokens_per_image: int = 16,
+    init_seed: int = 0,
+    dtype: str = "float32",
+    device: str = "auto",
+) -> Gemma3Adapter:
+    from transformers import Gemma3Config
+
+    tokenizer_holder: dict[str, Any] = {}
+
+    def tokenizer() -> Any:
+        if "tok" not in tokenizer_holder:
+            tokenizer_holder["tok"] = gemma3_tokenizer(tokenizer_cache)
+        return tokenizer_holder["tok"]
+
+    ids = _special_token_ids()
+    hf_config = Gemma3Config(
+        text_config=dict(
+            vocab_size=262144,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            head_dim=head_dim,
+            sliding_window=64,
+        ),
+        vision_config=dict(
+            hidden_size=vision_hidden_size,
+            intermediate_size=2 * vision_hidden_size,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
+        mm_tokens_per_image=mm_tokens_per_image,
+        **ids,
+    )
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+
+    def load_model() -> torch.nn.Module:
+        from transformers import Gemma3ForConditionalGeneration
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = Gemma3ForConditionalGeneration(hf_config)
+            # The projector starts at zero in transformers; random, so image tokens carry the image.
+            projector = model.model.multi_modal_projector.mm_input_projection_weight
+            torch.nn.init.normal_(projector, std=vision_hidden_size**-0.5)
+        return model.to(device=torch_device, dtype=torch_dtype).eval()
+
+    def load_processor() -> Any:
+        from transformers import Gemma3Processor
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+        return Gemma3Processor(
+            image_processor=image_processor,
+            tokenizer=tokenizer(),
+            image_seq_length=mm_tokens_per_image,
+            chat_template=gemma3_chat_template(),
+        )
+
+    config_hash = hashlib.sha256(json.dumps(hf_config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+    identity = {"family": "gemma3", "name_or_path": f"xmodal-tiny:{config_hash[:16]}", "init_seed": init_seed, "dtype": dtype}
+    return Gemma3Adapter(name, hf_config, load_model, load_processor, identity, torch_device)
+
+
+def _special_token_ids() -> dict[str, int]:
+    # Fixed ids in the Gemma 3 vocabulary (checked against the tokenizer in tests/test_models.py).
+    return {"image_token_id": 6, "boi_token_id": 255999, "eoi_token_id": 256000}

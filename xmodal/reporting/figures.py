@@ -1,0 +1,60 @@
+"""Figures for the overlap study. Each function returns a matplotlib Figure."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # jobs run headless, on clusters too
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+
+def jaccard_vs_baseline(concepts: pd.DataFrame, top_k: int, layer: int) -> plt.Figure:
+    """Per concept: top-k Jaccard of its own text and image, against mismatched pairs."""
+    frame = concepts.sort_values("jaccard_topk")
+    y = np.arange(len(frame))
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.22 * len(frame) + 1)))
+    ax.barh(y, frame["jaccard_topk"], color="tab:blue", label="matched text-image pair")
+    ax.scatter(frame["jaccard_topk_null"], y, color="black", marker="|", s=120, zorder=3, label="mismatched pairs (mean)")
+    ax.set_yticks(y, frame["concept"], fontsize=7)
+    ax.set_xlabel(f"Jaccard overlap of top-{top_k} SAE features")
+    ax.set_title(f"Cross-modal feature overlap per concept, layer {layer}")
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def crossmodal_heatmap(text: np.ndarray, image: np.ndarray, concepts: list[str], features: np.ndarray, layer: int) -> plt.Figure:
+    """Top cross-modal features (columns) over concepts (rows), text and image side by side.
+
+    Each feature is scaled by its maximum over both modalities, so a column's colours
+    compare directly between the two panels.
+    """
+    scale = np.maximum(np.abs(text[:, features]).max(axis=0), np.abs(image[:, features]).max(axis=0))
+    scale[scale == 0] = 1
+    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.5 * max(len(features), 4) * 2, 1.5 + 0.25 * len(concepts)), sharey=True)
+    for ax, matrix, title in [(axes[0], text, "text"), (axes[1], image, "image")]:
+        im = ax.imshow(matrix[:, features] / scale, aspect="auto", cmap="magma", vmin=0, vmax=1)
+        ax.set_xticks(range(len(features)), [str(f) for f in features], rotation=90, fontsize=7)
+        ax.set_title(f"{title} activation")
+        ax.set_xlabel("SAE feature")
+    axes[0].set_yticks(range(len(concepts)), concepts, fontsize=7)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="activation / feature max")
+    fig.suptitle(f"Top cross-modal features by text-image correlation, layer {layer}")
+    return fig
+
+
+def null_distributions(null_table: pd.DataFrame, nulls: dict[str, np.ndarray], layer: int) -> plt.Figure:
+    """Each statistic's mismatched-pair null distribution, with the matched value marked."""
+    names = list(nulls)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8))
+    for ax, name in zip(np.atleast_1d(axes), names):
+        row = null_table.set_index("statistic").loc[name]
+        ax.hist(nulls[name][np.isfinite(nulls[name])], bins=30, color="grey", alpha=0.8)
+        ax.axvline(row["observed"], color="tab:red", lw=2)
+        ax.set_title(f"{name}\np = {row['p_value']:.3g}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"Matched pairs (red) against shuffled pairs (grey), layer {layer}", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,76 @@
+"""A job's output directory: tables, figures and, written last, result.json.
+
+Every file is written to a temporary name and renamed, so readers never see a
+half-written file. ``result.json`` exists only for a job that finished; a job
+that failed or was killed leaves none, and a rerun treats the directory as unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+RESULT_FILE = "result.json"
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
+    """Call write(tmp_path) and rename the result onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _json_number(value: Any) -> float | int | None:
+    value = float(value) if not isinstance(value, (int, bool)) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class ResultWriter:
+    def __init__(self, output_dir: str | Path) -> None:
+        self.output_dir = Path(output_dir)
+        self.tables: list[str] = []
+        self.figures: list[str] = []
+        # A stale result.json from an earlier run in this directory must not outlive this one.
+        (self.output_dir / RESULT_FILE).unlink(missing_ok=True)
+
+    def table(self, name: str, frame: pd.DataFrame) -> Path:
+        """tables/<name>.parquet, with a .csv twin for a quick look."""
+        parquet = atomic_write(self.output_dir / "tables" / f"{name}.parquet", lambda p: frame.to_parquet(p, index=False))
+        atomic_write(self.output_dir / "tables" / f"{name}.csv", lambda p: frame.to_csv(p, index=False))
+        self.tables.append(str(parquet.relative_to(self.output_dir)))
+        return parquet
+
+    def figure(self, name: str, fig: Any) -> Path:
+        import matplotlib.pyplot as plt
+
+        path = atomic_write(self.output_dir / "figures" / f"{name}.png", lambda p: fig.savefig(p, dpi=130, bbox_inches="tight", format="png"))
+        plt.close(fig)
+        self.figures.append(str(path.relative_to(self.output_dir)))
+        return path
+
+    def finish(self, experiment: str, metrics: dict[str, Any], timings_s: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
+        """Write result.json last: its presence is what marks the job finished."""
+        payload = {
+            "status": "ok",
+            "experiment": experiment,
+            "metrics": {k: _json_number(v) for k, v in metrics.items()},
+            "tables": self.tables,
+            "figures": self.figures,
+            "timings_s": {k: round(float(v), 4) for k, v in timings_s.items()},
+            **(extra or {}),
+        }
+        text = json.dumps(payload, indent=2, allow_nan=False)
+        return atomic_write(self.output_dir / RESULT_FILE, lambda p: Path(p).write_text(text))

@@ -1,0 +1,1 @@
+"""SAEs via sae-lens, mapped onto decoder layers."""

@@ -1,0 +1,155 @@
+"""SAEs through sae-lens: a pretrained release, a directory on disk, or none (raw residuals).
+
+Whatever the source, the result is a FeatureSpace: ``encode`` maps resid_post of
+the model's decoder layer L to feature codes. An SAE trained on the TransformerLens
+hook ``blocks.L.hook_resid_post`` or the HF hook ``model.layers.L(.output)`` reads
+exactly that tensor, so both map to decoder layer L here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xmodal.errors import SAEError
+from xmodal.models.base import resolve_device
+
+log = logging.getLogger(__name__)
+
+_RESID_HOOK = re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)(?:\.(?:hook_resid_post|output))?$")
+
+
+def hook_layer(hook_name: str) -> int:
+    """Decoder layer of a resid_post hook name; SAEError for hooks elsewhere in the block."""
+    match = _RESID_HOOK.search(hook_name)
+    if match is None:
+        raise SAEError(
+            f"the SAE reads hook {hook_name!r}, which is not a residual-stream output (resid_post); "
+            "xmodal reads resid_post, so choose a residual-stream SAE"
+        )
+    return int(match.group(1))
+
+
+class FeatureSpace:
+    """Maps resid_post (..., d_model) to feature codes (..., d_sae)."""
+
+    def __init__(self, name: str, layer: int, sae: Any | None, d_in: int | None, identity: dict[str, Any]) -> None:
+        self.name = name
+        self.layer = layer
+        self.sae = sae
+        self._d_in = d_in
+        self.identity = identity
+
+    @property
+    def d_in(self) -> int | None:
+        return self._d_in
+
+    @property
+    def d_sae(self) -> int:
+        if self.sae is not None:
+            return int(self.sae.cfg.d_sae)
+        if self._d_in is None:
+            raise RuntimeError("raw feature space has no size until check_model() runs")
+        return self._d_in
+
+    @property
+    def hook_name(self) -> str | None:
+        if self.sae is None:
+            return None
+        return getattr(self.sae.cfg.metadata, "hook_name", None)
+
+    def check_model(self, model_name: str, hidden_size: int, layer: int) -> None:
+        """Fail clearly when this SAE cannot read the model's resid_post at `layer`."""
+        if self.sae is None:
+            self._d_in = hidden_size
+            return
+        if self._d_in != hidden_size:
+            raise SAEError(
+                f"SAE {self.name!r} expects d_in={self._d_in} but model {model_name!r} has hidden size "
+                f"{hidden_size}; use an SAE trained on this model's residual stream"
+            )
+        if self.hook_name:
+            sae_layer = hook_layer(self.hook_name)
+            if sae_layer != layer:
+                raise SAEError(
+                    f"SAE {self.name!r} was trained on layer {sae_layer} ({self.hook_name}) but layer={layer} "
+                    "was requested; load the SAE for that layer (put {layer} in its id or path)"
+                )
+
+    @torch.inference_mode()
+    def encode(self, resid: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        """Codes on the CPU in float32; raw residuals pass through unchanged."""
+        if self.sae is None:
+            return resid.float().cpu()
+        device, dtype = self.sae.W_enc.device, self.sae.W_enc.dtype
+        chunks = [
+            self.sae.encode(resid[i : i + batch_size].to(device=device, dtype=dtype)).float().cpu()
+            for i in range(0, max(len(resid), 1), batch_size)
+        ]
+        return torch.cat(chunks) if len(resid) else torch.zeros(0, self.d_sae)
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.sae is None:
+            return codes
+        return self.sae.decode(codes.to(self.sae.W_dec.device, self.sae.W_dec.dtype)).float().cpu()
+
+
+def no_sae(name: str = "none", layer: int = 0, device: str = "auto", dtype: str = "float32") -> FeatureSpace:
+    return FeatureSpace(name, layer, None, None, {"kind": "none"})
+
+
+def local_sae(name: str, path: str, layer: int, device: str = "auto", dtype: str = "float32") -> FeatureSpace:
+    from sae_lens import SAE
+
+    sae_dir = Path(path.format(layer=layer)).expanduser()
+    if not (sae_dir / "cfg.json").exists():
+        raise SAEError(
+            f"no sae-lens SAE at {str(sae_dir)!r} (expected cfg.json and sae_weights.safetensors there); "
+            "set sae.path to a directory written by sae-lens (SAE.save_model)"
+        )
+    sae = SAE.load_from_disk(sae_dir, device=str(resolve_device(device)), dtype=dtype)
+    log.info("Loaded SAE %s from %s (d_in=%d, d_sae=%d)", name, sae_dir, sae.cfg.d_in, sae.cfg.d_sae)
+    stat = (sae_dir / "sae_weights.safetensors").stat() if (sae_dir / "sae_weights.safetensors").exists() else None
+    identity = {"kind": "local", "path": str(sae_dir.resolve()), "mtime": stat.st_mtime if stat else None}
+    return FeatureSpace(name, layer, sae.eval(), int(sae.cfg.d_in), identity)
+
+
+def pretrained_sae(
+    name: str,
+    release: str,
+    id_template: str,
+    layer: int,
+    width: str = "16k",
+    l0: str = "medium",
+    device: str = "auto",
+    dtype: str = "float32",
+) -> FeatureSpace:
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    sae_id = id_template.format(layer=layer, width=width, l0=l0)
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise SAEError(f"sae-lens knows no release {release!r}; see sae_lens/pretrained_saes.yaml for the names")
+    known_ids = directory[release].saes_map
+    if sae_id not in known_ids:
+        near = sorted(i for i in known_ids if re.search(rf"(?:^|\D){layer}(?:\D|$)", i))[:8]
+        raise SAEError(
+            f"release {release!r} has no SAE {sae_id!r} (layer={layer}, width={width}, l0={l0}); "
+            f"ids for this layer: {near or 'none: this release skips the layer'}"
+        )
+    try:
+        sae = SAE.from_pretrained(release, sae_id, device=str(resolve_device(device)), dtype=dtype)
+    except OSError as err:  # huggingface_hub's offline and connection errors are OSErrors
+        raise SAEError(
+            f"could not load SAE {release}/{sae_id} offline or from the hub ({type(err).__name__}); "
+            "download it where there is network (`hf download` of the release's repo) and use sae=local "
+            "sae.path=<its folder>, or set HF_HOME to a cache that holds it"
+        ) from err
+    identity = {"kind": "pretrained", "release": release, "id": sae_id}
+    return FeatureSpace(name, layer, sae.eval(), int(sae.cfg.d_in), identity)
