@@ -8,6 +8,9 @@ and the like), following Hydra's "config groups with schema" pattern.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -188,7 +191,17 @@ class Config:
     seed: int = 0
 
 
+def safe_dirname(overrides: str) -> str:
+    """A sweep job's folder name from its overrides: no path separators, at most 200 characters."""
+    name = (overrides or "defaults").replace(os.sep, "_")
+    if len(name) > 200:
+        name = f"{name[:180]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    return name
+
+
 def register_configs() -> None:
+    if not OmegaConf.has_resolver("xmodal_dirname"):
+        OmegaConf.register_new_resolver("xmodal_dirname", safe_dirname)
     cs = ConfigStore.instance()
     cs.store(name="xmodal_config", node=Config)
     for group, name, node in [
@@ -207,8 +220,25 @@ def register_configs() -> None:
         cs.store(group=group, name=name, node=node)
 
 
+def _unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys a schema does not declare (``+key=value`` can add them past struct mode)."""
+    unknown = []
+    schema = OmegaConf.get_type(node)
+    declared = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        if declared is not None and key not in declared:
+            unknown.append(f"{prefix}{key}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing():
+            unknown.extend(_unknown_keys(child, f"{prefix}{key}."))
+    return unknown
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks the type system cannot express. Raises ConfigError."""
+    unknown = _unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(unknown)}; check the spelling against conf/ and xmodal/config.py")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config keys without a value: {', '.join(missing)}; set them on the command line")

@@ -88,12 +88,25 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def user_error(err: BaseException) -> XmodalError | None:
+    """The XmodalError behind `err`, also when Hydra's instantiate wrapped it."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, XmodalError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         run_job(cfg)
-    except XmodalError as err:
-        log.error("%s", err)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise  # a bug, not bad input: keep the traceback
+        log.error("%s", cause)
         raise SystemExit(2) from None
 
 

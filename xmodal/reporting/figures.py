@@ -33,9 +33,11 @@ def crossmodal_heatmap(text: np.ndarray, image: np.ndarray, concepts: list[str],
     """
     scale = np.maximum(np.abs(text[:, features]).max(axis=0), np.abs(image[:, features]).max(axis=0))
     scale[scale == 0] = 1
+    signed = bool((text[:, features] < 0).any() or (image[:, features] < 0).any())  # raw residuals, no SAE
+    cmap, vmin = ("RdBu_r", -1) if signed else ("magma", 0)
     fig, axes = plt.subplots(1, 2, figsize=(2 + 0.5 * max(len(features), 4) * 2, 1.5 + 0.25 * len(concepts)), sharey=True)
     for ax, matrix, title in [(axes[0], text, "text"), (axes[1], image, "image")]:
-        im = ax.imshow(matrix[:, features] / scale, aspect="auto", cmap="magma", vmin=0, vmax=1)
+        im = ax.imshow(matrix[:, features] / scale, aspect="auto", cmap=cmap, vmin=vmin, vmax=1)
         ax.set_xticks(range(len(features)), [str(f) for f in features], rotation=90, fontsize=7)
         ax.set_title(f"{title} activation")
         ax.set_xlabel("SAE feature")

@@ -138,11 +138,13 @@ def pretrained_sae(
         raise SAEError(f"sae-lens knows no release {release!r}; see sae_lens/pretrained_saes.yaml for the names")
     known_ids = directory[release].saes_map
     if sae_id not in known_ids:
-        near = sorted(i for i in known_ids if re.search(rf"(?:^|\D){layer}(?:\D|$)", i))[:8]
-        raise SAEError(
-            f"release {release!r} has no SAE {sae_id!r} (layer={layer}, width={width}, l0={l0}); "
-            f"ids for this layer: {near or 'none: this release skips the layer'}"
-        )
+        same_layer = sorted(i for i in known_ids if re.search(rf"layer_{layer}(?:\D|$)", i))[:8]
+        if same_layer:
+            hint = f"ids for layer {layer}: {', '.join(same_layer)}"
+        else:
+            layers = sorted({int(m) for i in known_ids for m in re.findall(r"layer_(\d+)", i)})
+            hint = f"the release has no SAE at layer {layer}; its layers are {layers}"
+        raise SAEError(f"release {release!r} has no SAE {sae_id!r} (layer={layer}, width={width}, l0={l0}); {hint}")
     try:
         sae = SAE.from_pretrained(release, sae_id, device=str(resolve_device(device)), dtype=dtype)
     except OSError as err:  # huggingface_hub's offline and connection errors are OSErrors

@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny random Gemma 3 VLM and the synthetic concept dataset."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("WANDB_MODE", "disabled")  # tests never talk to W&B unless they ask
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from xmodal.models.tiny import tiny_gemma3
+
+    adapter = tiny_gemma3(device="cpu")
+    adapter.model  # load once for the session
+    return adapter
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    from xmodal.data.synthetic import synthetic_shapes
+
+    return synthetic_shapes(images_per_concept=2, seed=0)
+
+
+@pytest.fixture
+def positions():
+    from xmodal.config import PositionsConfig
+
+    return PositionsConfig(batch_size=4)
+
+
+def run_cli(*overrides: str, cwd: Path, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m xmodal.run` as a user would, in `cwd` (its outputs/ lands there)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "xmodal.run", *overrides],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )

@@ -1,0 +1,133 @@
+"""`python -m xmodal.run` as a user runs it: results on disk, sweeps, launchers, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli
+from tests.test_sae import save_jumprelu_sae
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+def cache_override(workdir: Path) -> str:
+    return f"paths.activation_cache={workdir / 'activation_cache'}"
+
+
+def results_under(root: Path) -> list[Path]:
+    return sorted(root.rglob("result.json"))
+
+
+def test_overlap_writes_result_tables_and_figures_and_is_deterministic(workdir):
+    first = run_cli("experiment=overlap", cache_override(workdir), "hydra.run.dir=outputs/run1", cwd=workdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli("experiment=overlap", cache_override(workdir), "hydra.run.dir=outputs/run2", cwd=workdir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Activation cache hit" in second.stdout + second.stderr
+
+    run = workdir / "outputs" / "run1"
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "ok" and result["experiment"] == "overlap" and result["layer"] == 1
+    for table in ("codes", "concepts", "null", "feature_correlations", "crossmodal_features"):
+        assert (run / "tables" / f"{table}.parquet").exists() and (run / "tables" / f"{table}.csv").exists()
+    for figure in ("jaccard_vs_baseline", "crossmodal_heatmap", "null_distributions"):
+        assert (run / "figures" / f"{figure}.png").stat().st_size > 10_000
+    assert (run / ".hydra" / "config.yaml").exists()
+
+    metrics = result["metrics"]
+    for stat in ("jaccard_topk", "pearson", "spearman", "mutual_information", "n_crossmodal_features"):
+        assert f"{stat}_null_mean" in metrics and 0 < metrics[f"{stat}_p"] <= 1
+    null = pd.read_parquet(run / "tables" / "null.parquet")
+    assert (null["n_permutations"] == 1000).all()
+    concepts = pd.read_parquet(run / "tables" / "concepts.parquet")
+    assert len(concepts) == metrics["n_concepts"] == 12
+    codes = pd.read_parquet(run / "tables" / "codes.parquet")
+    assert set(codes["modality"]) == {"text", "image"} and (codes["value"] != 0).all()  # sparse: non-zeros only
+
+    # Same command, same numbers (the second run read the cache).
+    assert json.loads((workdir / "outputs" / "run2" / "result.json").read_text())["metrics"] == metrics
+
+
+def test_multirun_over_layers(workdir):
+    sweep = workdir / "sweep_basic"
+    proc = run_cli("-m", "experiment=overlap", "layer=1,2,3", "experiment.n_permutations=200", cache_override(workdir), f"hydra.sweep.dir={sweep}", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = results_under(sweep)
+    # One folder per job, named by its overrides (cache paths left out), directly under the sweep.
+    assert [p.parent.name for p in results] == [f"experiment.n_permutations=200,experiment=overlap,layer={n}" for n in (1, 2, 3)]
+    assert all(p.parent.parent == sweep for p in results)
+    assert {json.loads(p.read_text())["layer"] for p in results} == {1, 2, 3}
+
+
+def test_multirun_through_submitit_local(workdir):
+    sweep = workdir / "sweep_submitit"
+    proc = run_cli("-m", "experiment=overlap", "layer=1,2,3", "experiment.n_permutations=200", "hydra/launcher=submitit_local", cache_override(workdir), f"hydra.sweep.dir={sweep}", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = results_under(sweep)
+    assert len(results) == 3
+    assert all(json.loads(p.read_text())["status"] == "ok" for p in results)
+    assert list(sweep.rglob("*_submitted.pkl")), "jobs did not go through submitit"
+
+
+def make_photos(root: Path) -> Path:
+    for i, concept in enumerate(["cat", "dog"]):
+        (root / concept).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200 * i, 50, 50)).save(root / concept / "a.png")
+    return root
+
+
+def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str, dict]]:
+    empty = make_photos(tmp / "empty_concept")
+    (empty / "bird").mkdir()
+    corrupt = make_photos(tmp / "corrupt")
+    (corrupt / "dog" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    save_jumprelu_sae(tmp / "wide_sae", d_in=128)
+    offline = {"HF_HUB_OFFLINE": "1"}
+    return {
+        "layer_out_of_range": (["layer=99"], "layer=99 is out of range for model 'tiny'", {}),
+        "layer_not_int": (["layer=abc"], "'abc'", {}),
+        "missing_root": (["dataset=image_folder", f"dataset.root={tmp / 'nowhere'}"], "does not exist", {}),
+        "concept_without_image": (["dataset=image_folder", f"dataset.root={empty}"], "bird' holds no image", {}),
+        "corrupt_image": (["dataset=image_folder", f"dataset.root={corrupt}"], "b.jpg' of concept 'dog' cannot be read", {}),
+        "sae_width": (["sae=local", f"sae.path={tmp / 'wide_sae'}"], "expects d_in=128 but model 'tiny' has hidden size 64", {}),
+        "unknown_model_offline": (["model=gemma3_4b", "model.name_or_path=google/no-such-vlm"], "could not load model config 'google/no-such-vlm'", offline),
+    }
+
+
+@pytest.mark.parametrize("case", ["layer_out_of_range", "layer_not_int", "missing_root", "concept_without_image", "corrupt_image", "sae_width", "unknown_model_offline"])
+def test_bad_input_gives_one_clear_error_and_no_result(case, tmp_path):
+    overrides, message, env = bad_inputs(tmp_path)[case]
+    proc = run_cli(*overrides, f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path, env_extra=env, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert sum(message in line for line in output.splitlines()) == 1, output[-2000:]
+    assert "Traceback" not in output and "Error in call to target" not in output, output[-3000:]
+    assert results_under(tmp_path) == []
+
+
+def test_wandb_offline_run_is_written_without_the_api_key(workdir):
+    secret = "xmodal-test-secret-4f2a"
+    run_dir = workdir / "outputs" / "wandb_run"
+    proc = run_cli(
+        "logger=wandb", "experiment.n_permutations=100", cache_override(workdir), f"hydra.run.dir={run_dir}",
+        cwd=workdir, env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": secret},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = list(runs[0].glob("*.wandb"))
+    assert logged and logged[0].stat().st_size > 0
+    assert list((runs[0] / "files" / "media").rglob("*.png")), "figures were not attached"
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"API key leaked into {path}"

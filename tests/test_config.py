@@ -1,0 +1,85 @@
+"""Config composition: every preset composes and validates; typos fail before anything loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+UNKNOWN_KEY = (ConfigKeyError, ConfigAttributeError)
+
+from xmodal import config as schema
+from xmodal.errors import ConfigError
+from xmodal.run import CONF_DIR
+
+schema.register_configs()
+
+
+def compose_with(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def test_default_config_validates():
+    cfg = compose_with()
+    schema.validate(cfg)
+    assert (cfg.model.name, cfg.sae.name, cfg.dataset.name, cfg.experiment.name) == ("tiny", "none", "synthetic", "overlap")
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj.model, schema.TinyModelConfig) and isinstance(obj.experiment, schema.OverlapConfig)
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_config_composes_without_downloading(model):
+    cfg = compose_with(f"model={model}")
+    schema.validate(cfg)
+    assert cfg.model.get("trust_remote_code", False) is False
+
+
+@pytest.mark.parametrize("sae", [s for s in options("sae") if s != "local"])
+def test_every_sae_config_composes(sae):
+    schema.validate(compose_with(f"sae={sae}"))
+
+
+def test_local_sae_without_path_is_reported():
+    with pytest.raises(ConfigError, match="sae.path"):
+        schema.validate(compose_with("sae=local"))
+
+
+@pytest.mark.parametrize("cluster", options("cluster"))
+def test_cluster_presets_compose(cluster):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"cluster={cluster}"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher._target_
+    expected = {"local": "BasicLauncher", "submitit_local": "LocalLauncher", "slurm": "SlurmLauncher"}[cluster]
+    assert launcher.endswith(expected)
+
+
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        ("layer=abc", ValidationError),
+        ("seed=1.5", ValidationError),
+        ("positions.image_pooling=median", ValidationError),
+        ("experiment.top_kk=5", UNKNOWN_KEY),
+        ("model.hidden_sise=5", UNKNOWN_KEY),
+        ("unknown_key=1", UNKNOWN_KEY),
+    ],
+)
+def test_typos_and_wrong_types_fail_at_composition(override, error):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_with(override)
+    assert isinstance(info.value.__cause__, error)
+
+
+@pytest.mark.parametrize("override, message", [("+experiment.top_kk=5", "unknown config keys: experiment.top_kk"), ("layer=-1", "negative"), ("experiment.top_k=0", "top_k"), ("positions.text_prompt=hello", "{concept}")])
+def test_semantic_checks(override, message):
+    with pytest.raises(ConfigError, match=message):
+        schema.validate(compose_with(override))

@@ -1,0 +1,86 @@
+"""Concept datasets: the three sources, their content hash, and their errors."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from xmodal.data.builtin import builtin_concept_table, builtin_concepts
+from xmodal.data.image_folder import image_folder
+from xmodal.data.synthetic import synthetic_shapes
+from xmodal.errors import DatasetError
+
+
+def make_folder(root, concepts=("cat", "dog"), per_concept=2):
+    for i, concept in enumerate(concepts):
+        (root / concept).mkdir(parents=True)
+        for j in range(per_concept):
+            Image.new("RGB", (20, 20), (40 * i, 30 * j, 100)).save(root / concept / f"{j}.png")
+    return root
+
+
+def test_synthetic_is_seeded_and_paired():
+    a, b, c = synthetic_shapes(seed=1), synthetic_shapes(seed=1), synthetic_shapes(seed=2)
+    assert a.content_hash() == b.content_hash() != c.content_hash()
+    assert len(a.concepts) == 12 and len(a.images) == 36
+    for concept in a.concepts:
+        assert a.concept(concept.partner).category == concept.category  # same shape, confusable colour
+
+
+def test_image_folder_with_concepts_csv(tmp_path):
+    root = make_folder(tmp_path / "photos")
+    (root / "concepts.csv").write_text("concept,category,text,partner\ncat,animals,a cat,dog\ndog,animals,a dog,cat\n")
+    data = image_folder("photos", str(root))
+    assert [c.text for c in data.concepts] == ["a cat", "a dog"]
+    assert data.concept("cat").partner == "dog"
+    assert len(data.images) == 4 and data.images[0].load().size == (20, 20)
+
+
+def test_image_folder_without_csv_uses_folder_names(tmp_path):
+    data = image_folder("photos", str(make_folder(tmp_path / "p", ("red_apple", "pear"))))
+    assert [c.text for c in data.concepts] == ["pear", "red apple"]
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        image_folder("x", str(tmp_path / "nowhere"))
+
+
+def test_concept_folder_without_images(tmp_path):
+    root = make_folder(tmp_path / "p")
+    (root / "bird").mkdir()
+    (root / "bird" / "notes.txt").write_text("no pictures")
+    with pytest.raises(DatasetError, match=r"bird.*holds no image"):
+        image_folder("x", str(root))
+
+
+def test_corrupt_image_is_named(tmp_path):
+    root = make_folder(tmp_path / "p")
+    (root / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(DatasetError, match=r"broken\.jpg.*cannot be read"):
+        image_folder("x", str(root))
+
+
+def test_content_hash_sees_image_bytes(tmp_path):
+    root = make_folder(tmp_path / "p")
+    before = image_folder("x", str(root)).content_hash()
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(root / "cat" / "0.png")
+    assert image_folder("x", str(root)).content_hash() != before
+
+
+def test_builtin_list_has_the_plans_five_categories_with_partners():
+    table = builtin_concept_table()
+    assert table.groupby("category").size().to_dict() == {"abstract": 10, "animals": 20, "landmarks": 20, "objects": 20, "scenes": 20}
+    by_name = table.set_index("concept")
+    for concept, row in by_name.iterrows():
+        assert row["partner"] in by_name.index, concept
+        assert by_name.loc[row["partner"], "category"] == row["category"]
+
+
+def test_builtin_uses_the_photos_it_finds(tmp_path):
+    root = make_folder(tmp_path / "photos", ("cat", "dog", "eiffel_tower"))
+    data = builtin_concepts(image_root=str(root), categories=["animals", "landmarks"])
+    assert [c.name for c in data.concepts] == ["eiffel_tower", "cat", "dog"]
+    assert data.concept("eiffel_tower").partner is None  # tokyo_tower has no photos here
+    with pytest.raises(DatasetError, match="needs photos"):
+        builtin_concepts()

@@ -1,0 +1,88 @@
+"""Overlap metrics against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from xmodal.metrics import overlap as M
+
+
+def test_top_k_takes_largest_positive_codes_only():
+    codes = np.array([[0.0, 3.0, -1.0, 2.0, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    top = M.top_k_features(codes, 2)
+    assert top[0].tolist() == [1, 3]
+    assert top[1].tolist() == []
+    assert M.top_k_features(codes, 10)[0].tolist() == [1, 3, 4]
+
+
+def test_jaccard_by_hand():
+    assert M.jaccard(np.array([1, 2, 3]), np.array([2, 3, 4, 5])) == pytest.approx(2 / 5)
+    assert M.jaccard(np.array([1]), np.array([2])) == 0.0
+    assert math.isnan(M.jaccard(np.array([], int), np.array([], int)))
+
+
+def test_pearson_and_spearman_matrices_by_hand():
+    text = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 0.0, 0.0, 0.0]])
+    image = np.array([[2.0, 4.0, 6.0, 8.0], [4.0, 3.0, 2.0, 1.0]])
+    pearson = M.pearson_matrix(text, image)
+    assert pearson[0, 0] == pytest.approx(1.0)
+    assert pearson[0, 1] == pytest.approx(-1.0)
+    # text[1] = (1,0,0,0) vs image[1] = (4,3,2,1): r = 0.7745966 (sqrt(0.6)) by hand
+    assert pearson[1, 1] == pytest.approx(math.sqrt(0.6))
+    spearman = M.spearman_matrix(np.array([[1.0, 10.0, 100.0]]), np.array([[1.0, 2.0, 3.0]]))
+    assert spearman[0, 0] == pytest.approx(1.0)
+
+
+def test_mutual_information_by_hand():
+    # Binarised: text (1,1,0,0), image (1,1,0,0): MI = H = ln 2. Independent halves: MI = 0.
+    text = np.array([[1.0, 1.0, 0.0, 0.0]])
+    same = np.array([[2.0, 5.0, 0.0, 0.0]])
+    independent = np.array([[1.0, 0.0, 1.0, 0.0]])
+    assert M.mutual_information_matrix(text, same)[0, 0] == pytest.approx(math.log(2))
+    assert M.mutual_information_matrix(text, independent)[0, 0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_feature_correlations_across_concepts():
+    text = np.array([[1.0, 0.0, 5.0], [2.0, 0.0, 5.0], [3.0, 0.0, 5.0]])
+    image = np.array([[2.0, 1.0, 1.0], [4.0, 2.0, 1.0], [6.0, 0.0, 1.0]])
+    r = M.feature_correlations(text, image)
+    assert r[0] == pytest.approx(1.0)
+    assert math.isnan(r[1]) and math.isnan(r[2])  # constant columns have no correlation
+    assert M.count_above(r, 0.6) == 1
+
+
+def test_specificity_is_the_plans_ratio():
+    codes = np.array([[3.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    # features 0 and 1: 3/(3+1) and 1/(1+1); feature 2 is silent for both and left out
+    assert M.specificity(codes, 0, 1, np.array([0, 1, 2])) == pytest.approx((0.75 + 0.5) / 2)
+    assert math.isnan(M.specificity(codes, 0, 1, np.array([2])))
+
+
+def test_permutation_pvalue_exact_case():
+    # Statistic = number of fixed points of the pairing. For n = 4 there are 24 pairings;
+    # only the identity has 4 fixed points, so P(stat >= 4) = 1/24 exactly.
+    def fixed_points(order):
+        return float(np.sum(order == np.arange(4)))
+
+    observed, p, null = M.permutation_pvalue(fixed_points, 4, 1000, seed=0)
+    assert observed == 4.0
+    assert p == pytest.approx(1 / 24)
+    assert len(null) == 24
+
+
+def test_permutation_pvalue_random_case_is_seeded():
+    def statistic(order):
+        return float(np.corrcoef(np.arange(10), np.arange(10)[order])[0, 1])
+
+    a = M.permutation_pvalue(statistic, 10, 999, seed=3)
+    b = M.permutation_pvalue(statistic, 10, 999, seed=3)
+    assert a[1] == b[1] and np.array_equal(a[2], b[2])
+    assert a[0] == pytest.approx(1.0) and a[1] == pytest.approx(1 / 1000)  # nothing beats the identity
+
+
+def test_off_diagonal_mean():
+    m = np.array([[1.0, 2.0, 4.0], [0.0, 5.0, 1.0], [3.0, 3.0, 9.0]])
+    assert M.off_diagonal_mean(m).tolist() == [3.0, 0.5, 3.0]

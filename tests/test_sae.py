@@ -1,0 +1,82 @@
+"""SAEs load through sae-lens, map onto decoder layers, and encode exactly as sae-lens does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xmodal.errors import SAEError
+from xmodal.saes.loading import hook_layer, local_sae, no_sae, pretrained_sae
+
+
+def save_jumprelu_sae(path, d_in: int = 64, d_sae: int = 128, hook_name: str = "blocks.{layer}.hook_resid_post", layer: int = 1):
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name.format(layer=layer))))
+    with torch.no_grad():
+        sae.threshold.fill_(0.05)  # a real threshold, so JumpReLU gating is exercised
+        sae.b_enc.normal_(0, 0.1)
+    sae.save_model(path)
+    return sae
+
+
+@pytest.mark.parametrize(
+    "name, layer",
+    [("blocks.5.hook_resid_post", 5), ("model.layers.12.output", 12), ("model.layers.3", 3), ("model.language_model.layers.7", 7)],
+)
+def test_hook_names_map_to_decoder_layers(name, layer):
+    assert hook_layer(name) == layer
+
+
+@pytest.mark.parametrize("name", ["blocks.5.hook_mlp_out", "blocks.5.attn.hook_z", "blocks.5.hook_resid_pre"])
+def test_hooks_outside_resid_post_are_refused(name):
+    with pytest.raises(SAEError, match="not a residual-stream output"):
+        hook_layer(name)
+
+
+def test_local_sae_encodes_exactly_like_sae_lens(tmp_path):
+    reference = save_jumprelu_sae(tmp_path / "layer_1")
+    space = local_sae("mine", str(tmp_path / "layer_{layer}"), layer=1, device="cpu")
+    space.check_model("tiny", hidden_size=64, layer=1)
+    resid = torch.randn(300, 64) * 2
+    expected = reference.encode(resid)
+    got = space.encode(resid, batch_size=128)  # several chunks
+    assert torch.equal(got, expected)
+    assert (got > 0).any() and (got == 0).any(), "the test SAE should be sparse but not dead"
+    assert space.d_sae == 128
+
+
+def test_sae_with_wrong_width_is_refused(tmp_path):
+    save_jumprelu_sae(tmp_path / "sae", d_in=32)
+    space = local_sae("narrow", str(tmp_path / "sae"), layer=1, device="cpu")
+    with pytest.raises(SAEError, match="d_in=32 but model 'tiny' has hidden size 64"):
+        space.check_model("tiny", hidden_size=64, layer=1)
+
+
+def test_sae_of_another_layer_is_refused(tmp_path):
+    save_jumprelu_sae(tmp_path / "sae", layer=3)
+    space = local_sae("l3", str(tmp_path / "sae"), layer=1, device="cpu")
+    with pytest.raises(SAEError, match="trained on layer 3"):
+        space.check_model("tiny", hidden_size=64, layer=1)
+
+
+def test_missing_local_sae_directory(tmp_path):
+    with pytest.raises(SAEError, match="no sae-lens SAE at"):
+        local_sae("gone", str(tmp_path / "nothing"), layer=1)
+
+
+def test_unknown_pretrained_id_lists_what_exists_without_downloading():
+    template = "layer_{layer}_width_{width}_l0_{l0}"
+    with pytest.raises(SAEError, match=r"no SAE at layer 5; its layers are \[.*17.*\]"):
+        pretrained_sae("gs2", "gemma-scope-2-4b-it-res", template, layer=5)
+    with pytest.raises(SAEError, match="ids for layer 17: .*layer_17_width_16k_l0_medium"):
+        pretrained_sae("gs2", "gemma-scope-2-4b-it-res", template, layer=17, l0="huge")
+
+
+def test_no_sae_passes_residuals_through():
+    space = no_sae()
+    space.check_model("tiny", hidden_size=64, layer=1)
+    resid = torch.randn(5, 64)
+    assert torch.equal(space.encode(resid), resid) and space.d_sae == 64
