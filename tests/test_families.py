@@ -20,7 +20,9 @@ TINY_TEXT = dict(vocab_size=262144, hidden_size=32, intermediate_size=64, num_hi
 
 
 def _tokenizer(tiny):
-    return tiny.tokenizer  # the cached Gemma 3 tokenizer with image/boi/eoi tokens
+    # A fresh copy of the cached Gemma 3 tokenizer: some processors (PaliGemma) change the
+    # tokenizer they are given, and the session's tiny model must not see that.
+    return gemma3_tokenizer("~/.cache/xmodal/models")
 
 
 def save_gemma3(path, tiny):
