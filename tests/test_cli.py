@@ -95,7 +95,7 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str, dict]]:
     offline = {"HF_HUB_OFFLINE": "1"}
     return {
         "layer_out_of_range": (["layer=99"], "layer=99 is out of range for model 'tiny'", {}),
-        "layer_not_int": (["layer=abc"], "'abc'", {}),
+        "layer_not_int": (["layer=abc"], "layer='abc' is not a layer", {}),
         "missing_root": (["dataset=image_folder", f"dataset.root={tmp / 'nowhere'}"], "does not exist", {}),
         "concept_without_image": (["dataset=image_folder", f"dataset.root={empty}"], "bird' holds no image", {}),
         "corrupt_image": (["dataset=image_folder", f"dataset.root={corrupt}"], "b.jpg' of concept 'dog' cannot be read", {}),

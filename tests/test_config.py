@@ -65,7 +65,6 @@ def test_cluster_presets_compose(cluster):
 @pytest.mark.parametrize(
     "override, error",
     [
-        ("layer=abc", ValidationError),
         ("seed=1.5", ValidationError),
         ("positions.image_pooling=median", ValidationError),
         ("experiment.top_kk=5", UNKNOWN_KEY),
@@ -79,7 +78,16 @@ def test_typos_and_wrong_types_fail_at_composition(override, error):
     assert isinstance(info.value.__cause__, error)
 
 
-@pytest.mark.parametrize("override, message", [("+experiment.top_kk=5", "unknown config keys: experiment.top_kk"), ("layer=-1", "negative"), ("experiment.top_k=0", "top_k"), ("positions.text_prompt=hello", "{concept}")])
+@pytest.mark.parametrize("override, message", [("+experiment.top_kk=5", "unknown config keys: experiment.top_kk"), ("layer=-1", "negative"), ("layer=abc", "layer='abc' is not a layer"), ("layer=rel:1.5", "outside rel:0..rel:1"), ("layer=pre:1", "is not a layer"), ("experiment.top_k=0", "top_k"), ("positions.text_prompt=hello", "{concept}")])
 def test_semantic_checks(override, message):
     with pytest.raises(ConfigError, match=message):
         schema.validate(compose_with(override))
+
+
+@pytest.mark.parametrize("model", ["gemma3_4b", "gemma3_12b", "gemma3_27b"])
+@pytest.mark.parametrize("layer", ["rel:0.25", "preset:3", "12"])
+def test_size_sweep_configs_validate_without_downloading(model, layer):
+    cfg = compose_with(f"model={model}", "sae=gemma_scope_2", f"layer={layer}")
+    schema.validate(cfg)
+    assert cfg.sae.release == cfg.model.sae_release and cfg.sae.release.startswith("gemma-scope-2-")
+    assert len(cfg.model.layer_presets) == 4

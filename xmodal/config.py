@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from xmodal.errors import ConfigError
+from xmodal.layers import parse_layer
 
 
 class TextPooling(str, Enum):
@@ -43,6 +44,10 @@ class ModelConfig:
     name: str = MISSING  # short name used in tables, cache keys and W&B
     dtype: str = "float32"
     device: str = "auto"  # "auto": cuda when available, else cpu
+    # Named layers for `layer=preset:i` (e.g. where Gemma Scope 2 has SAEs for this model).
+    layer_presets: list[int] = field(default_factory=list)
+    # The sae-lens release that matches this model, read by sae=gemma_scope_2.
+    sae_release: Optional[str] = None
 
 
 @dataclass
@@ -68,6 +73,7 @@ class TinyModelConfig(ModelConfig):
     patch_size: int = 8
     mm_tokens_per_image: int = 16
     init_seed: int = 0
+    tokenizer_cache: str = "${paths.model_cache}"
 
 
 # ------------------------------------------------------------------ sae ----
@@ -86,7 +92,7 @@ class NoSAEConfig(SAEConfig):
 
 @dataclass
 class PretrainedSAEConfig(SAEConfig):
-    release: str = MISSING  # a sae-lens release, e.g. gemma-scope-2-4b-pt-res
+    release: Optional[str] = MISSING  # a sae-lens release, e.g. gemma-scope-2-4b-it-res
     id_template: str = MISSING  # e.g. layer_{layer}_width_{width}_l0_{l0}
     width: str = "16k"
     l0: str = "medium"
@@ -187,13 +193,14 @@ class Config:
     logger: LoggerConfig = MISSING
     positions: PositionsConfig = field(default_factory=PositionsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    layer: int = 1
+    layer: Any = 1  # 9 | rel:0.25 | preset:0 (see xmodal/layers.py); checked in validate()
     seed: int = 0
 
 
 def safe_dirname(overrides: str) -> str:
     """A sweep job's folder name from its overrides: no path separators, at most 200 characters."""
-    name = (overrides or "defaults").replace(os.sep, "_")
+    # Hydra escapes ':' and ',' inside values with a backslash; folder names need neither escape nor '/'.
+    name = (overrides or "defaults").replace("\\", "").replace(os.sep, "_")
     if len(name) > 200:
         name = f"{name[:180]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
     return name
@@ -242,8 +249,7 @@ def validate(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config keys without a value: {', '.join(missing)}; set them on the command line")
-    if cfg.layer < 0:
-        raise ConfigError(f"layer={cfg.layer} is negative; layers count from 0")
+    parse_layer(cfg.layer)
     if cfg.positions.top_n < 1:
         raise ConfigError(f"positions.top_n={cfg.positions.top_n} must be at least 1")
     if cfg.positions.batch_size < 1:

@@ -4,12 +4,21 @@ Order matters for fast failure: the composed config is checked against the schem
 (Hydra does that), then semantically, then the model's config.json, the layer, the
 SAE and the dataset are checked, all before any weights load. result.json is
 written last; a job that stops early leaves none.
+
+Sweeps resume: a job whose directory already holds a finished result.json for the
+same config returns at once, so rerunning a multirun with the same
+``hydra.sweep.dir`` completes only what is missing. Under ``-m`` a failing job
+records its error in failure.json and the sweep goes on; the sweep report lists it
+and the command exits non-zero.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,43 +33,69 @@ from xmodal import config as config_schema
 from xmodal.activations.cache import ActivationCache
 from xmodal.errors import XmodalError
 from xmodal.experiments.base import RunContext
-from xmodal.reporting.results import ResultWriter
+from xmodal.layers import parse_layer, relative_depth, resolve_layer
+from xmodal.reporting.results import ResultWriter, read_result, write_failure
 
 log = logging.getLogger("xmodal.run")
 config_schema.register_configs()
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
+# Keys that change where things are stored or logged, not what is computed.
+NOT_IN_CONFIG_HASH = ("logger", "paths")
 
-def job_names() -> tuple[Path, str, str]:
-    """Output directory, run name and sweep group of the current Hydra job."""
+
+@dataclass
+class JobInfo:
+    output_dir: Path
+    run_name: str  # the job's overrides, e.g. "layer=3,model=tiny"
+    group: str  # the sweep directory's name; the run directory's name outside sweeps
+    multirun: bool
+    overrides: list[str]
+
+
+def current_job() -> JobInfo:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
-    overrides = hydra_cfg.job.override_dirname or "defaults"
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return output_dir, overrides, Path(hydra_cfg.sweep.dir).name
-    return output_dir, overrides, output_dir.name
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    group = Path(hydra_cfg.sweep.dir).name if multirun else output_dir.name
+    overrides = list(hydra_cfg.overrides.task)
+    return JobInfo(output_dir, hydra_cfg.job.override_dirname or "defaults", group, multirun, overrides)
 
 
-def run_job(cfg: DictConfig) -> dict[str, Any]:
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the resolved config, leaving out storage and tracking keys."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_IN_CONFIG_HASH:
+        container.pop(key, None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
     start = time.perf_counter()
-    output_dir, run_name, group = job_names()
-    writer = ResultWriter(output_dir)  # removes a stale result.json first
     config_schema.validate(cfg)
+    digest = config_hash(cfg)
+    finished = read_result(job.output_dir)
+    if finished is not None and finished.get("config_hash") == digest:
+        log.info("Skipping %s: finished earlier with the same config (%s)", job.run_name, job.output_dir / "result.json")
+        return finished["metrics"]
+    writer = ResultWriter(job.output_dir)  # removes stale result.json / failure.json first
     torch.manual_seed(cfg.seed)
 
     setup_start = time.perf_counter()
+    layer_spec = parse_layer(cfg.layer)
     experiment = instantiate(cfg.experiment)
     model = instantiate(cfg.model)  # reads the model config only; weights load on first use
-    model.check_layer(cfg.layer)
-    features = instantiate(cfg.sae, layer=cfg.layer)
-    features.check_model(model.name, model.hidden_size, cfg.layer)
+    layer = resolve_layer(layer_spec, model.num_layers, model.layer_presets, model.name)
+    model.check_layer(layer)
+    features = instantiate(cfg.sae, layer=layer)
+    features.check_model(model.name, model.hidden_size, layer)
     dataset = instantiate(cfg.dataset)
     logger = instantiate(cfg.logger)
     ctx = RunContext(
         model=model,
         features=features,
         dataset=dataset,
-        layer=cfg.layer,
+        layer=layer,
         seed=cfg.seed,
         positions=OmegaConf.to_object(cfg.positions),
         cache=ActivationCache(cfg.paths.activation_cache),
@@ -69,17 +104,30 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     )
     ctx.timings_s["setup"] = time.perf_counter() - setup_start
     log.info(
-        "%s | model=%s layer=%d sae=%s dataset=%s (%d concepts, %d images) -> %s",
-        experiment.name, model.name, cfg.layer, features.name, dataset.name,
-        len(dataset.concepts), len(dataset.images), output_dir,
+        "%s | model=%s layer=%d (%s) sae=%s dataset=%s (%d concepts, %d images) -> %s",
+        experiment.name, model.name, layer, layer_spec, features.name, dataset.name,
+        len(dataset.concepts), len(dataset.images), job.output_dir,
     )
-    logger.start(run_name, group, OmegaConf.to_container(cfg, resolve=True), output_dir)
+    run_id = hashlib.sha256(str(job.output_dir.resolve()).encode()).hexdigest()[:16]  # stable across requeues
+    logger.start(job.run_name, job.group, OmegaConf.to_container(cfg, resolve=True), job.output_dir, run_id)
     ok = False
     try:
-        metrics = experiment.run(ctx)
+        with ctx.timed("experiment"):
+            metrics = experiment.run(ctx)
         ctx.timings_s["total"] = time.perf_counter() - start
-        logger.log_metrics(metrics, cfg.layer)
-        extra = {"layer": cfg.layer, "model": model.name, "sae": features.name, "dataset": dataset.name}
+        identity = {
+            "model": model.name,
+            "num_layers": model.num_layers,
+            "layer": layer,
+            "layer_spec": str(layer_spec),
+            "relative_depth": relative_depth(layer, model.num_layers),
+            "sae": features.name,
+            "sae_width": features.identity.get("width") or (features.d_sae if features.sae is not None else None),
+            "dataset": dataset.name,
+            "seed": cfg.seed,
+        }
+        logger.log_metrics(metrics, identity)
+        extra = {**identity, "config_hash": digest, "overrides": job.overrides}
         result = writer.finish(experiment.name, metrics, ctx.timings_s, extra)
         ok = True
     finally:
@@ -90,7 +138,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
 
 def user_error(err: BaseException) -> XmodalError | None:
     """The XmodalError behind `err`, also when Hydra's instantiate wrapped it."""
-    seen = err
+    seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, XmodalError):
             return seen
@@ -100,14 +148,21 @@ def user_error(err: BaseException) -> XmodalError | None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
+    job = current_job()
     try:
-        run_job(cfg)
+        run_job(cfg, job)
     except Exception as err:
         cause = user_error(err)
-        if cause is None:
-            raise  # a bug, not bad input: keep the traceback
-        log.error("%s", cause)
-        raise SystemExit(2) from None
+        write_failure(job.output_dir, cause or err, None)
+        if cause is not None:
+            log.error("%s", cause)
+        else:
+            log.exception("unexpected error in job %s", job.run_name)
+        if job.multirun:
+            return  # the other jobs go on; the sweep report lists this one and the exit code is non-zero
+        if cause is not None:
+            raise SystemExit(2) from None
+        raise
 
 
 if __name__ == "__main__":

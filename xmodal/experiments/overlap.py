@@ -93,7 +93,8 @@ class CrossModalOverlap(Experiment):
                         "observed": observed,
                         "null_mean": float(np.nanmean(null)),
                         "null_std": float(np.nanstd(null)),
-                        "null_q95": float(np.nanquantile(null, 0.95)),
+                        "null_q025": float(np.nanquantile(null, 0.025)),
+                        "null_q975": float(np.nanquantile(null, 0.975)),
                         "p_value": p_value,
                         "n_permutations": len(null),
                     }
@@ -179,6 +180,8 @@ class CrossModalOverlap(Experiment):
         for row in null_rows:
             metrics[row["statistic"]] = row["observed"]
             metrics[f"{row['statistic']}_null_mean"] = row["null_mean"]
+            metrics[f"{row['statistic']}_null_q025"] = row["null_q025"]
+            metrics[f"{row['statistic']}_null_q975"] = row["null_q975"]
             metrics[f"{row['statistic']}_p"] = row["p_value"]
         for modality in ("text", "image"):
             metrics[f"specificity_{modality}_mean"] = float(np.nanmean(concept_table[f"specificity_{modality}"])) if concept_table[f"specificity_{modality}"].notna().any() else float("nan")

@@ -83,8 +83,12 @@ class ModelAdapter:
         load_processor: Callable[[], Any],
         identity: dict[str, Any],
         device: torch.device,
+        layer_presets: Sequence[int] = (),
+        sae_release: str | None = None,
     ) -> None:
         self.name = name
+        self.layer_presets = list(layer_presets)  # for layer=preset:i
+        self.sae_release = sae_release  # the matching sae-lens release, if any
         self.hf_config = hf_config
         self._load_model = load_model
         self._load_processor = load_processor
@@ -111,6 +115,8 @@ class ModelAdapter:
         dtype: str = "bfloat16",
         device: str = "auto",
         trust_remote_code: bool = False,
+        layer_presets: Sequence[int] = (),
+        sae_release: str | None = None,
     ) -> "ModelAdapter":
         from transformers import AutoConfig
 
@@ -136,7 +142,7 @@ class ModelAdapter:
             "commit": getattr(hf_config, "_commit_hash", None),
             "dtype": dtype,
         }
-        return cls(name, hf_config, load_model, load_processor, identity, torch_device)
+        return cls(name, hf_config, load_model, load_processor, identity, torch_device, layer_presets, sae_release)
 
     @cached_property
     def model(self) -> nn.Module:

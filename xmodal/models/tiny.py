@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -34,6 +34,8 @@ def tiny_gemma3(
     init_seed: int = 0,
     dtype: str = "float32",
     device: str = "auto",
+    layer_presets: Sequence[int] = (),
+    sae_release: str | None = None,
 ) -> Gemma3Adapter:
     from transformers import Gemma3Config
 
@@ -94,7 +96,7 @@ def tiny_gemma3(
 
     config_hash = hashlib.sha256(json.dumps(hf_config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
     identity = {"family": "gemma3", "name_or_path": f"xmodal-tiny:{config_hash[:16]}", "init_seed": init_seed, "dtype": dtype}
-    return Gemma3Adapter(name, hf_config, load_model, load_processor, identity, torch_device)
+    return Gemma3Adapter(name, hf_config, load_model, load_processor, identity, torch_device, layer_presets, sae_release)
 
 
 def _special_token_ids() -> dict[str, int]:

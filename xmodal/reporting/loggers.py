@@ -27,10 +27,10 @@ def scrub_secrets(value: Any) -> Any:
 
 
 class NullLogger:
-    def start(self, run_name: str, group: str, config: dict[str, Any], output_dir: Path) -> None:
+    def start(self, run_name: str, group: str, config: dict[str, Any], output_dir: Path, run_id: str) -> None:
         pass
 
-    def log_metrics(self, metrics: dict[str, float], layer: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], identity: dict[str, Any]) -> None:
         pass
 
     def log_table(self, name: str, frame: pd.DataFrame) -> None:
@@ -48,7 +48,7 @@ class WandbLogger(NullLogger):
         self.project, self.entity, self.mode, self.group, self.tags = project, entity, mode, group, list(tags or [])
         self.run: Any = None
 
-    def start(self, run_name: str, group: str, config: dict[str, Any], output_dir: Path) -> None:
+    def start(self, run_name: str, group: str, config: dict[str, Any], output_dir: Path, run_id: str) -> None:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -58,15 +58,22 @@ class WandbLogger(NullLogger):
             mode=self.mode,
             group=self.group or group,
             name=run_name,
+            id=run_id,  # derived from the job directory: a requeued job continues its run
+            resume="allow",
             tags=self.tags,
             config=scrub_secrets(config),
             dir=str(output_dir),
             reinit="finish_previous",
         )
+        # Every metric is plotted against the decoder layer (and relative depth) in W&B panels.
+        self.run.define_metric("layer")
+        self.run.define_metric("relative_depth")
+        self.run.define_metric("*", step_metric="layer")
 
-    def log_metrics(self, metrics: dict[str, float], layer: int) -> None:
-        # Layer goes in as a metric so W&B panels can plot any metric against it directly.
-        self.run.log({**metrics, "layer": layer})
+    def log_metrics(self, metrics: dict[str, float], identity: dict[str, Any]) -> None:
+        numbers = {k: v for k, v in identity.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.run.log({**metrics, **numbers})
+        self.run.summary.update({k: v for k, v in identity.items() if isinstance(v, str)})
 
     def log_table(self, name: str, frame: pd.DataFrame) -> None:
         import wandb

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import pandas as pd
 
 RESULT_FILE = "result.json"
+FAILURE_FILE = "failure.json"  # a failed job's error line; never mistaken for a result
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
@@ -43,8 +44,9 @@ class ResultWriter:
         self.output_dir = Path(output_dir)
         self.tables: list[str] = []
         self.figures: list[str] = []
-        # A stale result.json from an earlier run in this directory must not outlive this one.
+        # Stale outcomes from an earlier run in this directory must not outlive this one.
         (self.output_dir / RESULT_FILE).unlink(missing_ok=True)
+        (self.output_dir / FAILURE_FILE).unlink(missing_ok=True)
 
     def table(self, name: str, frame: pd.DataFrame) -> Path:
         """tables/<name>.parquet, with a .csv twin for a quick look."""
@@ -74,3 +76,18 @@ class ResultWriter:
         }
         text = json.dumps(payload, indent=2, allow_nan=False)
         return atomic_write(self.output_dir / RESULT_FILE, lambda p: Path(p).write_text(text))
+
+
+def read_result(output_dir: str | Path) -> dict[str, Any] | None:
+    """The finished result in `output_dir`, or None."""
+    path = Path(output_dir) / RESULT_FILE
+    if not path.exists():
+        return None
+    payload = json.loads(path.read_text())
+    return payload if payload.get("status") == "ok" else None
+
+
+def write_failure(output_dir: str | Path, error: BaseException, config_hash: str | None) -> Path:
+    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    payload = {"status": "failed", "error_type": type(error).__name__, "error": line, "config_hash": config_hash}
+    return atomic_write(Path(output_dir) / FAILURE_FILE, lambda p: Path(p).write_text(json.dumps(payload, indent=2)))

@@ -132,6 +132,8 @@ def pretrained_sae(
     from sae_lens import SAE
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
+    if not release:
+        raise SAEError(f"sae={name} needs a release, but the model config names none (model.sae_release); set sae.release")
     sae_id = id_template.format(layer=layer, width=width, l0=l0)
     directory = get_pretrained_saes_directory()
     if release not in directory:
@@ -153,5 +155,5 @@ def pretrained_sae(
             "download it where there is network (`hf download` of the release's repo) and use sae=local "
             "sae.path=<its folder>, or set HF_HOME to a cache that holds it"
         ) from err
-    identity = {"kind": "pretrained", "release": release, "id": sae_id}
+    identity = {"kind": "pretrained", "release": release, "id": sae_id, "width": width}
     return FeatureSpace(name, layer, sae.eval(), int(sae.cfg.d_in), identity)

@@ -1,0 +1,145 @@
+"""One table, one set of layer curves and one report for a whole sweep directory.
+
+Every job folder (one holding ``.hydra/overrides.yaml``) becomes a row of
+``summary.parquet``: its overrides, its status (ok, failed with its error line, or
+unfinished: killed or still running) and, when it finished, its metrics. Metrics
+that come with a null (``<m>_null_mean``) get a layer curve per experiment: the
+metric against layer (relative depth when the sweep spans models of different
+depths), one line per model and SAE, the null as a band.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+import pandas as pd
+from omegaconf import OmegaConf
+
+from xmodal.reporting.results import FAILURE_FILE, RESULT_FILE, atomic_write
+
+log = logging.getLogger(__name__)
+
+IDENTITY = ["experiment", "model", "num_layers", "layer", "layer_spec", "relative_depth", "sae", "sae_width", "dataset", "seed"]
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml") if "wandb" not in p.parts)
+
+
+def job_row(sweep_dir: Path, job_dir: Path) -> dict:
+    overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+    row: dict = {"job": str(job_dir.relative_to(sweep_dir)), "overrides": " ".join(overrides)}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        row[f"override.{key.lstrip('+~')}"] = value
+    result_path, failure_path = job_dir / RESULT_FILE, job_dir / FAILURE_FILE
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+        row.update(status="ok", error="")
+        row.update({k: result.get(k) for k in IDENTITY})
+        row.update(result["metrics"])
+        row["time_total_s"] = result["timings_s"].get("total")
+        row["time_experiment_s"] = result["timings_s"].get("experiment")
+    elif failure_path.exists():
+        failure = json.loads(failure_path.read_text())
+        row.update(status="failed", error=f"{failure['error_type']}: {failure['error']}")
+    else:
+        row.update(status="unfinished", error="no result.json: killed, preempted or still running")
+    if row["status"] != "ok":
+        config = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+        row.update(experiment=config.experiment.name, model=config.model.name, sae=config.sae.name, dataset=config.dataset.name, layer_spec=str(config.layer))
+    return row
+
+
+def collect(sweep_dir: str | Path) -> pd.DataFrame:
+    sweep_dir = Path(sweep_dir)
+    rows = [job_row(sweep_dir, d) for d in job_dirs(sweep_dir)]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    front = ["job", "status", "error", *[c for c in IDENTITY if c in frame.columns], "overrides"]
+    return frame[front + [c for c in frame.columns if c not in front]]
+
+
+def metrics_with_null(frame: pd.DataFrame) -> list[str]:
+    return [c[: -len("_null_mean")] for c in frame.columns if c.endswith("_null_mean") and c[: -len("_null_mean")] in frame.columns]
+
+
+def layer_curves(summary: pd.DataFrame, figure_dir: Path) -> list[Path]:
+    paths: list[Path] = []
+    done = summary[summary["status"] == "ok"] if "status" in summary else summary.iloc[0:0]
+    for experiment, frame in done.groupby("experiment"):
+        x = "relative_depth" if frame["num_layers"].nunique() > 1 else "layer"
+        frame = frame.assign(sae_width=frame["sae_width"].fillna("").astype(str))
+        for metric in metrics_with_null(frame):
+            fig, ax = plt.subplots(figsize=(6, 3.8))
+            for (model, sae, width), line in frame.groupby(["model", "sae", "sae_width"]):
+                line = line.sort_values(x)
+                label = f"{model} / {sae}" + (f" {width}" if width and sae != "none" else "")
+                (drawn,) = ax.plot(line[x], line[metric], marker="o", label=label)
+                lo, hi = f"{metric}_null_q025", f"{metric}_null_q975"
+                if lo in line and hi in line and line[lo].notna().all():
+                    ax.fill_between(line[x], line[lo], line[hi], color=drawn.get_color(), alpha=0.18, lw=0)
+                ax.plot(line[x], line[f"{metric}_null_mean"], ls="--", color=drawn.get_color(), lw=1)
+            ax.set_xlabel("relative depth (layer / last layer)" if x == "relative_depth" else "decoder layer")
+            if x == "layer":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(metric)
+            ax.set_title(f"{experiment}: {metric} by layer\n(dashed: null mean; band: null 95% interval)", fontsize=9)
+            ax.legend(fontsize=7)
+            path = figure_dir / f"{experiment}__{metric}.png"
+            atomic_write(path, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight", format="png"))
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def report_markdown(sweep_dir: Path, summary: pd.DataFrame, figures: list[Path], wall_s: float | None) -> str:
+    counts = summary["status"].value_counts().to_dict() if len(summary) else {}
+    lines = [
+        f"# Sweep report: `{sweep_dir.name}`",
+        "",
+        f"{len(summary)} jobs: {counts.get('ok', 0)} finished, {counts.get('failed', 0)} failed, "
+        f"{counts.get('unfinished', 0)} unfinished. Table: `summary.parquet` / `summary.csv`.",
+    ]
+    if wall_s is not None and len(summary):
+        ran = summary[summary["status"] == "ok"]
+        in_experiments = float(ran.get("time_experiment_s", pd.Series(dtype=float)).fillna(0).sum())
+        lines += ["", f"Wall time {wall_s:.1f} s; inside experiments {in_experiments:.1f} s; "
+                      f"overhead per job (Hydra, imports, loading) {(wall_s - in_experiments) / len(summary):.1f} s."]
+    problems = summary[summary["status"] != "ok"] if len(summary) else summary
+    if len(problems):
+        lines += ["", "## Jobs that did not finish", "", "| job | status | error |", "|---|---|---|"]
+        lines += [f"| `{r.job}` | {r.status} | {str(r.error).replace('|', '/')} |" for r in problems.itertuples()]
+    if figures:
+        lines += ["", "## Layer curves", ""]
+        lines += [f"![{p.stem}]({p.relative_to(sweep_dir)})" for p in figures]
+    done = summary[summary["status"] == "ok"] if len(summary) else summary
+    key_metrics = [m for m in metrics_with_null(done)][:4]
+    if len(done) and key_metrics:
+        cols = [c for c in ["model", "sae", "layer", "relative_depth"] if c in done] + [
+            c for m in key_metrics for c in (m, f"{m}_null_mean", f"{m}_p") if c in done
+        ]
+        lines += ["", "## Results", "", done[cols].sort_values(cols[:3]).to_markdown(index=False, floatfmt=".3g")]
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep_report(sweep_dir: str | Path, wall_s: float | None = None) -> pd.DataFrame:
+    """Write summary.parquet/.csv, figures/ and report.md into the sweep directory."""
+    sweep_dir = Path(sweep_dir)
+    summary = collect(sweep_dir)
+    atomic_write(sweep_dir / "summary.parquet", lambda p: summary.to_parquet(p, index=False))
+    atomic_write(sweep_dir / "summary.csv", lambda p: summary.to_csv(p, index=False))
+    figures = layer_curves(summary, sweep_dir / "figures") if len(summary) else []
+    text = report_markdown(sweep_dir, summary, figures, wall_s)
+    atomic_write(sweep_dir / "report.md", lambda p: Path(p).write_text(text))
+    log.info("Sweep report: %s (%d jobs)", sweep_dir / "report.md", len(summary))
+    return summary
