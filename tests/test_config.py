@@ -91,3 +91,17 @@ def test_size_sweep_configs_validate_without_downloading(model, layer):
     schema.validate(cfg)
     assert cfg.sae.release == cfg.model.sae_release and cfg.sae.release.startswith("gemma-scope-2-")
     assert len(cfg.model.layer_presets) == 4
+
+
+def test_readme_slurm_example_composes():
+    overrides = [
+        "experiment=overlap", "model=gemma3_27b", "sae=gemma_scope_2", "layer=preset:3",
+        "dataset=builtin", "dataset.image_root=/shared/concept_photos", "cluster=slurm",
+        "hydra.launcher.partition=gpu", "hydra.launcher.account=my_lab", "hydra.launcher.mem_gb=120",
+        'hydra.launcher.setup=["source ~/xmodal/.venv/bin/activate"]', "logger=wandb", "logger.mode=online",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    schema.validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    assert cfg.hydra.launcher.max_num_timeout == 3 and cfg.hydra.launcher.setup == ["source ~/xmodal/.venv/bin/activate"]
+    assert cfg.sae.release == "gemma-scope-2-27b-it-res"

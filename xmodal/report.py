@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     if not sweep_dir.is_dir():
         print(f"xmodal.report: error: sweep directory {str(sweep_dir)!r} does not exist", file=sys.stderr)
         return 2
-    summary = write_sweep_report(sweep_dir)
+    summary = write_sweep_report(sweep_dir, sequential=False)  # per-job estimate; the wall time is unknown here
     if summary.empty:
         print(f"xmodal.report: error: no job folders (.hydra/overrides.yaml) under {str(sweep_dir)!r}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import psutil
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -115,6 +116,8 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
         with ctx.timed("experiment"):
             metrics = experiment.run(ctx)
         ctx.timings_s["total"] = time.perf_counter() - start
+        # From interpreter start: with one process per job (submitit) this is the job's whole cost.
+        ctx.timings_s["since_process_start"] = time.time() - psutil.Process().create_time()
         identity = {
             "model": model.name,
             "num_layers": model.num_layers,

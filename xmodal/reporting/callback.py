@@ -24,7 +24,8 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        summary = write_sweep_report(sweep_dir, wall_s=time.perf_counter() - self.started)
+        sequential = str(config.hydra.launcher._target_).endswith("BasicLauncher")
+        summary = write_sweep_report(sweep_dir, wall_s=time.perf_counter() - self.started, sequential=sequential)
         bad = summary[summary["status"] != "ok"] if len(summary) else summary
         if len(bad):
             for row in bad.itertuples():

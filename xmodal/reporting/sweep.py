@@ -48,6 +48,7 @@ def job_row(sweep_dir: Path, job_dir: Path) -> dict:
         row.update(result["metrics"])
         row["time_total_s"] = result["timings_s"].get("total")
         row["time_experiment_s"] = result["timings_s"].get("experiment")
+        row["time_since_process_start_s"] = result["timings_s"].get("since_process_start")
     elif failure_path.exists():
         failure = json.loads(failure_path.read_text())
         row.update(status="failed", error=f"{failure['error_type']}: {failure['error']}")
@@ -102,7 +103,23 @@ def layer_curves(summary: pd.DataFrame, figure_dir: Path) -> list[Path]:
     return paths
 
 
-def report_markdown(sweep_dir: Path, summary: pd.DataFrame, figures: list[Path], wall_s: float | None) -> str:
+def overhead_line(summary: pd.DataFrame, wall_s: float | None, sequential: bool) -> str | None:
+    """Time per job not spent in the experiment itself: startup, imports, Hydra, setup, loading."""
+    ran = summary[summary["status"] == "ok"] if len(summary) else summary
+    if not len(ran) or "time_experiment_s" not in ran:
+        return None
+    in_experiments = float(ran["time_experiment_s"].fillna(0).sum())
+    if sequential and wall_s is not None:
+        per_job = (wall_s - in_experiments) / len(summary)
+        return f"Wall time {wall_s:.1f} s for {len(summary)} jobs in one process; inside experiments {in_experiments:.1f} s; overhead per job {per_job:.1f} s."
+    if not sequential and "time_since_process_start_s" in ran:
+        per_job = float((ran["time_since_process_start_s"] - ran["time_experiment_s"]).mean())
+        wall = f"Wall time {wall_s:.1f} s; " if wall_s is not None else ""
+        return f"{wall}one process per job: overhead per job (interpreter start, imports, Hydra, setup) {per_job:.1f} s on average."
+    return None
+
+
+def report_markdown(sweep_dir: Path, summary: pd.DataFrame, figures: list[Path], wall_s: float | None, sequential: bool = True) -> str:
     counts = summary["status"].value_counts().to_dict() if len(summary) else {}
     lines = [
         f"# Sweep report: `{sweep_dir.name}`",
@@ -110,11 +127,9 @@ def report_markdown(sweep_dir: Path, summary: pd.DataFrame, figures: list[Path],
         f"{len(summary)} jobs: {counts.get('ok', 0)} finished, {counts.get('failed', 0)} failed, "
         f"{counts.get('unfinished', 0)} unfinished. Table: `summary.parquet` / `summary.csv`.",
     ]
-    if wall_s is not None and len(summary):
-        ran = summary[summary["status"] == "ok"]
-        in_experiments = float(ran.get("time_experiment_s", pd.Series(dtype=float)).fillna(0).sum())
-        lines += ["", f"Wall time {wall_s:.1f} s; inside experiments {in_experiments:.1f} s; "
-                      f"overhead per job (Hydra, imports, loading) {(wall_s - in_experiments) / len(summary):.1f} s."]
+    overhead = overhead_line(summary, wall_s, sequential)
+    if overhead:
+        lines += ["", overhead]
     problems = summary[summary["status"] != "ok"] if len(summary) else summary
     if len(problems):
         lines += ["", "## Jobs that did not finish", "", "| job | status | error |", "|---|---|---|"]
@@ -132,14 +147,14 @@ def report_markdown(sweep_dir: Path, summary: pd.DataFrame, figures: list[Path],
     return "\n".join(lines) + "\n"
 
 
-def write_sweep_report(sweep_dir: str | Path, wall_s: float | None = None) -> pd.DataFrame:
+def write_sweep_report(sweep_dir: str | Path, wall_s: float | None = None, sequential: bool = True) -> pd.DataFrame:
     """Write summary.parquet/.csv, figures/ and report.md into the sweep directory."""
     sweep_dir = Path(sweep_dir)
     summary = collect(sweep_dir)
     atomic_write(sweep_dir / "summary.parquet", lambda p: summary.to_parquet(p, index=False))
     atomic_write(sweep_dir / "summary.csv", lambda p: summary.to_csv(p, index=False))
     figures = layer_curves(summary, sweep_dir / "figures") if len(summary) else []
-    text = report_markdown(sweep_dir, summary, figures, wall_s)
+    text = report_markdown(sweep_dir, summary, figures, wall_s, sequential)
     atomic_write(sweep_dir / "report.md", lambda p: Path(p).write_text(text))
     log.info("Sweep report: %s (%d jobs)", sweep_dir / "report.md", len(summary))
     return summary
