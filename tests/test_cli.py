@@ -131,3 +131,21 @@ def test_wandb_offline_run_is_written_without_the_api_key(workdir):
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"API key leaked into {path}"
+
+
+def test_mds_study_sweeps_over_layers(workdir):
+    sweep = workdir / "mds_sweep"
+    proc = run_cli("-m", "experiment=mds", "layer=1,2", "experiment.n_null=50", cache_override(workdir), f"hydra.sweep.dir={sweep}", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = results_under(sweep)
+    assert len(results) == 2
+    for path in results:
+        result = json.loads(path.read_text())
+        assert result["experiment"] == "mds"
+        groups = pd.read_parquet(path.parent / "tables" / "group_sizes.parquet")
+        assert list(groups["group"]) == ["ImgD", "CrossD", "TextD"]
+        assert groups["n_features"].sum() == result["metrics"]["n_active_features"]
+        assert {"n_ImgD_null_mean", "n_TextD_p", "mds_std_null_mean"} <= set(result["metrics"])
+        assert (path.parent / "figures" / "mds_histogram.png").exists()
+    assert (sweep / "figures" / "mds__n_ImgD.png").exists()
+    assert len(pd.read_parquet(sweep / "summary.parquet")) == 2

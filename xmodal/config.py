@@ -145,7 +145,12 @@ class OverlapConfig(ExperimentConfig):
     corr_threshold: float = 0.6  # the plan's bar for a cross-modal feature
     n_permutations: int = 1000
     heatmap_features: int = 20
-    encode_batch_size: int = 256
+
+
+@dataclass
+class MDSConfig(ExperimentConfig):
+    n_null: int = 200  # random modality swaps for the null split
+    top_concepts: int = 3
 
 
 # --------------------------------------------------------------- logger ----
@@ -221,6 +226,7 @@ def register_configs() -> None:
         ("dataset", "base_image_folder", ImageFolderDatasetConfig),
         ("dataset", "base_builtin", BuiltinDatasetConfig),
         ("experiment", "base_overlap", OverlapConfig),
+        ("experiment", "base_mds", MDSConfig),
         ("logger", "base_none", LoggerConfig),
         ("logger", "base_wandb", WandbLoggerConfig),
     ]:

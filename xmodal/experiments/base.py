@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Sequence
 
-import numpy as np
 import pandas as pd
 
 from xmodal.activations.cache import ActivationCache, get_activations
@@ -48,10 +47,6 @@ class RunContext:
             yield
         finally:
             self.timings_s[phase] = self.timings_s.get(phase, 0.0) + time.perf_counter() - start
-
-    def rng(self, stream: str = "") -> np.random.Generator:
-        """A generator seeded by the config seed and a stream name, so phases do not share draws."""
-        return np.random.default_rng([self.seed, *stream.encode()])
 
     def activations(self, layers: Sequence[int] | None = None) -> dict[int, LayerActivations]:
         with self.timed("activations"):

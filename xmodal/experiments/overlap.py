@@ -47,7 +47,6 @@ class CrossModalOverlap(Experiment):
         corr_threshold: float = 0.6,
         n_permutations: int = 1000,
         heatmap_features: int = 20,
-        encode_batch_size: int = 256,
     ) -> None:
         self.top_k = top_k
         self.corr_threshold = corr_threshold

@@ -60,3 +60,19 @@ def null_distributions(null_table: pd.DataFrame, nulls: dict[str, np.ndarray], l
     fig.suptitle(f"Matched pairs (red) against shuffled pairs (grey), layer {layer}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def mds_histogram(mds: np.ndarray, mu: float, sigma: float, null_mds: np.ndarray, layer: int) -> plt.Figure:
+    """Distribution of the Modality Dominance Score with the ImgD / TextD split lines."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bins = np.linspace(0, 1, 41)
+    ax.hist(null_mds[np.isfinite(null_mds)], bins=bins, density=True, color="grey", alpha=0.45, label="null: modalities swapped at random")
+    ax.hist(mds[np.isfinite(mds)], bins=bins, density=True, color="tab:purple", alpha=0.8, label="features")
+    for x, name in [(mu - sigma, "TextD | CrossD"), (mu + sigma, "CrossD | ImgD")]:
+        ax.axvline(x, color="black", ls="--", lw=1)
+        ax.text(x, ax.get_ylim()[1] * 0.5, name, rotation=90, va="center", ha="right", fontsize=7)
+    ax.set_xlabel("MDS: image / (image + text) activation")
+    ax.set_ylabel("density")
+    ax.set_title(f"Modality Dominance Score of active features, layer {layer}")
+    ax.legend(fontsize=7, loc="upper center")
+    return fig
