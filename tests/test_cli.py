@@ -149,3 +149,24 @@ def test_mds_study_sweeps_over_layers(workdir):
         assert (path.parent / "figures" / "mds_histogram.png").exists()
     assert (sweep / "figures" / "mds__n_ImgD.png").exists()
     assert len(pd.read_parquet(sweep / "summary.parquet")) == 2
+
+
+def test_probe_study_writes_every_probe_next_to_its_null(workdir):
+    run_dir = workdir / "outputs" / "probe"
+    proc = run_cli("experiment=probe", "experiment.n_permutations=20", cache_override(workdir), f"hydra.run.dir={run_dir}", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probes = pd.read_parquet(run_dir / "tables" / "probes.parquet").set_index("probe")
+    assert list(probes.index) == ["text_to_text", "image_to_image", "text_to_image", "image_to_text", "modality", "brightness", "redness"]
+    assert probes["chance"].between(0, 1).all() and probes["shuffled_mean"].between(0, 1).all()
+    assert probes.loc["brightness", "chance"] == 0.5 and probes.loc["text_to_image", "n_test"] == 36
+    metrics = json.loads((run_dir / "result.json").read_text())["metrics"]
+    assert {"text_to_image_accuracy", "text_to_image_accuracy_null_mean", "text_to_image_p", "text_to_image_chance"} <= set(metrics)
+    assert (run_dir / "figures" / "probe_accuracy.png").exists()
+
+
+def test_probe_split_without_test_examples_is_refused(tmp_path):
+    proc = run_cli("experiment=probe", "experiment.train_per_class=3", f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2
+    assert sum("train_per_class=3 leaves no test example" in line for line in output.splitlines()) == 1, output[-2000:]
+    assert results_under(tmp_path) == []

@@ -105,3 +105,10 @@ def test_readme_slurm_example_composes():
     schema.validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     assert cfg.hydra.launcher.max_num_timeout == 3 and cfg.hydra.launcher.setup == ["source ~/xmodal/.venv/bin/activate"]
     assert cfg.sae.release == "gemma-scope-2-27b-it-res"
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_config_composes(experiment):
+    cfg = compose_with(f"experiment={experiment}")
+    schema.validate(cfg)
+    assert cfg.experiment.name == experiment

@@ -69,3 +69,20 @@ def test_overlap_matched_pairs_beat_their_null_only_when_features_are_shared():
         n = len(jaccard)
         observed, p, _ = M.permutation_pvalue(lambda order: float(np.nanmean(jaccard[np.arange(n), order])), n, 2000, seed=0)
         assert (p < 0.01) == should_beat, (observed, p)
+
+
+@pytest.mark.parametrize("shared, should_transfer", [(3, True), (0, False)])
+def test_probes_transfer_across_modalities_exactly_when_features_are_shared(shared, should_transfer):
+    from xmodal.metrics.probes import transfer, within_modality
+
+    planted = planted_codes(seed=0, shared_per_concept=shared, image_only_per_concept=3, text_only_per_concept=3, pairs_per_concept=12)
+    text_to_image = transfer(planted.text, planted.labels, planted.image, planted.labels, seed=0, n_permutations=50)
+    image_to_text = transfer(planted.image, planted.labels, planted.text, planted.labels, seed=0, n_permutations=50)
+    within = within_modality(planted.image, planted.labels, seed=0, n_permutations=20)
+    assert within.accuracy > 0.9 and within.p_value < 0.05  # each modality alone always carries the concept
+    for score in (text_to_image, image_to_text):
+        if should_transfer:
+            assert score.accuracy > 0.8 and score.p_value < 0.05
+        else:
+            assert score.accuracy < score.chance + 0.1 and score.p_value > 0.05
+        assert abs(score.shuffled_mean - score.chance) < 0.1  # the shuffled control sits at chance

@@ -153,6 +153,22 @@ class MDSConfig(ExperimentConfig):
     top_concepts: int = 3
 
 
+@dataclass
+class ProbeConfig(ExperimentConfig):
+    text_templates: list[str] = field(
+        default_factory=lambda: [
+            "{concept}", "a photo of {concept}", "an image of {concept}", "this is {concept}",
+            "a picture showing {concept}", "{concept}, seen in a picture",
+        ]
+    )
+    n_permutations: int = 100
+    budget: Optional[int] = None  # keep the k most class-separating features (3, 5, 10, 50); null: all
+    binarise: bool = False
+    max_active_fraction: Optional[float] = None  # drop features active in more of the samples than this
+    train_per_class: Optional[int] = None  # low-data splits: this many training examples per class
+    attributes: list[str] = field(default_factory=lambda: ["modality", "brightness", "redness"])
+
+
 # --------------------------------------------------------------- logger ----
 @dataclass
 class LoggerConfig:
@@ -227,6 +243,7 @@ def register_configs() -> None:
         ("dataset", "base_builtin", BuiltinDatasetConfig),
         ("experiment", "base_overlap", OverlapConfig),
         ("experiment", "base_mds", MDSConfig),
+        ("experiment", "base_probe", ProbeConfig),
         ("logger", "base_none", LoggerConfig),
         ("logger", "base_wandb", WandbLoggerConfig),
     ]:

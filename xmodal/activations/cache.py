@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when the stored layout or extraction semantics change
 
 
-def cache_key(adapter: ModelAdapter, dataset: ConceptDataset, layer: int, positions: PositionsConfig) -> str:
+def cache_key(
+    adapter: ModelAdapter, dataset: ConceptDataset, layer: int, positions: PositionsConfig,
+    modalities: Sequence[str] = ("text", "image"),
+) -> str:
     parts = {
         "format": CACHE_FORMAT,
         "model": adapter.identity,
@@ -42,6 +45,8 @@ def cache_key(adapter: ModelAdapter, dataset: ConceptDataset, layer: int, positi
         "use_chat_template": positions.use_chat_template,
         "dataset": dataset.content_hash(),
     }
+    if tuple(modalities) != ("text", "image"):
+        parts["modalities"] = sorted(modalities)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -106,12 +111,13 @@ def get_activations(
     positions: PositionsConfig,
     cache: ActivationCache | None,
     progress: bool = True,
+    modalities: Sequence[str] = ("text", "image"),
 ) -> dict[int, LayerActivations]:
     """Cached activations for `layers`; the missing ones are extracted together in one pass."""
     for layer in layers:
         adapter.check_layer(layer)
     result: dict[int, LayerActivations] = {}
-    keys = {layer: cache_key(adapter, dataset, layer, positions) for layer in layers}
+    keys = {layer: cache_key(adapter, dataset, layer, positions, modalities) for layer in layers}
     if cache is not None:
         for layer in layers:
             hit = cache.load(keys[layer])
@@ -121,7 +127,7 @@ def get_activations(
                 log.info("Activation cache hit for layer %d (%s)", layer, cache.path(keys[layer]))
     missing = [layer for layer in layers if layer not in result]
     if missing:
-        fresh = extract_activations(adapter, dataset, missing, positions, progress=progress)
+        fresh = extract_activations(adapter, dataset, missing, positions, progress=progress, modalities=modalities)
         for layer in missing:
             if cache is not None:
                 cache.misses += 1

@@ -48,6 +48,7 @@ def extract_activations(
     layers: Sequence[int],
     positions: PositionsConfig,
     progress: bool = True,
+    modalities: Sequence[str] = ("text", "image"),
 ) -> dict[int, LayerActivations]:
     """Run the dataset through the model once per batch and keep resid_post of all `layers`."""
     for layer in layers:
@@ -56,9 +57,8 @@ def extract_activations(
     pad_id = adapter.tokenizer.pad_token_id or 0
 
     # Text: right-padded batches; causal attention keeps real positions unaffected by padding.
-    prompts = [
-        adapter.text_prompt(positions.text_prompt, c.text, positions.use_chat_template) for c in dataset.concepts
-    ]
+    concepts = dataset.concepts if "text" in modalities else []
+    prompts = [adapter.text_prompt(positions.text_prompt, c.text, positions.use_chat_template) for c in concepts]
     text_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     batches = _batches(len(prompts), positions.batch_size)
     for batch in tqdm(batches, desc=f"{adapter.name}: text", disable=not progress, leave=False):
@@ -80,7 +80,7 @@ def extract_activations(
     # Images: every image gets the same prompt, so batches need no padding.
     image_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     eoi_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    images = dataset.images
+    images = dataset.images if "image" in modalities else []
     if images and not adapter.supports_images:
         adapter.image_inputs([], "", False)  # raises the family's clear error
     batches = _batches(len(images), positions.batch_size)
@@ -101,7 +101,7 @@ def extract_activations(
     return {
         layer: LayerActivations(
             layer=layer,
-            concepts=[c.name for c in dataset.concepts],
+            concepts=[c.name for c in concepts],
             text_tokens=torch.cat(text_rows[layer]) if text_rows[layer] else torch.empty(0, d_model),
             text_offsets=offsets,
             image_concepts=[img.concept for img in images],

@@ -48,10 +48,18 @@ class RunContext:
         finally:
             self.timings_s[phase] = self.timings_s.get(phase, 0.0) + time.perf_counter() - start
 
-    def activations(self, layers: Sequence[int] | None = None) -> dict[int, LayerActivations]:
+    def activations(
+        self,
+        layers: Sequence[int] | None = None,
+        positions: PositionsConfig | None = None,
+        dataset: ConceptDataset | None = None,
+        modalities: Sequence[str] = ("text", "image"),
+    ) -> dict[int, LayerActivations]:
+        """Cached resid_post; by default this job's layer, positions, dataset and both modalities."""
         with self.timed("activations"):
             return get_activations(
-                self.model, self.dataset, list(layers or [self.layer]), self.positions, self.cache, self.progress
+                self.model, dataset or self.dataset, list(layers or [self.layer]), positions or self.positions,
+                self.cache, self.progress, modalities,
             )
 
     def table(self, name: str, frame: pd.DataFrame) -> None:

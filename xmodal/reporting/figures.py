@@ -76,3 +76,19 @@ def mds_histogram(mds: np.ndarray, mu: float, sigma: float, null_mds: np.ndarray
     ax.set_title(f"Modality Dominance Score of active features, layer {layer}")
     ax.legend(fontsize=7, loc="upper center")
     return fig
+
+
+def probe_accuracy(table: pd.DataFrame, layer: int) -> plt.Figure:
+    """Accuracy of each probe against chance and the label-shuffled control."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = np.arange(len(table))
+    ax.bar(x, table["accuracy"], color="tab:green", label="probe accuracy")
+    ax.scatter(x, table["chance"], marker="_", s=400, color="black", zorder=3, label="chance (majority class)")
+    ax.errorbar(x, table["shuffled_mean"], yerr=[np.zeros(len(table)), table["shuffled_q975"] - table["shuffled_mean"]],
+                fmt="o", color="grey", capsize=3, zorder=3, label="shuffled labels (mean, 97.5%)")
+    ax.set_xticks(x, table["probe"].str.replace("_", " "), rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Linear probes on codes, layer {layer}")
+    ax.legend(fontsize=7, loc="upper right")
+    return fig
