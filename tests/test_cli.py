@@ -170,3 +170,30 @@ def test_probe_split_without_test_examples_is_refused(tmp_path):
     assert proc.returncode == 2
     assert sum("train_per_class=3 leaves no test example" in line for line in output.splitlines()) == 1, output[-2000:]
     assert results_under(tmp_path) == []
+
+
+def test_shift_between_a_vlm_and_its_own_decoder_is_zero(workdir):
+    run_dir = workdir / "outputs" / "shift"
+    proc = run_cli("experiment=shift", "experiment.n_permutations=200", cache_override(workdir), f"hydra.run.dir={run_dir}", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "result.json").read_text())["metrics"]
+    # tiny_text is tiny's own language model: the same prompts must give the same codes.
+    assert metrics["cosine"] == pytest.approx(1.0) and metrics["l2_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["cosine_null_mean"] < 0.99 and metrics["cosine_p"] < 0.01
+    prompts = pd.read_parquet(run_dir / "tables" / "prompts.parquet")
+    assert len(prompts) == 12 and {"cosine", "cosine_null", "l2"} <= set(prompts.columns)
+    assert (run_dir / "figures" / "coefficient_differences.png").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (['experiment.base_model_overrides=["model.hidden_size=32"]'], "has hidden size 32 but model 'tiny' has 64"),
+        (["experiment.base_model=no_such_model"], "experiment.base_model='no_such_model' is not a config in conf/model/"),
+    ],
+)
+def test_shift_refuses_incompatible_base_models(overrides, message, tmp_path):
+    proc = run_cli("experiment=shift", *overrides, f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and sum(message in line for line in output.splitlines()) == 1, output[-2000:]
+    assert results_under(tmp_path) == []

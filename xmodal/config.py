@@ -169,6 +169,15 @@ class ProbeConfig(ExperimentConfig):
     attributes: list[str] = field(default_factory=lambda: ["modality", "brightness", "redness"])
 
 
+@dataclass
+class ShiftConfig(ExperimentConfig):
+    base_model: str = "tiny_text"  # a config name in conf/model/: the LLM the VLM's decoder came from
+    base_model_overrides: list[str] = field(default_factory=list)  # on the command line: '...=["model.revision=abc123"]'
+    text_templates: list[str] = field(default_factory=lambda: ["{concept}"])
+    top_features: int = 20
+    n_permutations: int = 1000
+
+
 # --------------------------------------------------------------- logger ----
 @dataclass
 class LoggerConfig:
@@ -244,6 +253,7 @@ def register_configs() -> None:
         ("experiment", "base_overlap", OverlapConfig),
         ("experiment", "base_mds", MDSConfig),
         ("experiment", "base_probe", ProbeConfig),
+        ("experiment", "base_shift", ShiftConfig),
         ("logger", "base_none", LoggerConfig),
         ("logger", "base_wandb", WandbLoggerConfig),
     ]:

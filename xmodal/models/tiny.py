@@ -14,6 +14,7 @@ import torch
 
 from xmodal.models.base import resolve_device, resolve_dtype
 from xmodal.models.gemma3 import Gemma3Adapter
+from xmodal.models.text_only import TextOnlyAdapter
 from xmodal.models.tokenizer import gemma3_chat_template, gemma3_tokenizer
 
 
@@ -102,3 +103,25 @@ def tiny_gemma3(
 def _special_token_ids() -> dict[str, int]:
     # Fixed ids in the Gemma 3 vocabulary (checked against the tokenizer in tests/test_models.py).
     return {"image_token_id": 6, "boi_token_id": 255999, "eoi_token_id": 256000}
+
+
+def tiny_gemma3_text(name: str = "tiny_text", **vlm_kwargs: Any) -> TextOnlyAdapter:
+    """The tiny VLM's own language model as a text-only Gemma 3 model (same weights, same tokenizer).
+
+    The text-only counterpart of `tiny`: RepresentationShift between the two must be
+    zero, because tiny's decoder was never trained on images.
+    """
+    from transformers import Gemma3ForCausalLM
+
+    vlm = tiny_gemma3(name=f"{name}-source", **vlm_kwargs)
+    text_config = vlm.hf_config.text_config
+
+    def load_model() -> torch.nn.Module:
+        source = vlm.model
+        model = Gemma3ForCausalLM(text_config)
+        model.model.load_state_dict(source.model.language_model.state_dict())
+        model.lm_head.load_state_dict(source.lm_head.state_dict())
+        return model.to(device=vlm.device, dtype=next(source.parameters()).dtype).eval()
+
+    identity = {**vlm.identity, "family": "text_only", "from": "tiny language model"}
+    return TextOnlyAdapter(name, text_config, load_model, lambda: vlm.tokenizer, identity, vlm.device, vlm.layer_presets)

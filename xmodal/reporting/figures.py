@@ -92,3 +92,23 @@ def probe_accuracy(table: pd.DataFrame, layer: int) -> plt.Figure:
     ax.set_title(f"Linear probes on codes, layer {layer}")
     ax.legend(fontsize=7, loc="upper right")
     return fig
+
+
+def shift_distribution(delta: np.ndarray, cosine: np.ndarray, cosine_null: np.ndarray, layer: int, base: str, vlm: str) -> plt.Figure:
+    """Left: coefficient differences (VLM - base). Right: per-prompt cosine against mismatched prompts."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    changed = delta[delta != 0]
+    if changed.size:
+        left.hist(changed, bins=60, color="tab:orange")
+    else:
+        left.text(0.5, 0.5, "no coefficient changed", ha="center", va="center", transform=left.transAxes)
+    left.set_xlabel(f"coefficient change ({vlm} - {base})")
+    left.set_ylabel("count (non-zero changes)")
+    bins = np.linspace(-1, 1, 41)
+    right.hist(cosine_null[np.isfinite(cosine_null)], bins=bins, color="grey", alpha=0.6, label="mismatched prompts")
+    right.hist(cosine[np.isfinite(cosine)], bins=bins, color="tab:blue", alpha=0.8, label="same prompt")
+    right.set_xlabel("cosine of code vectors")
+    right.legend(fontsize=7)
+    fig.suptitle(f"Representation shift of text prompts, layer {layer}", fontsize=10)
+    fig.tight_layout()
+    return fig
