@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 import pandas as pd
 
 from xmodal.activations.cache import ActivationCache, get_activations
+from xmodal.activations.codes import ConceptCodes, concept_codes
 from xmodal.activations.extract import LayerActivations
 from xmodal.config import PositionsConfig
 from xmodal.data.concepts import ConceptDataset
@@ -54,13 +55,27 @@ class RunContext:
         positions: PositionsConfig | None = None,
         dataset: ConceptDataset | None = None,
         modalities: Sequence[str] = ("text", "image"),
+        model: ModelAdapter | None = None,
     ) -> dict[int, LayerActivations]:
-        """Cached resid_post; by default this job's layer, positions, dataset and both modalities."""
+        """Cached resid_post; by default this job's model, layer, positions, dataset and both modalities."""
         with self.timed("activations"):
             return get_activations(
-                self.model, dataset or self.dataset, list(layers or [self.layer]), positions or self.positions,
+                model or self.model, dataset or self.dataset, list(layers or [self.layer]), positions or self.positions,
                 self.cache, self.progress, modalities,
             )
+
+    def codes(
+        self,
+        positions: PositionsConfig | None = None,
+        dataset: ConceptDataset | None = None,
+        modalities: Sequence[str] = ("text", "image"),
+        model: ModelAdapter | None = None,
+    ) -> ConceptCodes:
+        """Pooled feature codes at this job's layer (activations from the cache, then the SAE)."""
+        positions = positions or self.positions
+        acts = self.activations(None, positions, dataset, modalities, model)[self.layer]
+        with self.timed("encode"):
+            return concept_codes(acts, self.features, positions)
 
     def table(self, name: str, frame: pd.DataFrame) -> None:
         self.writer.table(name, frame)

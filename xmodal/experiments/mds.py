@@ -20,7 +20,6 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from xmodal.activations.codes import concept_codes
 from xmodal.experiments.base import Experiment, RunContext
 from xmodal.metrics.modality import GROUPS, dominance_groups, modality_dominance, swapped_modalities
 from xmodal.reporting import figures
@@ -36,9 +35,7 @@ class MDSClassifier(Experiment):
         self.top_concepts = top_concepts
 
     def run(self, ctx: RunContext) -> dict[str, float]:
-        acts = ctx.activations()[ctx.layer]
-        with ctx.timed("encode"):
-            codes = concept_codes(acts, ctx.features, ctx.positions)
+        codes = ctx.codes()
         if ctx.features.sae is None:
             log.warning("sae=none: MDS needs non-negative codes, so residual dimensions enter with their positive part")
         concept_index = {name: i for i, name in enumerate(codes.concepts)}

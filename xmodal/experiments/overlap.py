@@ -25,7 +25,6 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import mutual_info_score
 
-from xmodal.activations.codes import concept_codes
 from xmodal.experiments.base import Experiment, RunContext
 from xmodal.metrics import overlap as M
 from xmodal.reporting import figures
@@ -54,9 +53,7 @@ class CrossModalOverlap(Experiment):
         self.heatmap_features = heatmap_features
 
     def run(self, ctx: RunContext) -> dict[str, float]:
-        acts = ctx.activations()[ctx.layer]
-        with ctx.timed("encode"):
-            codes = concept_codes(acts, ctx.features, ctx.positions)
+        codes = ctx.codes()
         ctx.table("codes", codes.sparse_table())
         text, image = codes.text, codes.image_by_concept()
         concepts = ctx.dataset.concepts

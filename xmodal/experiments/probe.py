@@ -23,7 +23,6 @@ from typing import ClassVar, Sequence
 import numpy as np
 import pandas as pd
 
-from xmodal.activations.codes import concept_codes
 from xmodal.data.variants import ATTRIBUTES, attribute_variants
 from xmodal.errors import ConfigError
 from xmodal.experiments.base import Experiment, RunContext
@@ -70,19 +69,13 @@ class LinearProbeTransfer(Experiment):
         self.train_per_class = train_per_class
         self.attributes = list(attributes)
 
-    def image_codes(self, ctx: RunContext, dataset=None) -> np.ndarray:
-        acts = ctx.activations(dataset=dataset, modalities=("image",))[ctx.layer]
-        return concept_codes(acts, ctx.features, ctx.positions).image
-
     def run(self, ctx: RunContext) -> dict[str, float]:
         text_x, text_y = [], []
-        with ctx.timed("encode"):
-            for template in self.text_templates:
-                positions = dataclasses.replace(ctx.positions, text_prompt=template)
-                acts = ctx.activations(positions=positions, modalities=("text",))[ctx.layer]
-                text_x.append(concept_codes(acts, ctx.features, positions).text)
-                text_y += acts.concepts
-            image_x = self.image_codes(ctx)
+        for template in self.text_templates:
+            codes = ctx.codes(positions=dataclasses.replace(ctx.positions, text_prompt=template), modalities=("text",))
+            text_x.append(codes.text)
+            text_y += codes.concepts
+        image_x = ctx.codes(modalities=("image",)).image
         text_x, text_y = np.vstack(text_x), np.array(text_y)
         image_y = np.array([img.concept for img in ctx.dataset.images])
 
@@ -105,8 +98,7 @@ class LinearProbeTransfer(Experiment):
                 scores["modality"] = within_modality(x, y, seed, perms, budget, what="modality probe")
             for attribute in (a for a in self.attributes if a in ATTRIBUTES):
                 variants, labels, groups = attribute_variants(ctx.dataset, attribute)
-                with ctx.timed("encode"):
-                    x = prepare_features(self.image_codes(ctx, variants), self.binarise, keep)
+                x = prepare_features(ctx.codes(dataset=variants, modalities=("image",)).image, self.binarise, keep)
                 scores[attribute] = within_modality(x, labels, seed, perms, budget, groups=groups, what=f"{attribute} probe")
 
         table = pd.DataFrame([{"probe": name, **score.as_row()} for name, score in scores.items()])

@@ -24,8 +24,6 @@ from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from xmodal.activations.cache import get_activations
-from xmodal.activations.codes import concept_codes
 from xmodal.errors import ConfigError
 from xmodal.experiments.base import Experiment, RunContext
 from xmodal.metrics import overlap as M
@@ -81,10 +79,7 @@ class RepresentationShift(Experiment):
         rows, prompts = [], []
         for template in self.text_templates:
             positions = dataclasses.replace(ctx.positions, text_prompt=template)
-            with ctx.timed("activations"):
-                acts = get_activations(model, ctx.dataset, [ctx.layer], positions, ctx.cache, ctx.progress, ("text",))[ctx.layer]
-            with ctx.timed("encode"):
-                rows.append(concept_codes(acts, ctx.features, positions).text)
+            rows.append(ctx.codes(positions=positions, modalities=("text",), model=model).text)
             prompts += [template.replace("{concept}", c.text) for c in ctx.dataset.concepts]
         return np.vstack(rows), prompts
 
