@@ -19,9 +19,9 @@ def jaccard_vs_baseline(concepts: pd.DataFrame, top_k: int, layer: int) -> plt.F
     ax.barh(y, frame["jaccard_topk"], color="tab:blue", label="matched text-image pair")
     ax.scatter(frame["jaccard_topk_null"], y, color="black", marker="|", s=120, zorder=3, label="mismatched pairs (mean)")
     ax.set_yticks(y, frame["concept"], fontsize=7)
-    ax.set_xlabel(f"Jaccard overlap of top-{top_k} SAE features")
+    ax.set_xlabel(f"Jaccard overlap of the top-{top_k} features (SAE latents, or residual dimensions with sae=none)")
     ax.set_title(f"Cross-modal feature overlap per concept, layer {layer}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / max(len(frame), 1)), ncol=2, fontsize=8, frameon=False)
     return fig
 
 
@@ -87,10 +87,11 @@ def probe_accuracy(table: pd.DataFrame, layer: int) -> plt.Figure:
     ax.errorbar(x, table["shuffled_mean"], yerr=[np.zeros(len(table)), table["shuffled_q975"] - table["shuffled_mean"]],
                 fmt="o", color="grey", capsize=3, zorder=3, label="shuffled labels (mean, 97.5%)")
     ax.set_xticks(x, table["probe"].str.replace("_", " "), rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("accuracy")
     ax.set_title(f"Linear probes on codes, layer {layer}")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper center", ncol=3, frameon=False)
     return fig
 
 
