@@ -57,7 +57,7 @@ class MDSClassifier(Experiment):
                     null_sizes[g].append(int(np.sum(null_groups == g)))
 
             names = np.array(codes.concepts)
-            per_concept = pd.DataFrame(image).groupby(owners).mean().to_numpy() + codes.text[np.unique(owners)]
+            per_concept = codes.image_by_concept() + codes.text  # concepts x features, both modalities
             top = np.argsort(-per_concept, axis=0, kind="stable")[: self.top_concepts]
             feature_table = pd.DataFrame(
                 {
@@ -69,7 +69,7 @@ class MDSClassifier(Experiment):
                     "n_text_active": (text > 0).sum(axis=0),
                     "mean_image": image.mean(axis=0),
                     "mean_text": text.mean(axis=0),
-                    "top_concepts": [" ".join(names[np.unique(owners)][top[:, k]]) for k in range(len(mds))],
+                    "top_concepts": [" ".join(names[top[:, k]]) for k in range(len(mds))],
                 }
             )
             feature_table = feature_table[feature_table["group"] != "inactive"].reset_index(drop=True)

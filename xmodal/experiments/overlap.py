@@ -97,6 +97,7 @@ class CrossModalOverlap(Experiment):
                 )
             null_table = pd.DataFrame(null_rows)
 
+            mismatched = {name: M.off_diagonal_mean(m) for name, m in pair_matrices.items()}
             concept_rows = []
             for i, c in enumerate(concepts):
                 shared = np.intersect1d(text_top[i], image_top[i])
@@ -113,7 +114,7 @@ class CrossModalOverlap(Experiment):
                 }
                 for stat_name, matrix in pair_matrices.items():
                     row[stat_name] = matrix[i, i]
-                    row[f"{stat_name}_null"] = M.off_diagonal_mean(matrix)[i]
+                    row[f"{stat_name}_null"] = mismatched[stat_name][i]
                 for modality, matrix in [("text", text), ("image", image)]:
                     row[f"specificity_{modality}"] = (
                         M.specificity(matrix, i, partner, shared) if partner is not None else np.nan

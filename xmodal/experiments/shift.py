@@ -99,11 +99,12 @@ class RepresentationShift(Experiment):
             )
             delta = vlm_codes - base_codes
             mean_delta = delta.mean(axis=0)
+            matched, mismatched = np.diag(cosine), M.off_diagonal_mean(cosine)
             prompt_table = pd.DataFrame(
                 {
                     "prompt": prompts,
-                    "cosine": np.diag(cosine),
-                    "cosine_null": M.off_diagonal_mean(cosine),
+                    "cosine": matched,
+                    "cosine_null": mismatched,
                     "l2": l2,
                     "relative_l2": l2 / np.where(base_norm > 0, base_norm, np.nan),
                     "l0_base": (base_codes > 0).sum(axis=1),
@@ -112,19 +113,20 @@ class RepresentationShift(Experiment):
             )
             order = np.argsort(mean_delta, kind="stable")
             k = min(self.top_features, len(order))
+            chosen = np.concatenate([order[::-1][:k], order[:k]])  # largest gains, then largest losses
             feature_table = pd.DataFrame(
                 {
-                    "feature": np.concatenate([order[::-1][:k], order[:k]]),
+                    "feature": chosen,
                     "direction": ["gain"] * k + ["loss"] * k,
-                    "mean_change": np.concatenate([mean_delta[order[::-1][:k]], mean_delta[order[:k]]]),
-                    "mean_base": base_codes.mean(axis=0)[np.concatenate([order[::-1][:k], order[:k]])],
-                    "mean_vlm": vlm_codes.mean(axis=0)[np.concatenate([order[::-1][:k], order[:k]])],
+                    "mean_change": mean_delta[chosen],
+                    "mean_base": base_codes.mean(axis=0)[chosen],
+                    "mean_vlm": vlm_codes.mean(axis=0)[chosen],
                 }
             )
         ctx.table("prompts", prompt_table)
         ctx.table("feature_shift", feature_table)
         with ctx.timed("figures"):
-            ctx.figure("coefficient_differences", figures.shift_distribution(delta, np.diag(cosine), M.off_diagonal_mean(cosine), ctx.layer, base.name, ctx.model.name))
+            ctx.figure("coefficient_differences", figures.shift_distribution(delta, matched, mismatched, ctx.layer, base.name, ctx.model.name))
 
         changed = delta[np.abs(delta) > 0]
         metrics = {
