@@ -32,7 +32,7 @@ CACHE_FORMAT = 1  # bump when the stored layout or extraction semantics change
 
 
 def cache_key(
-    adapter: ModelAdapter, dataset: ConceptDataset, layer: int, positions: PositionsConfig,
+    adapter: ModelAdapter, dataset_hash: str, layer: int, positions: PositionsConfig,
     modalities: Sequence[str] = ("text", "image"),
 ) -> str:
     parts = {
@@ -42,7 +42,7 @@ def cache_key(
         "text_prompt": positions.text_prompt,
         "image_prompt": positions.image_prompt,
         "use_chat_template": positions.use_chat_template,
-        "dataset": dataset.content_hash(),
+        "dataset": dataset_hash,  # ConceptDataset.content_hash(): texts and image bytes
     }
     if tuple(modalities) != ("text", "image"):
         parts["modalities"] = sorted(modalities)
@@ -116,7 +116,8 @@ def get_activations(
     for layer in layers:
         adapter.check_layer(layer)
     result: dict[int, LayerActivations] = {}
-    keys = {layer: cache_key(adapter, dataset, layer, positions, modalities) for layer in layers}
+    dataset_hash = dataset.content_hash()  # hashes every image's bytes: once per call, not per layer
+    keys = {layer: cache_key(adapter, dataset_hash, layer, positions, modalities) for layer in layers}
     if cache is not None:
         for layer in layers:
             hit = cache.load(keys[layer])
