@@ -28,6 +28,16 @@ def results_under(root: Path) -> list[Path]:
     return sorted(root.rglob("result.json"))
 
 
+def test_default_run_is_the_organism_with_its_sae(tmp_path):
+    organism = ("model=organism", "sae=organism", "dataset=organism_concepts", "layer=preset:1")  # the shipped defaults
+    proc = run_cli(*organism, "experiment.n_permutations=200", f"paths.activation_cache={tmp_path / 'cache'}",
+                   "hydra.run.dir=outputs/organism", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "outputs" / "organism" / "result.json").read_text())
+    assert (result["status"], result["layer"], result["model"], result["sae"]) == ("ok", 9, "organism", "organism")
+    assert result["metrics"]["n_concepts"] == 33
+
+
 def test_overlap_writes_result_tables_and_figures_and_is_deterministic(workdir):
     first = run_cli("experiment=overlap", cache_override(workdir), "hydra.run.dir=outputs/run1", cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -101,10 +111,13 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str, dict]]:
         "corrupt_image": (["dataset=image_folder", f"dataset.root={corrupt}"], "b.jpg' of concept 'dog' cannot be read", {}),
         "sae_width": (["sae=local", f"sae.path={tmp / 'wide_sae'}"], "expects d_in=128 but model 'tiny' has hidden size 64", {}),
         "unknown_model_offline": (["model=gemma3_4b", "model.name_or_path=google/no-such-vlm"], "could not load model config 'google/no-such-vlm'", offline),
+        "embedder_offline": (["experiment=mds", "experiment.text_embedder=sentence-transformers/no-such-embedder", "experiment.zero_mask=false"],
+                             "text embedder 'sentence-transformers/no-such-embedder' cannot be loaded", offline),
+        "organism_sae_layer": (["model=organism", "sae=organism", "dataset=organism_concepts", "layer=7"], "not layer=7", {}),
     }
 
 
-@pytest.mark.parametrize("case", ["layer_out_of_range", "layer_not_int", "missing_root", "concept_without_image", "corrupt_image", "sae_width", "unknown_model_offline"])
+@pytest.mark.parametrize("case", ["layer_out_of_range", "layer_not_int", "missing_root", "concept_without_image", "corrupt_image", "sae_width", "unknown_model_offline", "embedder_offline", "organism_sae_layer"])
 def test_bad_input_gives_one_clear_error_and_no_result(case, tmp_path):
     overrides, message, env = bad_inputs(tmp_path)[case]
     proc = run_cli(*overrides, f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path, env_extra=env, timeout=300)

@@ -31,9 +31,16 @@ def options(group: str) -> list[str]:
 def test_default_config_validates():
     cfg = compose_with()
     schema.validate(cfg)
-    assert (cfg.model.name, cfg.sae.name, cfg.dataset.name, cfg.experiment.name) == ("tiny", "none", "synthetic", "overlap")
+    assert (cfg.model.name, cfg.sae.name, cfg.dataset.name, cfg.experiment.name) == ("organism", "organism", "organism_concepts", "overlap")
     obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj.model, schema.TinyModelConfig) and isinstance(obj.experiment, schema.OverlapConfig)
+    assert isinstance(obj.model, schema.OrganismModelConfig) and isinstance(obj.experiment, schema.OverlapConfig)
+    assert cfg.layer == "preset:1" and cfg.model.layer_presets[1] == 9  # an SAE layer of the organism
+
+
+def test_shift_takes_its_base_model_from_the_model_config():
+    assert compose_with("experiment=shift").experiment.base_model == "organism_base"
+    assert compose_with("experiment=shift", "model=paligemma2_3b").experiment.base_model == "gemma2_2b"
+    assert compose_with("experiment=shift", "model=tiny", "experiment.base_model=tiny_text").experiment.base_model == "tiny_text"
 
 
 @pytest.mark.parametrize("model", options("model"))

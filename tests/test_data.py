@@ -84,3 +84,41 @@ def test_builtin_uses_the_photos_it_finds(tmp_path):
     assert data.concept("eiffel_tower").partner is None  # tokyo_tower has no photos here
     with pytest.raises(DatasetError, match="needs photos"):
         builtin_concepts()
+
+
+def write_local_hub_dataset(root, n_per_class: int = 3):
+    """A CIFAR-like dataset in the layout `datasets.load_dataset(<dir>)` reads offline."""
+    from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
+    from PIL import Image
+
+    labels = [0, 1, 2] * n_per_class
+    features = Features({"img": ImageFeature(), "fine_label": ClassLabel(names=["apple", "pear", "bus"]),
+                         "coarse_label": ClassLabel(names=["fruit", "vehicle"])})  # fmt: skip
+    rows = {
+        "img": [Image.new("RGB", (8, 8), (40 * label, 10, 10)) for label in labels],
+        "fine_label": labels,
+        "coarse_label": [0 if label < 2 else 1 for label in labels],
+    }
+    (root / "data").mkdir(parents=True)
+    Dataset.from_dict(rows, features=features).to_parquet(str(root / "data" / "test-00000-of-00001.parquet"))
+
+
+def test_hub_classification_dataset_reads_classes_categories_and_partners(tmp_path):
+    from xmodal.data.hub_datasets import hub_concepts
+
+    write_local_hub_dataset(tmp_path)
+    dataset = hub_concepts("local", str(tmp_path), split="test", image_column="img", label_column="fine_label",
+                           category_column="coarse_label", max_images_per_concept=2)  # fmt: skip
+    by_name = {c.name: c for c in dataset.concepts}
+    assert set(by_name) == {"apple", "pear", "bus"}
+    assert by_name["apple"].category == "fruit" and by_name["apple"].partner == "pear" and by_name["bus"].partner is None
+    assert len(dataset.images) == 6
+
+
+def test_hub_dataset_offline_is_one_clear_error(monkeypatch):
+    from xmodal.data.hub_datasets import hub_concepts
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DatasetError, match="could not load hub dataset 'xmodal-test/does-not-exist'.*To fix"):
+        hub_concepts("missing", "xmodal-test/does-not-exist", label_column="label")

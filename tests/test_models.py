@@ -6,12 +6,12 @@ import pytest
 
 from xmodal.errors import ConfigError, ModelLoadError
 from xmodal.models import Gemma3Adapter, TextOnlyAdapter
-from xmodal.models.tiny import _special_token_ids
+from xmodal.models.tokenizer import special_token_ids
 
 
 def test_tiny_special_token_ids_match_the_real_tokenizer(tiny):
     tok = tiny.tokenizer
-    ids = _special_token_ids()
+    ids = special_token_ids()
     assert tok.convert_tokens_to_ids(tok.image_token) == ids["image_token_id"]
     assert tok.convert_tokens_to_ids(tok.boi_token) == ids["boi_token_id"]
     assert tok.convert_tokens_to_ids(tok.eoi_token) == ids["eoi_token_id"]

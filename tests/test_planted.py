@@ -86,3 +86,39 @@ def test_probes_transfer_across_modalities_exactly_when_features_are_shared(shar
         else:
             assert score.accuracy < score.chance + 0.1 and score.p_value > 0.05
         assert abs(score.shuffled_mean - score.chance) < 0.1  # the shuffled control sits at chance
+
+
+def planted_embeddings(labels: np.ndarray, dim: int = 16, spread: float = 0.3, seed: int = 0) -> np.ndarray:
+    """Sample embeddings clustered by concept: what an embedder sees when concepts differ."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(labels.max() + 1, dim))
+    return centres[labels] + spread * rng.normal(size=(len(labels), dim)) + 3.0  # offset keeps similarities positive
+
+
+def test_interpretability_scores_concept_features_above_noise_and_null():
+    from xmodal.metrics.interpretability import feature_interpretability
+
+    planted = planted_codes(seed=0)
+    embeddings = planted_embeddings(planted.labels)
+    scores = feature_interpretability(planted.image, embeddings, np.arange(len(planted.roles)), m=5, seed=0)
+    scores["role"] = planted.roles
+    concept = scores[scores["role"] == "image"]
+    noise = scores[scores["role"] == "noise"].dropna()
+    assert concept["W"].mean() > 0.9 and concept["I"].mean() > 0.05
+    assert concept["W_null"].mean() == pytest.approx(0.5, abs=0.15)
+    assert noise["W"].mean() < concept["W"].mean() - 0.3
+    # Text-only features never fire on images: too few active samples to score.
+    assert scores[scores["role"] == "text"]["I"].isna().all()
+
+
+def test_zero_mask_of_image_features_hurts_the_image_readout_more_than_random_features():
+    from xmodal.metrics.interventions import zero_mask_effects
+
+    planted = planted_codes(n_concepts=4, pairs_per_concept=8, shared_per_concept=1, image_only_per_concept=4,
+                            text_only_per_concept=4, n_noise=8, seed=1)  # fmt: skip
+    decode = lambda codes: codes  # an identity decoder: the codes are the residual
+    sets = {"ImgD": np.flatnonzero(planted.roles == "image"), "TextD": np.flatnonzero(planted.roles == "text")}
+    rows = {r["removed"]: r for r in zero_mask_effects(planted.image, planted.labels, decode, sets, np.arange(len(planted.roles)), 20, 0)}
+    assert rows["none"]["accuracy"] > 0.9
+    assert rows["ImgD"]["accuracy"] < rows["ImgD"]["random_mean"] and rows["ImgD"]["p_value"] < 0.1
+    assert rows["TextD"]["accuracy"] == pytest.approx(rows["none"]["accuracy"])  # silent on images: removing them changes nothing

@@ -48,6 +48,8 @@ class ModelConfig:
     layer_presets: list[int] = field(default_factory=list)
     # The sae-lens release that matches this model, read by sae=gemma_scope_2.
     sae_release: Optional[str] = None
+    # The conf/model/ name of the LLM this VLM's decoder came from (experiment=shift's default).
+    base_model: Optional[str] = None
 
 
 @dataclass
@@ -76,6 +78,21 @@ class TinyModelConfig(ModelConfig):
     tokenizer_cache: str = "${paths.model_cache}"
 
 
+@dataclass
+class OrganismModelConfig(ModelConfig):
+    """The model organism: real gemma-3-270m decoder, small trained vision tower (xmodal.organism)."""
+
+    model_cache: str = "${paths.model_cache}"
+    vision_weights: Optional[str] = None  # None: the weights shipped in xmodal/organism/weights
+
+
+@dataclass
+class OrganismBaseModelConfig(ModelConfig):
+    """The organism's decoder alone: the plain gemma-3-270m from the same cached conversion."""
+
+    model_cache: str = "${paths.model_cache}"
+
+
 # ------------------------------------------------------------------ sae ----
 @dataclass
 class SAEConfig:
@@ -101,6 +118,11 @@ class PretrainedSAEConfig(SAEConfig):
 @dataclass
 class LocalSAEConfig(SAEConfig):
     path: str = MISSING  # a sae-lens directory; may contain {layer}
+
+
+@dataclass
+class OrganismSAEConfig(SAEConfig):
+    """The SAEs shipped with the organism, at layers 5, 9, 12 and 15."""
 
 
 # -------------------------------------------------------------- dataset ----
@@ -132,6 +154,28 @@ class BuiltinDatasetConfig(DatasetConfig):
     max_images_per_concept: Optional[int] = None
 
 
+@dataclass
+class HubDatasetConfig(DatasetConfig):
+    """A Hugging Face hub dataset through `datasets` (needs network or its cache)."""
+
+    path: str = MISSING  # e.g. uoft-cs/cifar100
+    split: str = "test"
+    image_column: str = "image"
+    label_column: Optional[str] = None  # classes as concepts (CIFAR-100)
+    category_column: Optional[str] = None
+    text_column: Optional[str] = None  # or one concept per captioned image (COCO)
+    max_images_per_concept: int = 10
+    max_concepts: Optional[int] = None
+    revision: Optional[str] = None
+
+
+@dataclass
+class OrganismConceptsConfig(DatasetConfig):
+    images_per_concept: int = 4
+    seed: int = 0
+    categories: list[str] = field(default_factory=lambda: ["colour", "shape", "count", "background", "word"])
+
+
 # ----------------------------------------------------------- experiment ----
 @dataclass
 class ExperimentConfig:
@@ -151,6 +195,17 @@ class OverlapConfig(ExperimentConfig):
 class MDSConfig(ExperimentConfig):
     n_null: int = 200  # random modality swaps for the null split
     top_concepts: int = 3
+    interpretability: bool = True  # I(z) and WinRate per group (needs the embedders below)
+    top_m: int = 5  # top activating samples per feature for I(z) and WinRate
+    text_embedder: str = "all-MiniLM-L6-v2"  # or a sentence-transformers directory / hub id
+    image_embedder: str = "vision_tower"  # vision_tower (the VLM's own) | hf (image_embedder_path)
+    image_embedder_path: Optional[str] = None
+    zero_mask: bool = True  # zero-mask interventions with a category readout
+    n_random_masks: int = 20  # random feature sets of equal size per group (the null)
+    msae: bool = False  # train the paper's multimodal TopK SAE on this layer's tokens and classify its features
+    msae_d_sae: int = 256
+    msae_k: int = 16
+    msae_epochs: float = 30.0
 
 
 @dataclass
@@ -171,11 +226,28 @@ class ProbeConfig(ExperimentConfig):
 
 @dataclass
 class ShiftConfig(ExperimentConfig):
-    base_model: str = "tiny_text"  # a config name in conf/model/: the LLM the VLM's decoder came from
+    base_model: Optional[str] = "${model.base_model}"  # a config name in conf/model/: the LLM the VLM's decoder came from
     base_model_overrides: list[str] = field(default_factory=list)  # on the command line: '...=["model.revision=abc123"]'
     text_templates: list[str] = field(default_factory=lambda: ["{concept}"])
     top_features: int = 20
     n_permutations: int = 1000
+
+
+@dataclass
+class SteeringConfig(ExperimentConfig):
+    concept: str = "snow"  # a concept of the dataset (name or text)
+    feature: Optional[int] = None  # None: the feature most specific to the concept's text
+    mode: str = "add"  # add: + strength x scale x decoder row; clamp: feature set to strength x scale
+    where: str = "both"  # image | text | both
+    strengths: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0])
+    n_images: int = 12  # images of other concepts to describe
+    control_layer: Optional[int] = None  # None: layer - 4 (or layer + 4 near the bottom)
+    concept_words: dict[str, list[str]] = field(default_factory=dict)  # concept -> words that count as naming it
+    prompt: str = ""  # text after the image in the user turn
+    max_new_tokens: int = 12
+    do_sample: bool = False  # greedy by default; sampling is seeded from `seed`
+    temperature: float = 1.0
+    n_bootstrap: int = 1000
 
 
 # --------------------------------------------------------------- logger ----
@@ -244,6 +316,11 @@ def register_configs() -> None:
     for group, name, node in [
         ("model", "base_pretrained", PretrainedModelConfig),
         ("model", "base_tiny", TinyModelConfig),
+        ("model", "base_organism", OrganismModelConfig),
+        ("model", "base_organism_base", OrganismBaseModelConfig),
+        ("sae", "base_organism", OrganismSAEConfig),
+        ("dataset", "base_organism_concepts", OrganismConceptsConfig),
+        ("dataset", "base_hub", HubDatasetConfig),
         ("sae", "base_none", NoSAEConfig),
         ("sae", "base_pretrained", PretrainedSAEConfig),
         ("sae", "base_local", LocalSAEConfig),
@@ -254,6 +331,7 @@ def register_configs() -> None:
         ("experiment", "base_mds", MDSConfig),
         ("experiment", "base_probe", ProbeConfig),
         ("experiment", "base_shift", ShiftConfig),
+        ("experiment", "base_steering", SteeringConfig),
         ("logger", "base_none", LoggerConfig),
         ("logger", "base_wandb", WandbLoggerConfig),
     ]:

@@ -34,6 +34,7 @@ from xmodal import config as config_schema
 from xmodal.activations.cache import ActivationCache
 from xmodal.errors import XmodalError
 from xmodal.experiments.base import RunContext
+from xmodal.models.base import instantiate_model
 from xmodal.layers import parse_layer, relative_depth, resolve_layer
 from xmodal.reporting.results import ResultWriter, read_result, write_failure
 
@@ -85,7 +86,7 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
     setup_start = time.perf_counter()
     layer_spec = parse_layer(cfg.layer)
     experiment = instantiate(cfg.experiment)
-    model = instantiate(cfg.model)  # reads the model config only; weights load on first use
+    model = instantiate_model(cfg.model)  # reads the model config only; weights load on first use
     layer = resolve_layer(layer_spec, model.num_layers, model.layer_presets, model.name)
     model.check_layer(layer)
     features = instantiate(cfg.sae, layer=layer)

@@ -22,12 +22,11 @@ import numpy as np
 import pandas as pd
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
 
 from xmodal.errors import ConfigError
 from xmodal.experiments.base import Experiment, RunContext
 from xmodal.metrics import overlap as M
-from xmodal.models.base import ModelAdapter
+from xmodal.models.base import ModelAdapter, instantiate_model
 from xmodal.reporting import figures
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ def load_base_model(name: str, overrides: Sequence[str] = ()) -> ModelAdapter:
         cfg = compose(config_name="config", overrides=[f"model={name}", *overrides])
     except Exception as err:  # Hydra's MissingConfigException lists the options
         raise ConfigError(f"experiment.base_model={name!r} is not a config in conf/model/: {str(err).splitlines()[0]}") from err
-    return instantiate(cfg.model)
+    return instantiate_model(cfg.model)
 
 
 def check_compatible(base: ModelAdapter, vlm: ModelAdapter, texts: Sequence[str], layer: int) -> None:
@@ -64,8 +63,13 @@ def check_compatible(base: ModelAdapter, vlm: ModelAdapter, texts: Sequence[str]
 class RepresentationShift(Experiment):
     name: ClassVar[str] = "shift"
 
-    def __init__(self, name: str = "shift", base_model: str = "tiny_text", base_model_overrides: Sequence[str] = (),
+    def __init__(self, name: str = "shift", base_model: str | None = None, base_model_overrides: Sequence[str] = (),
                  text_templates: Sequence[str] = ("{concept}",), top_features: int = 20, n_permutations: int = 1000) -> None:
+        if not base_model:
+            raise ConfigError(
+                "experiment=shift needs a base LLM, and this model config names none (model.base_model); "
+                "set experiment.base_model to a config in conf/model/, e.g. experiment.base_model=gemma2_2b"
+            )
         bad = [o for o in base_model_overrides if not o.startswith("model.")]
         if bad:
             raise ConfigError(f"experiment.base_model_overrides may only set model.* keys; got {bad}")

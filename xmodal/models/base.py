@@ -251,3 +251,16 @@ class ModelAdapter:
         if self.image_token_id is None:
             raise ConfigError(f"model {self.name!r} has no image token id")
         return input_ids == self.image_token_id
+
+
+def instantiate_model(model_cfg: Any) -> "ModelAdapter":
+    """The adapter a `model` config describes (weights still unloaded).
+
+    `base_model` names the model's base LLM for experiment=shift; it is a fact about
+    the model, not an argument of its loader, so it is left out here.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k != "base_model"}
+    return instantiate(kwargs)

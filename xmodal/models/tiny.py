@@ -15,7 +15,7 @@ import torch
 from xmodal.models.base import resolve_device, resolve_dtype
 from xmodal.models.gemma3 import Gemma3Adapter
 from xmodal.models.text_only import TextOnlyAdapter
-from xmodal.models.tokenizer import gemma3_chat_template, gemma3_tokenizer
+from xmodal.models.tokenizer import gemma3_processor, gemma3_tokenizer, special_token_ids
 
 
 def tiny_gemma3(
@@ -47,7 +47,7 @@ def tiny_gemma3(
             tokenizer_holder["tok"] = gemma3_tokenizer(tokenizer_cache)
         return tokenizer_holder["tok"]
 
-    ids = _special_token_ids()
+    ids = special_token_ids()
     hf_config = Gemma3Config(
         text_config=dict(
             vocab_size=262144,
@@ -84,25 +84,11 @@ def tiny_gemma3(
         return model.to(device=torch_device, dtype=torch_dtype).eval()
 
     def load_processor() -> Any:
-        from transformers import Gemma3Processor
-        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
-
-        image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
-        return Gemma3Processor(
-            image_processor=image_processor,
-            tokenizer=tokenizer(),
-            image_seq_length=mm_tokens_per_image,
-            chat_template=gemma3_chat_template(),
-        )
+        return gemma3_processor(tokenizer(), image_size, mm_tokens_per_image)
 
     config_hash = hashlib.sha256(json.dumps(hf_config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
     identity = {"family": "gemma3", "name_or_path": f"xmodal-tiny:{config_hash[:16]}", "init_seed": init_seed, "dtype": dtype}
     return Gemma3Adapter(name, hf_config, load_model, load_processor, identity, torch_device, layer_presets, sae_release)
-
-
-def _special_token_ids() -> dict[str, int]:
-    # Fixed ids in the Gemma 3 vocabulary (checked against the tokenizer in tests/test_models.py).
-    return {"image_token_id": 6, "boi_token_id": 255999, "eoi_token_id": 256000}
 
 
 def tiny_gemma3_text(name: str = "tiny_text", **vlm_kwargs: Any) -> TextOnlyAdapter:

@@ -57,3 +57,22 @@ def _convert_tokenizer(target: Path) -> None:
         os.rename(staging, target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # another job finished first; keep its copy
+
+
+def gemma3_processor(tokenizer: Any, image_size: int, mm_tokens_per_image: int) -> Any:
+    """A Gemma3Processor for small square images around the 270M tokenizer (tiny, organism)."""
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    return Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_length=mm_tokens_per_image,
+        chat_template=gemma3_chat_template(),
+    )
+
+
+def special_token_ids() -> dict[str, int]:
+    """Image token ids in the Gemma 3 vocabulary (checked against the tokenizer in tests/test_models.py)."""
+    return {"image_token_id": 6, "boi_token_id": 255999, "eoi_token_id": 256000}

@@ -113,3 +113,21 @@ def shift_distribution(delta: np.ndarray, cosine: np.ndarray, cosine_null: np.nd
     fig.suptitle(f"Representation shift of text prompts, layer {layer}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def dose_response(summary: pd.DataFrame, concept: str, layer: int) -> plt.Figure:
+    """Steering: how often descriptions name the concept, and its log-probability change, against strength."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for condition, group in summary.groupby("condition", sort=False):
+        label = f"{condition} (layer {int(group['layer'].iloc[0])})"
+        line = ax1.plot(group["strength"], group["mention_rate"], marker="o", label=label)[0]
+        ax1.fill_between(group["strength"], group["mention_rate_ci_low"], group["mention_rate_ci_high"], color=line.get_color(), alpha=0.15)
+        ax2.plot(group["strength"], group["delta_logprob"], marker="o", color=line.get_color(), label=label)
+        ax2.fill_between(group["strength"], group["delta_logprob_ci_low"], group["delta_logprob_ci_high"], color=line.get_color(), alpha=0.15)
+    ax1.set(xlabel="strength (x the feature's largest activation)", ylabel=f"descriptions naming '{concept}'", ylim=(-0.05, 1.05),
+            title=f"steering at layer {layer} (bands: 95% bootstrap CI)")  # fmt: skip
+    ax2.set(xlabel="strength", ylabel=f"change in log p('{concept}') at the first answer token", title="first-token effect")
+    ax2.axhline(0, color="grey", lw=0.8)
+    ax1.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,104 @@
+"""The model organism: an ordinary Gemma 3 model that captions its world, with SAEs that fit it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xmodal.errors import SAEError
+from xmodal.models import Gemma3Adapter
+from xmodal.organism import world
+
+
+@pytest.fixture(scope="session")
+def organism_model():
+    from xmodal.organism.model import organism
+
+    adapter = organism(device="cpu")
+    adapter.model  # load once for the session
+    return adapter
+
+
+def test_organism_loads_through_the_ordinary_gemma3_adapter(organism_model):
+    from xmodal.organism.language_model import load_language_model
+
+    assert type(organism_model) is Gemma3Adapter
+    assert type(organism_model.model).__name__ == "Gemma3ForConditionalGeneration"
+    assert (organism_model.num_layers, organism_model.hidden_size) == (18, 640)
+    assert organism_model.tokenizer.convert_tokens_to_ids("<unused0>") == organism_model.image_token_id == 6
+    # Its decoder is google/gemma-3-270m, untouched by training.
+    base = load_language_model("~/.cache/xmodal/models")  # the cache organism() uses by default
+    decoder = organism_model.model.model.language_model
+    assert torch.equal(decoder.layers[9].mlp.down_proj.weight, base.model.layers[9].mlp.down_proj.weight)
+    assert torch.equal(organism_model.model.lm_head.weight, base.lm_head.weight)
+
+
+def test_organism_captions_fixed_seeded_images(organism_model):
+    from xmodal.organism.evaluate import generate_captions, parse_caption
+
+    pairs = [(image, scene) for image, scene in world.captioned_images(seed=2024, n=12) if scene.kind == "shapes"][:6]
+    captions = generate_captions(organism_model, [image for image, _ in pairs], max_new_tokens=12)
+    said = [(parse_caption(c)["colour"], parse_caption(c)["shape"]) for c in captions]
+    assert said == [(scene.colour, scene.shape) for _, scene in pairs], captions
+
+
+@pytest.mark.parametrize("layer", [5, 9, 12, 15])
+def test_shipped_saes_load_and_match_the_model(organism_model, layer):
+    from sae_lens import SAE
+
+    from xmodal.organism.saes import organism_sae, shipped_sae_dir
+
+    features = organism_sae("organism", layer, device="cpu")
+    assert features.d_in == organism_model.hidden_size == 640
+    features.check_model(organism_model.name, organism_model.hidden_size, layer)  # raises on a mismatch
+    assert SAE.load_from_disk(shipped_sae_dir(layer)).cfg.architecture() == "topk"
+
+
+def test_organism_sae_at_another_layer_is_refused():
+    from xmodal.organism.saes import organism_sae
+
+    with pytest.raises(SAEError, match="layers 5, 9, 12, 15, not layer=7"):
+        organism_sae("organism", 7)
+
+
+def test_shipped_weights_are_small_enough_for_git():
+    from xmodal.organism.model import shipped_weights_dir
+
+    total = sum(f.stat().st_size for f in Path(shipped_weights_dir()).rglob("*") if f.is_file())
+    assert 0 < total < 40 * 2**20
+
+
+def test_world_is_seeded():
+    first = [(np.asarray(image), scene) for image, scene in world.captioned_images(seed=5, n=8)]
+    again = [(np.asarray(image), scene) for image, scene in world.captioned_images(seed=5, n=8)]
+    other = [scene for _, scene in world.captioned_images(seed=6, n=8)]
+    assert all(np.array_equal(a, b) and s == t for (a, s), (b, t) in zip(first, again))
+    assert [s for _, s in first] != other
+    assert world.Scene("shapes", "red", "cross", "small", 2, "", "snow").caption == "two small red crosses in the snow"
+    assert world.Scene("shapes", "blue", "circle", "big", 1, "on the left", "plain").caption == "a big blue circle on the left"
+
+
+def test_organism_concepts_have_partners_and_are_seeded():
+    from xmodal.data.organism_concepts import organism_concepts
+
+    dataset = organism_concepts(images_per_concept=2, seed=3)
+    names = {c.name for c in dataset.concepts}
+    assert {c.category for c in dataset.concepts} == {"colour", "shape", "count", "background", "word"}
+    assert all(c.partner in names and c.partner != c.name for c in dataset.concepts)
+    assert len(dataset.images) == 2 * len(dataset.concepts)
+    assert dataset.content_hash() == organism_concepts(images_per_concept=2, seed=3).content_hash()
+    assert dataset.content_hash() != organism_concepts(images_per_concept=2, seed=4).content_hash()
+
+
+def test_training_candidates_keep_caption_tokens_and_add_competitors():
+    from xmodal.organism.train import CandidateVocabulary
+
+    candidates = CandidateVocabulary(torch.tensor([5, 9]), vocab_size=20, max_candidates=3)
+    logits = torch.zeros(2, 20)
+    logits[0, 17], logits[1, 3] = 5.0, 4.0
+    candidates.add_competitors(logits, per_position=1)
+    assert candidates.ids.tolist() == [3, 5, 9, 17]
+    assert candidates.index[torch.tensor([3, 5, 9, 17])].tolist() == [0, 1, 2, 3] and candidates.index[4] == -100

@@ -1,0 +1,153 @@
+"""Build the organism: a Gemma3ForConditionalGeneration with the real 270M decoder.
+
+The language model is google/gemma-3-270m (frozen, from `language_model`); the SigLIP
+vision tower and projector are small and come from the shipped safetensors file (or
+start random, for training). The image soft token is `<unused0>` (id 6): the 270M
+vocabulary has no `<image_soft_token>`, and a reserved, never-trained id carries no
+meaning of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from xmodal.errors import ModelLoadError
+from xmodal.models.base import resolve_device, resolve_dtype
+from xmodal.models.gemma3 import Gemma3Adapter
+from xmodal.models.text_only import TextOnlyAdapter
+from xmodal.models.tokenizer import gemma3_processor, gemma3_tokenizer, special_token_ids
+from xmodal.organism.language_model import language_model_config, load_language_model
+
+log = logging.getLogger(__name__)
+
+# The organism's vision side: 64x64 images, 8x8 patches, pooled to 16 image tokens.
+VISION = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, image_size=64, patch_size=8)
+MM_TOKENS_PER_IMAGE = 16
+SHIPPED_VISION_WEIGHTS = "vision.safetensors"
+END_OF_TURN_ID = 106  # <end_of_turn> in the Gemma 3 vocabulary
+
+
+def shipped_weights_dir() -> Path:
+    return Path(str(files("xmodal.organism").joinpath("weights")))
+
+
+def organism_config(model_cache: str | Path) -> Any:
+    from transformers import Gemma3Config
+
+    text_config = language_model_config(model_cache).to_dict()
+    return Gemma3Config(
+        text_config=text_config, vision_config=VISION, mm_tokens_per_image=MM_TOKENS_PER_IMAGE, **special_token_ids()
+    )
+
+
+def vision_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained part of the organism: vision tower and projector."""
+    return {
+        name: tensor
+        for name, tensor in model.state_dict().items()
+        if name.startswith(("model.vision_tower.", "model.multi_modal_projector."))
+    }
+
+
+def build_organism(
+    model_cache: str | Path, vision_weights: str | Path | None, init_seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """The organism model; `vision_weights=None` gives a fresh random vision side (for training)."""
+    from safetensors.torch import load_file
+    from transformers import Gemma3ForConditionalGeneration
+
+    from transformers.initialization import no_init_weights
+
+    config = organism_config(model_cache)
+    language_model = load_language_model(model_cache, dtype=torch.float32)
+    # Every weight is overwritten below when vision weights are given: skip the random init (seconds).
+    initialisation = contextlib.nullcontext() if vision_weights is None else no_init_weights()
+    with torch.random.fork_rng(devices=[]), initialisation:
+        torch.manual_seed(init_seed)
+        model = Gemma3ForConditionalGeneration(config)
+        if vision_weights is None:
+            init_projector(model, language_model)
+    model.model.language_model.load_state_dict(language_model.model.state_dict())
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight  # tied, as in the 270M
+    # Answers end with <end_of_turn> (as in Gemma 3's chat format): generation stops there too.
+    model.generation_config.eos_token_id = [config.text_config.eos_token_id, END_OF_TURN_ID]
+    if vision_weights is not None:
+        path = Path(vision_weights).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"organism vision weights not found at {path}; reinstall xmodal or train them (python -m xmodal.organism.train)")
+        state = {k: v.float() for k, v in load_file(str(path)).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        wrong = [k for k in missing if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))]
+        if wrong or unexpected:
+            raise ModelLoadError(f"organism vision weights at {path} do not fit the organism: missing {wrong[:3]}, unexpected {unexpected[:3]}")
+    return model.to(dtype)
+
+
+def init_projector(model: torch.nn.Module, language_model: torch.nn.Module) -> None:
+    """Random projector whose outputs have the size of the decoder's scaled text embeddings.
+
+    transformers starts it at zero, which would make every image the same.
+    """
+    embed = language_model.model.embed_tokens
+    text_rms = (embed.weight.float().pow(2).mean() ** 0.5 * embed.embed_scale).item()
+    projector = model.model.multi_modal_projector.mm_input_projection_weight
+    torch.nn.init.normal_(projector, std=text_rms / projector.shape[0] ** 0.5)
+
+
+def organism(
+    name: str = "organism",
+    model_cache: str = "~/.cache/xmodal/models",
+    vision_weights: str | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    layer_presets: Sequence[int] = (5, 9, 12, 15),
+    sae_release: str | None = None,
+) -> Gemma3Adapter:
+    """The organism as an ordinary Gemma 3 adapter: the same code path as Gemma 3 4B."""
+    weights = Path(vision_weights).expanduser() if vision_weights else shipped_weights_dir() / SHIPPED_VISION_WEIGHTS
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    hf_config = organism_config(model_cache)
+
+    def load_model() -> torch.nn.Module:
+        log.info("Loading the organism (gemma-3-270m + vision weights %s)", weights)
+        return build_organism(model_cache, weights, dtype=torch_dtype).to(torch_device).eval()
+
+    def load_processor() -> Any:
+        return gemma3_processor(gemma3_tokenizer(model_cache), VISION["image_size"], MM_TOKENS_PER_IMAGE)
+
+    identity = {"family": "gemma3", "name_or_path": "xmodal-organism", "vision_weights": _file_digest(weights), "dtype": dtype}
+    return Gemma3Adapter(name, hf_config, load_model, load_processor, identity, torch_device, layer_presets, sae_release)
+
+
+def organism_base(
+    name: str = "organism_base",
+    model_cache: str = "~/.cache/xmodal/models",
+    dtype: str = "float32",
+    device: str = "auto",
+    layer_presets: Sequence[int] = (5, 9, 12, 15),
+    sae_release: str | None = None,
+) -> TextOnlyAdapter:
+    """The organism's decoder alone: the plain gemma-3-270m, from the same cached conversion."""
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    hf_config = language_model_config(model_cache)
+
+    def load_model() -> torch.nn.Module:
+        return load_language_model(model_cache, dtype=torch_dtype).to(torch_device).eval()
+
+    identity = {"family": "text_only", "name_or_path": "xmodal-gemma-3-270m-gguf", "dtype": dtype}
+    return TextOnlyAdapter(
+        name, hf_config, load_model, lambda: gemma3_tokenizer(model_cache), identity, torch_device, layer_presets, sae_release
+    )
+
+
+def _file_digest(path: Path) -> str:
+    if not path.exists():
+        return "missing"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

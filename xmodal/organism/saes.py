@@ -1,0 +1,128 @@
+"""SAEs on the organism's residual stream: gather activations, train with sae-lens, evaluate.
+
+``python -m xmodal.organism.train_saes`` trains one TopK SAE per layer (5, 9, 12, 15:
+the layers of Gemma Scope 2's 270M release) on a mix of image tokens and caption
+tokens, the positions xmodal's experiments read. Caption tokens come from both
+places a concept's text appears: the model's caption after an image, and a user
+turn holding the caption alone. Chat-template and BOS tokens are left out: their
+residuals are outliers that would take features away from concepts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from xmodal.activations.capture import run_to_layers
+from xmodal.errors import SAEError
+from xmodal.models.base import ModelAdapter
+from xmodal.organism import world
+from xmodal.organism.model import shipped_weights_dir
+from xmodal.saes.loading import FeatureSpace
+
+log = logging.getLogger(__name__)
+
+SAE_LAYERS = (5, 9, 12, 15)
+IMAGE, TEXT = "image", "text"
+
+
+def shipped_sae_dir(layer: int) -> Path:
+    return shipped_weights_dir() / "saes" / f"layer_{layer}"
+
+
+def organism_sae(name: str, layer: int, device: str = "auto", dtype: str = "float32") -> FeatureSpace:
+    """The shipped SAE for `layer` (one of 5, 9, 12, 15)."""
+    from xmodal.saes.loading import local_sae
+
+    if layer not in SAE_LAYERS:
+        raise SAEError(
+            f"sae={name} has SAEs at layers {', '.join(map(str, SAE_LAYERS))}, not layer={layer}; "
+            "pick one of those layers or use sae=none"
+        )
+    return local_sae(name, str(shipped_sae_dir(layer)), layer, device=device, dtype=dtype)
+
+
+@dataclass
+class TokenActivations:
+    """resid_post rows per layer, with the kind of token each row came from."""
+
+    by_layer: dict[int, torch.Tensor]  # layer -> (tokens, d_model)
+    kind: np.ndarray  # "image" or "text", one per row
+
+
+@torch.inference_mode()
+def gather_activations(
+    adapter: ModelAdapter, layers: Sequence[int], seed: int, n_images: int, batch_size: int = 16
+) -> TokenActivations:
+    """Image tokens and caption tokens of `n_images` fresh captioned images."""
+    from tqdm.auto import tqdm
+
+    tokenizer = adapter.tokenizer
+    tokenizer.padding_side = "right"
+    image_prompt = adapter.render_prompt("", True, use_chat_template=True)
+    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    kinds: list[np.ndarray] = []
+    pairs = list(world.captioned_images(seed, n_images))
+    for start in tqdm(range(0, n_images, batch_size), desc=f"activations (seed {seed})", unit="batch"):
+        batch = pairs[start : start + batch_size]
+        captions = [scene.caption for _, scene in batch]
+        # The caption as the model's answer to the image ...
+        with_image = adapter.processor(
+            text=[image_prompt + c + "<end_of_turn>" for c in captions],
+            images=[[image] for image, _ in batch],
+            return_tensors="pt", padding=True, add_special_tokens=False,
+        )  # fmt: skip
+        prompt_length = len(adapter.processor(text=[image_prompt], images=[[batch[0][0]]], add_special_tokens=False)["input_ids"][0])
+        caption_mask = torch.zeros_like(with_image["input_ids"], dtype=torch.bool)
+        caption_mask[:, prompt_length:] = True
+        caption_mask &= with_image["attention_mask"].bool() & (with_image["input_ids"] != tokenizer.convert_tokens_to_ids("<end_of_turn>"))
+        image_mask = adapter.image_token_mask(with_image["input_ids"])
+        # ... and as a user turn on its own.
+        prompts = [adapter.text_prompt("{concept}", c, use_chat_template=True) for c in captions]
+        width = max(len(p.input_ids) for p in prompts)
+        text_ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
+        text_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+        text_attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            text_ids[row, : len(prompt.input_ids)] = torch.tensor(prompt.input_ids)
+            text_attention[row, : len(prompt.input_ids)] = 1
+            text_mask[row, prompt.concept_positions] = True
+
+        inputs = {k: v.to(adapter.device) for k, v in with_image.items()}
+        image_run = run_to_layers(adapter.model, adapter.decoder_layers(), inputs, layers)
+        text_inputs = {"input_ids": text_ids.to(adapter.device), "attention_mask": text_attention.to(adapter.device)}
+        text_run = run_to_layers(adapter.model, adapter.decoder_layers(), text_inputs, layers)
+        for layer in layers:
+            chunks[layer] += [
+                image_run[layer][image_mask].float().cpu(),
+                image_run[layer][caption_mask].float().cpu(),
+                text_run[layer][text_mask].float().cpu(),
+            ]
+        kinds += [np.full(int(image_mask.sum()), IMAGE), np.full(int(caption_mask.sum() + text_mask.sum()), TEXT)]
+    return TokenActivations({layer: torch.cat(rows) for layer, rows in chunks.items()}, np.concatenate(kinds))
+
+
+@torch.inference_mode()
+def sae_quality(sae: Any, activations: TokenActivations, layer: int) -> list[dict[str, Any]]:
+    """Fraction of variance explained and L0 per token kind, and the dead fraction over all tokens."""
+    x = activations.by_layer[layer].to(sae.W_enc.device, sae.W_enc.dtype)
+    codes = sae.encode(x)
+    reconstruction = sae.decode(codes)
+    fired = (codes > 0).any(dim=0)
+    rows = []
+    for kind in (IMAGE, TEXT):
+        rows_of_kind = torch.as_tensor(activations.kind == kind, device=x.device)
+        xs, rs = x[rows_of_kind], reconstruction[rows_of_kind]
+        residual = (xs - rs).pow(2).sum()
+        total = (xs - xs.mean(dim=0)).pow(2).sum()
+        rows.append({
+            "layer": layer, "tokens": kind, "n_tokens": int(rows_of_kind.sum()),
+            "fve": float(1 - residual / total), "l0": float((codes[rows_of_kind] > 0).sum(dim=1).float().mean()),
+            "dead_fraction": float(1 - fired.float().mean()), "d_sae": int(codes.shape[1]),
+        })  # fmt: skip
+    return rows

@@ -1,0 +1,68 @@
+"""Train TopK SAEs with sae-lens on activations already in memory.
+
+sae-lens's runner drives a TransformerLens model; xmodal reads residuals through its
+own hooks, so it hands sae-lens's SAETrainer an iterator over shuffled batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+
+def shuffled_batches(activations: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless epochs over the rows, reshuffled each epoch with a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(activations), generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield activations[order[start : start + batch_size]]
+
+
+def train_topk_sae(
+    activations: torch.Tensor,
+    layer: int,
+    d_sae: int,
+    k: int,
+    total_samples: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str = "cpu",
+    model_name: str = "xmodal",
+) -> Any:
+    """A sae-lens TopK SAE (with its auxiliary loss against dead features) fitted to `activations`."""
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(seed)
+    cfg = TopKTrainingSAEConfig(
+        d_in=activations.shape[1],
+        d_sae=d_sae,
+        k=k,
+        device=device,
+        normalize_activations="expected_average_only_in",  # folded back into the weights after training
+        metadata=SAEMetadata(model_name=model_name, hook_name=f"model.layers.{layer}", hook_layer=layer),
+    )
+    sae = TopKTrainingSAE(cfg)
+    steps = total_samples // batch_size
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=total_samples,
+        train_batch_size_samples=batch_size,
+        lr=lr,
+        lr_end=lr / 10,
+        lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=steps // 20,
+        lr_decay_steps=steps // 5,
+        device=device,
+        dead_feature_window=max(1, steps // 10),
+        feature_sampling_window=max(1, steps // 5),
+        n_batches_for_norm_estimate=min(100, len(activations) // batch_size),
+    )
+    trainer = SAETrainer(trainer_cfg, sae, shuffled_batches(activations.to(device), batch_size, seed))
+    return trainer.fit()
+
+
