@@ -160,8 +160,28 @@ def test_mds_study_sweeps_over_layers(workdir):
         assert groups["n_features"].sum() == result["metrics"]["n_active_features"]
         assert {"n_ImgD_null_mean", "n_TextD_p", "mds_std_null_mean"} <= set(result["metrics"])
         assert (path.parent / "figures" / "mds_histogram.png").exists()
+        scores = pd.read_parquet(path.parent / "tables" / "interpretability.parquet")
+        assert set(scores["embedder"]) == {"all-MiniLM-L6-v2", "tiny vision tower (mean-pooled)"}
+        assert {"I_mean", "I_null_mean", "W_mean", "W_null_mean"} <= set(scores.columns)
+        masks = pd.read_parquet(path.parent / "tables" / "zero_mask.parquet")
+        assert set(masks["removed"]) == {"none", "ImgD", "TextD", "CrossD"} and masks["accuracy"].between(0, 1).all()
+        assert masks.loc[masks["removed"] != "none", "random_mean"].notna().all()
     assert (sweep / "figures" / "mds__n_ImgD.png").exists()
     assert len(pd.read_parquet(sweep / "summary.parquet")) == 2
+
+
+def test_mds_on_a_multimodal_sae_trained_in_the_run(workdir):
+    run_dir = workdir / "outputs" / "msae"
+    proc = run_cli("experiment=mds", "experiment.msae=true", "experiment.msae_d_sae=64", "experiment.msae_k=8",
+                   "experiment.msae_epochs=5", "experiment.interpretability=false", "experiment.zero_mask=false",
+                   "experiment.n_null=20", cache_override(workdir), f"hydra.run.dir={run_dir}", cwd=workdir)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from sae_lens import SAE
+
+    msae = SAE.load_from_disk(run_dir / "msae")
+    assert (msae.cfg.d_sae, msae.cfg.k) == (64, 8)
+    features = pd.read_parquet(run_dir / "tables" / "features.parquet")
+    assert features["feature"].max() < 64
 
 
 def test_probe_study_writes_every_probe_next_to_its_null(workdir):

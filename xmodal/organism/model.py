@@ -151,3 +151,21 @@ def _file_digest(path: Path) -> str:
     if not path.exists():
         return "missing"
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def encode_captioned(adapter: Gemma3Adapter, pairs: Sequence[tuple[Any, Any]]) -> tuple[dict[str, torch.Tensor], int]:
+    """(image, scene) pairs in the organism's training format, right-padded, and where captions start.
+
+    User turn: the image; model turn: the caption and <end_of_turn>. Every row has the
+    same prompt, so the caption starts at the same index in all of them.
+    """
+    processor = adapter.processor
+    processor.tokenizer.padding_side = "right"  # positions then match unpadded inference
+    prompt = adapter.render_prompt("", True, use_chat_template=True)
+    encoded = processor(
+        text=[prompt + scene.caption + "<end_of_turn>" for _, scene in pairs],
+        images=[[image] for image, _ in pairs],
+        return_tensors="pt", padding=True, add_special_tokens=False,
+    )  # fmt: skip
+    caption_start = len(processor(text=[prompt], images=[[pairs[0][0]]], add_special_tokens=False)["input_ids"][0])
+    return encoded, caption_start

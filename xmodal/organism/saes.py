@@ -22,7 +22,7 @@ from xmodal.activations.capture import run_to_layers
 from xmodal.errors import SAEError
 from xmodal.models.base import ModelAdapter
 from xmodal.organism import world
-from xmodal.organism.model import shipped_weights_dir
+from xmodal.organism.model import encode_captioned, shipped_weights_dir
 from xmodal.saes.loading import FeatureSpace
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,7 @@ def gather_activations(
     from tqdm.auto import tqdm
 
     tokenizer = adapter.tokenizer
-    tokenizer.padding_side = "right"
-    image_prompt = adapter.render_prompt("", True, use_chat_template=True)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     kinds: list[np.ndarray] = []
     pairs = list(world.captioned_images(seed, n_images))
@@ -72,15 +71,10 @@ def gather_activations(
         batch = pairs[start : start + batch_size]
         captions = [scene.caption for _, scene in batch]
         # The caption as the model's answer to the image ...
-        with_image = adapter.processor(
-            text=[image_prompt + c + "<end_of_turn>" for c in captions],
-            images=[[image] for image, _ in batch],
-            return_tensors="pt", padding=True, add_special_tokens=False,
-        )  # fmt: skip
-        prompt_length = len(adapter.processor(text=[image_prompt], images=[[batch[0][0]]], add_special_tokens=False)["input_ids"][0])
+        with_image, caption_start = encode_captioned(adapter, batch)
         caption_mask = torch.zeros_like(with_image["input_ids"], dtype=torch.bool)
-        caption_mask[:, prompt_length:] = True
-        caption_mask &= with_image["attention_mask"].bool() & (with_image["input_ids"] != tokenizer.convert_tokens_to_ids("<end_of_turn>"))
+        caption_mask[:, caption_start:] = True
+        caption_mask &= with_image["attention_mask"].bool() & (with_image["input_ids"] != end_of_turn)
         image_mask = adapter.image_token_mask(with_image["input_ids"])
         # ... and as a user turn on its own.
         prompts = [adapter.text_prompt("{concept}", c, use_chat_template=True) for c in captions]

@@ -18,12 +18,13 @@ training has two stages, as LLaVA's pipeline does in spirit:
    its 4x4-pooled output (the grid the projector sees) classifying each scene's
    attributes (colour, shape, count, size, position, background, word), from the
    world's ground truth; cheap, since the decoder is not involved;
-2. caption training (`steps`): the LLaVA objective above, tower and projector trained,
-   with the attribute loss kept on at `attribute_weight` so the tower does not forget.
+2. caption training (`steps`): the LLaVA objective above, projector trained at `lr`
+   and the tower fine-tuned at `tower_lr_scale` x `lr` (LLaVA freezes it), with the
+   attribute loss kept on at `attribute_weight` so the tower does not forget.
 The heads are thrown away; only the vision tower and projector ship.
 
 Writes to ``out_dir``: ``vision.safetensors`` (fp16, last, atomically),
-``train_log.csv`` (the loss curve) and ``loss_curve.png``.
+``pretrain_log.csv`` and ``train_log.csv`` (the curves) and ``training_curves.png``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from xmodal.organism import world
-from xmodal.organism.model import build_organism, organism, vision_state_dict
+from xmodal.organism.model import build_organism, encode_captioned, organism, vision_state_dict
 
 log = logging.getLogger("xmodal.organism.train")
 CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
@@ -64,6 +65,7 @@ class TrainConfig:
     pretrain_batch_size: int = 64
     pretrain_lr: float = 1e-3
     attribute_weight: float = 1.0  # stage 2: attribute loss beside the caption loss (0: captions only)
+    tower_lr_scale: float = 1.0  # stage 2: the tower's learning rate as a fraction of lr
     log_every: int = 10
     refresh_every: int = 10  # steps between full-vocabulary passes that find competitor tokens
     competitors_per_position: int = 32
@@ -95,21 +97,15 @@ class CaptionBatches:
     """Tokenised (image, caption) batches; `targets` is -100 outside the caption and end of turn."""
 
     def __init__(self, adapter: Any, word_fraction: float) -> None:
-        self.processor = adapter.processor
-        self.processor.tokenizer.padding_side = "right"  # positions then match unpadded inference
-        self.prompt = adapter.render_prompt("", True, use_chat_template=True)
+        self.adapter = adapter
         self.word_fraction = word_fraction
 
     def __call__(self, seed: int, batch_size: int) -> dict[str, torch.Tensor]:
         pairs = list(world.captioned_images(seed, batch_size, self.word_fraction))
-        texts = [self.prompt + scene.caption + "<end_of_turn>" for _, scene in pairs]
-        enc = self.processor(
-            text=texts, images=[[image] for image, _ in pairs], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        prompt_length = len(self.processor(text=[self.prompt], images=[[pairs[0][0]]], add_special_tokens=False)["input_ids"][0])
+        enc, caption_start = encode_captioned(self.adapter, pairs)
         targets = enc["input_ids"].roll(-1, dims=1)
         loss_mask = torch.zeros_like(targets, dtype=torch.bool)
-        loss_mask[:, prompt_length - 1 :] = True  # predict caption tokens and <end_of_turn>
+        loss_mask[:, caption_start - 1 :] = True  # predict caption tokens and <end_of_turn>
         loss_mask &= enc["attention_mask"].roll(-1, dims=1).bool()
         loss_mask[:, -1] = False
         return {**enc, "targets": torch.where(loss_mask, targets, torch.full_like(targets, -100)), **attribute_targets([s for _, s in pairs])}
@@ -266,7 +262,13 @@ def train(cfg: TrainConfig) -> Path:
     unembedding = model.lm_head.weight  # tied to the input embedding, frozen
     candidates = CandidateVocabulary(caption_vocabulary(adapter.tokenizer).to(device), unembedding.shape[0], cfg.max_candidates)
     batches = CaptionBatches(adapter, cfg.word_fraction)
-    optimizer = torch.optim.AdamW([*trained, *heads.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The pretrained tower moves slowly (LLaVA freezes it): caption gradients from a fresh projector would wreck it.
+    tower = [p for name, p in model.named_parameters() if name.startswith("model.vision_tower.")]
+    projector = [p for name, p in model.named_parameters() if name.startswith("model.multi_modal_projector.")]
+    optimizer = torch.optim.AdamW(
+        [{"params": projector + list(heads.parameters())}, {"params": tower, "lr": cfg.lr * cfg.tower_lr_scale}],
+        lr=cfg.lr, weight_decay=cfg.weight_decay,
+    )  # fmt: skip
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.steps))
     log.info("Training %d parameters; %d caption tokens", sum(p.numel() for p in trained), len(candidates.caption_tokens))
 
@@ -327,7 +329,7 @@ def train(cfg: TrainConfig) -> Path:
             torch.save(state, out_dir / "checkpoint.pt.tmp")
             (out_dir / "checkpoint.pt.tmp").replace(checkpoint)
     _save_vision(model, out_dir / "vision.safetensors")
-    _plot_loss(out_dir)
+    plot_training(out_dir)
     return out_dir / "vision.safetensors"
 
 
@@ -353,21 +355,33 @@ def _save_vision(model: torch.nn.Module, path: Path) -> None:
     log.info("Wrote %s", path)
 
 
-def _plot_loss(out_dir: Path) -> None:
+def plot_training(out_dir: str | Path) -> Path:
+    """training_curves.png: stage 1 attribute accuracies, stage 2 caption losses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out_dir = Path(out_dir)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    if (out_dir / "pretrain_log.csv").exists():
+        pretrain = pd.read_csv(out_dir / "pretrain_log.csv")
+        for column in [c for c in pretrain.columns if c.startswith("accuracy_")]:
+            ax1.plot(pretrain["step"], pretrain[column], label=column.removeprefix("accuracy_"))
+        ax1.set(xlabel="step", ylabel="training-batch accuracy", ylim=(0, 1.02), title="stage 1: vision pretraining")
+        ax1.legend(fontsize=7, ncol=2, loc="lower right")
     curve = pd.read_csv(out_dir / "train_log.csv")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(curve["step"], curve["loss"], label="training loss (candidate vocabulary)")
-    ax.plot(curve["step"], curve["full_vocab_loss"], ".", ms=3, label="full vocabulary (every refresh)")
-    ax.set(xlabel="step", ylabel="caption loss (nats/token)", yscale="log", title="organism training")
-    ax.legend()
+    ax2.plot(curve["step"], curve["loss"], label="caption loss (candidate vocabulary)")
+    ax2.plot(curve["step"], curve["full_vocab_loss"], ".", ms=3, label="caption loss, full vocabulary (each refresh)")
+    if "attribute_loss" in curve:
+        ax2.plot(curve["step"], curve["attribute_loss"], label="attribute loss")
+    ax2.set(xlabel="step", ylabel="nats per token", yscale="log", title="stage 2: caption training (LLaVA objective)")
+    ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "loss_curve.png", dpi=120)
+    path = out_dir / "training_curves.png"
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
 
 # The schema: a typo or a wrong type in conf/organism_train.yaml or on the command line fails at once.

@@ -13,15 +13,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
+import numpy as np
 from hydra.core.config_store import ConfigStore
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from xmodal.organism.model import organism
-from xmodal.organism.saes import SAE_LAYERS, gather_activations, sae_quality
+from xmodal.organism.saes import SAE_LAYERS, TokenActivations, gather_activations, sae_quality
 from xmodal.saes.training import train_topk_sae
 
 log = logging.getLogger("xmodal.organism.train_saes")
@@ -32,12 +34,12 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 class SAETrainConfig:
     seed: int = 0
     layers: list[int] = field(default_factory=lambda: list(SAE_LAYERS))
-    n_images: int = 3000
+    n_images: int = 2000
     eval_seed: int = 424242  # held-out images: never drawn in training
     n_eval_images: int = 400
-    d_sae: int = 1024
+    d_sae: int = 256
     k: int = 32
-    epochs: float = 10.0
+    epochs: float = 20.0
     batch_size: int = 1024
     lr: float = 4e-4
     vision_weights: str | None = None  # None: the shipped organism
@@ -52,8 +54,8 @@ def train_saes(cfg: SAETrainConfig) -> pd.DataFrame:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter = organism(model_cache=cfg.model_cache, vision_weights=cfg.vision_weights, device=cfg.device)
-    train_acts = gather_activations(adapter, cfg.layers, cfg.seed, cfg.n_images)
-    held_out = gather_activations(adapter, cfg.layers, cfg.eval_seed, cfg.n_eval_images)
+    train_acts = _cached(out_dir, adapter, cfg.layers, cfg.seed, cfg.n_images)
+    held_out = _cached(out_dir, adapter, cfg.layers, cfg.eval_seed, cfg.n_eval_images)
     rows = []
     for layer in cfg.layers:
         activations = train_acts.by_layer[layer]
@@ -73,6 +75,18 @@ def train_saes(cfg: SAETrainConfig) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table.to_csv(out_dir / "sae_quality.csv", index=False)
     return table
+
+
+def _cached(out_dir: Path, adapter: Any, layers: list[int], seed: int, n_images: int) -> TokenActivations:
+    """Gathered activations, kept in out_dir so a rerun with other SAE settings skips the model."""
+    path = out_dir / f"activations_{adapter.identity['vision_weights']}_seed{seed}_n{n_images}_l{'-'.join(map(str, layers))}.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        return TokenActivations({int(k): v for k, v in saved["by_layer"].items()}, np.array(saved["kind"]))
+    acts = gather_activations(adapter, layers, seed, n_images)
+    torch.save({"by_layer": {str(k): v for k, v in acts.by_layer.items()}, "kind": acts.kind.tolist()}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return acts
 
 
 # The schema: a typo or a wrong type in conf/organism_saes.yaml or on the command line fails at once.
