@@ -36,6 +36,9 @@ def positions():
     return PositionsConfig(batch_size=4)
 
 
+TINY_CONFIG = "--config-name=config_tiny"  # the tiny random model: fast mechanics, see run_cli
+
+
 def run_cli(*overrides: str, cwd: Path, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m xmodal.run` as a user would, in `cwd` (its outputs/ lands there).
 
@@ -44,6 +47,6 @@ def run_cli(*overrides: str, cwd: Path, env_extra: dict | None = None, timeout: 
     """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "xmodal.run", "--config-name=config_tiny", *overrides],
+        [sys.executable, "-m", "xmodal.run", TINY_CONFIG, *overrides],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )

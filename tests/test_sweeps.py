@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, TINY_CONFIG, run_cli
 from tests.wandb_records import summarise
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def workdir(tmp_path_factory):
 
 
 def cli_args(*overrides: str, workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "xmodal.run", *overrides, f"paths.activation_cache={workdir / 'cache'}"]
+    return [sys.executable, "-m", "xmodal.run", TINY_CONFIG, *overrides, f"paths.activation_cache={workdir / 'cache'}"]
 
 
 def finished(sweep: Path) -> list[Path]:
@@ -163,7 +163,7 @@ def test_submitit_interrupted_job_is_requeued_and_resumes_from_the_cache(workdir
     cache, out = workdir / "requeue_cache", workdir / "requeued"
     executor = submitit.AutoExecutor(folder=workdir / "submitit", cluster="local")
     executor.update_parameters(timeout_min=10)
-    job = executor.submit(XmodalSubmititJob(["experiment=overlap", "layer=2", "experiment.n_permutations=3000", f"paths.activation_cache={cache}", f"hydra.run.dir={out}"]))
+    job = executor.submit(XmodalSubmititJob([TINY_CONFIG, "experiment=overlap", "layer=2", "experiment.n_permutations=3000", f"paths.activation_cache={cache}", f"hydra.run.dir={out}"]))
     deadline = time.time() + 300
     while not list(cache.rglob("*.safetensors")) and time.time() < deadline and not job.done():
         time.sleep(0.05)
