@@ -104,6 +104,7 @@ def test_steering_experiment_writes_dose_response_and_controls(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["experiment.concept=red_circle", "experiment.feature=5000"], "experiment.feature=5000 is outside the SAE, which has features 0..127"),
     (["experiment.concept=unicorn"], "experiment.concept='unicorn' is not in dataset"),
+    (["experiment.concept=red_circle", "+experiment.concept_words.red_circle=[' ']"], "concept words [' '] of 'red_circle' give no tokens"),
 ])  # fmt: skip
 def test_steering_bad_input_is_one_clear_error(tmp_path, overrides, message):
     save_jumprelu_sae(tmp_path / "sae", d_in=64, layer=3)

@@ -71,6 +71,9 @@ class TinyModelConfig(ModelConfig):
     head_dim: int = 32
     vision_hidden_size: int = 32
     vision_layers: int = 2
+    vision_intermediate_size: Optional[int] = None  # None: 2 x vision_hidden_size
+    vision_attention_heads: int = 2
+    sliding_window: int = 64
     image_size: int = 64
     patch_size: int = 8
     mm_tokens_per_image: int = 16
@@ -222,6 +225,7 @@ class ProbeConfig(ExperimentConfig):
     max_active_fraction: Optional[float] = None  # drop features active in more of the samples than this
     train_per_class: Optional[int] = None  # low-data splits: this many training examples per class
     attributes: list[str] = field(default_factory=lambda: ["modality", "brightness", "redness"])
+    n_jobs: int = -1  # processes for the permutation refits (-1: every core); the numbers do not depend on it
 
 
 @dataclass
@@ -248,6 +252,37 @@ class SteeringConfig(ExperimentConfig):
     do_sample: bool = False  # greedy by default; sampling is seeded from `seed`
     temperature: float = 1.0
     n_bootstrap: int = 1000
+
+
+@dataclass
+class DASConfig(ExperimentConfig):
+    """DASynthesis (seed 004). Where the seed's text lost a number, the default is xmodal's choice (see its README)."""
+
+    concepts: list[str] = field(default_factory=lambda: ["red", "blue"])  # dataset concept names/texts, or bare words
+    concepts_per_pass: int = 8  # concepts optimised together in one forward pass
+    steps: int = 600
+    batch_size: int = 8  # augmented copies per concept per step
+    momentum: float = 0.9
+    max_grad_norm: float = 1.0
+    lr: Optional[float] = None  # None: layer_lr's preset
+    temperature: Optional[float] = None  # None: layer_temperature's preset
+    # Appendix E (Gemma 3 4B, 34 layers); other models use the entry at the nearest relative depth.
+    layer_lr: dict[int, float] = field(default_factory=dict)
+    layer_temperature: dict[int, float] = field(default_factory=dict)
+    preset_num_layers: int = 34
+    sigma_start: float = 0.2  # centre prior width (image sides), growing linearly ...
+    sigma_end: float = 1.0  # ... to this at the last step
+    resolutions: Optional[list[int]] = None  # component sides; None: 1, 2, 3, 4, 6, 8, 12 ... up to the image side
+    shift: Optional[int] = None  # largest random shift in pixels; None: image side / 16
+    noise_std: float = 0.1
+    aggregation: str = "weighted"  # weighted | mean (Appendix G)
+    upsample: str = "bicubic"
+    prompt: str = ""  # text after the image in the user turn
+    judge: str = "organism"  # organism (programmatic) | vlm (judge_model) | none
+    judge_model: Optional[str] = None  # a conf/model name, for judge=vlm
+    judge_samples: int = 10
+    alignment_concepts: list[str] = field(default_factory=list)  # two dataset concepts for the apples/oranges check
+    n_permutations: int = 1000
 
 
 # --------------------------------------------------------------- logger ----
@@ -332,6 +367,7 @@ def register_configs() -> None:
         ("experiment", "base_probe", ProbeConfig),
         ("experiment", "base_shift", ShiftConfig),
         ("experiment", "base_steering", SteeringConfig),
+        ("experiment", "base_das", DASConfig),
         ("logger", "base_none", LoggerConfig),
         ("logger", "base_wandb", WandbLoggerConfig),
     ]:

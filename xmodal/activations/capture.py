@@ -16,24 +16,27 @@ import torch
 from torch import nn
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised inside a hook once every requested layer has been read."""
 
 
 @contextmanager
 def resid_post_hooks(
-    decoder_layers: nn.ModuleList, layers: Sequence[int], stop_after_deepest: bool = True
+    decoder_layers: nn.ModuleList, layers: Sequence[int], stop_after_deepest: bool = True, detach: bool = True
 ) -> Iterator[dict[int, torch.Tensor]]:
-    """Within the block, forward passes fill the yielded dict: layer -> (batch, seq, d_model)."""
+    """Within the block, forward passes fill the yielded dict: layer -> (batch, seq, d_model).
+
+    `detach=False` keeps the graph, for optimising inputs through the layers (image synthesis).
+    """
     captured: dict[int, torch.Tensor] = {}
     deepest = max(layers)
 
     def make_hook(layer: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            captured[layer] = hidden.detach()
+            captured[layer] = hidden.detach() if detach else hidden
             if stop_after_deepest and layer == deepest:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -45,15 +48,17 @@ def resid_post_hooks(
             handle.remove()
 
 
-@torch.inference_mode()
 def run_to_layers(
-    model: nn.Module, decoder_layers: nn.ModuleList, inputs: dict[str, Any], layers: Sequence[int]
+    model: nn.Module, decoder_layers: nn.ModuleList, inputs: dict[str, Any], layers: Sequence[int], grad: bool = False
 ) -> dict[int, torch.Tensor]:
-    """One forward pass that returns resid_post for each requested layer and computes nothing past them."""
-    with resid_post_hooks(decoder_layers, layers) as captured:
+    """One forward pass that returns resid_post for each requested layer and computes nothing past them.
+
+    `grad=True` keeps the autograd graph back to the inputs (e.g. pixel values being optimised).
+    """
+    with torch.enable_grad() if grad else torch.inference_mode(), resid_post_hooks(decoder_layers, layers, detach=not grad) as captured:
         try:
             model(**inputs, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
     missing = set(layers) - set(captured)
     if missing:

@@ -54,6 +54,7 @@ class ConceptDataset:
     name: str
     concepts: list[Concept]
     images: list[ConceptImage] = field(default_factory=list)
+    text_only: bool = False  # e.g. DAS's word lists: no concept needs an image
 
     def __post_init__(self) -> None:
         names = [c.name for c in self.concepts]
@@ -73,7 +74,7 @@ class ConceptDataset:
             if img.concept not in known:
                 raise DatasetError(f"image {img.source!r} belongs to unknown concept {img.concept!r}")
         without = [c.name for c in self.concepts if not any(i.concept == c.name for i in self.images)]
-        if without:
+        if without and not self.text_only:
             raise DatasetError(
                 f"dataset {self.name!r}: concepts without any image: {without[:10]}; add images or drop them"
             )

@@ -85,6 +85,10 @@ class RunContext:
         path = self.writer.figure(name, fig)
         self.logger.log_figure(name, path)
 
+    def image(self, name: str, image: Any) -> None:
+        path = self.writer.image(name, image)
+        self.logger.log_figure(f"images/{name}", path)
+
 
 class Experiment(ABC):
     """A study: subclasses implement run() and describe their method in its docstring."""

@@ -54,6 +54,7 @@ class LinearProbeTransfer(Experiment):
         max_active_fraction: float | None = None,
         train_per_class: int | None = None,
         attributes: Sequence[str] = ("modality", "brightness", "redness"),
+        n_jobs: int = -1,
     ) -> None:
         bad = [t for t in text_templates if "{concept}" not in t]
         if bad or not text_templates:
@@ -68,6 +69,7 @@ class LinearProbeTransfer(Experiment):
         self.max_active_fraction = max_active_fraction
         self.train_per_class = train_per_class
         self.attributes = list(attributes)
+        self.n_jobs = n_jobs
 
     def run(self, ctx: RunContext) -> dict[str, float]:
         text_x, text_y = [], []
@@ -88,18 +90,18 @@ class LinearProbeTransfer(Experiment):
         scores: dict[str, ProbeScore] = {}
         seed, perms, budget = ctx.seed, self.n_permutations, self.budget
         with ctx.timed("metrics"):
-            scores["text_to_text"] = within_modality(text_x, text_y, seed, perms, budget, self.train_per_class, what="text probe")
-            scores["image_to_image"] = within_modality(image_x, image_y, seed, perms, budget, self.train_per_class, what="image probe")
+            scores["text_to_text"] = within_modality(text_x, text_y, seed, perms, budget, self.train_per_class, what="text probe", n_jobs=self.n_jobs)
+            scores["image_to_image"] = within_modality(image_x, image_y, seed, perms, budget, self.train_per_class, what="image probe", n_jobs=self.n_jobs)
             scores["text_to_image"] = transfer(text_x, text_y, image_x, image_y, seed, perms, budget, what="text-to-image probe")
             scores["image_to_text"] = transfer(image_x, image_y, text_x, text_y, seed, perms, budget, what="image-to-text probe")
             if "modality" in self.attributes:
                 x = np.vstack([text_x, image_x])
                 y = np.array(["text"] * len(text_x) + ["image"] * len(image_x))
-                scores["modality"] = within_modality(x, y, seed, perms, budget, what="modality probe")
+                scores["modality"] = within_modality(x, y, seed, perms, budget, what="modality probe", n_jobs=self.n_jobs)
             for attribute in (a for a in self.attributes if a in ATTRIBUTES):
                 variants, labels, groups = attribute_variants(ctx.dataset, attribute)
                 x = prepare_features(ctx.codes(dataset=variants, modalities=("image",)).image, self.binarise, keep)
-                scores[attribute] = within_modality(x, labels, seed, perms, budget, groups=groups, what=f"{attribute} probe")
+                scores[attribute] = within_modality(x, labels, seed, perms, budget, groups=groups, what=f"{attribute} probe", n_jobs=self.n_jobs)
 
         table = pd.DataFrame([{"probe": name, **score.as_row()} for name, score in scores.items()])
         ctx.table("probes", table)

@@ -68,9 +68,12 @@ def _budget(budget: int | None, n_features: int) -> int | None:
 
 def within_modality(
     x: np.ndarray, y: np.ndarray, seed: int, n_permutations: int, budget: int | None = None,
-    train_per_class: int | None = None, groups: np.ndarray | None = None, what: str = "probe",
+    train_per_class: int | None = None, groups: np.ndarray | None = None, what: str = "probe", n_jobs: int | None = None,
 ) -> ProbeScore:
-    """Cross-validated probe inside one modality; null from scikit-learn's permutation_test_score."""
+    """Cross-validated probe inside one modality; null from scikit-learn's permutation_test_score.
+
+    `n_jobs` spreads the permutation refits over processes (-1: every core); results do not depend on it.
+    """
     check_labels(y, what)
     classes, counts = np.unique(y, return_counts=True)
     if train_per_class is not None:
@@ -89,7 +92,7 @@ def within_modality(
         cv = StratifiedKFold(n_splits=int(min(5, counts.min())), shuffle=True, random_state=seed)
     probe = make_probe(seed, _budget(budget, x.shape[1]))
     score, null, p_value = permutation_test_score(
-        probe, x, y, groups=groups, cv=cv, n_permutations=n_permutations, random_state=seed, scoring="accuracy"
+        probe, x, y, groups=groups, cv=cv, n_permutations=n_permutations, random_state=seed, scoring="accuracy", n_jobs=n_jobs
     )
     if train_per_class is None:
         predicted = cross_val_predict(probe, x, y, groups=groups, cv=cv)

@@ -246,6 +246,25 @@ class ModelAdapter:
             add_special_tokens=self._adds_bos(rendered),
         )
 
+    def image_side(self) -> int:
+        """The square side, in pixels, that the processor resizes images to."""
+        image_processor = self.processor.image_processor
+        size = getattr(image_processor, "crop_size", None) or image_processor.size  # CLIP crops after resizing
+        side = size.get("height") or size.get("shortest_edge")
+        if not side or size.get("width", side) != side:
+            raise ConfigError(f"model {self.name!r} expects {size} images; xmodal needs square inputs here")
+        return int(side)
+
+    def normalise_pixels(self, unit_images: torch.Tensor) -> torch.Tensor:
+        """What the processor would feed the vision tower for (batch, 3, side, side) images in [0, 1].
+
+        Differentiable, so that image synthesis can optimise pixels directly.
+        """
+        image_processor = self.processor.image_processor
+        mean = torch.tensor(image_processor.image_mean, device=unit_images.device).view(1, 3, 1, 1)
+        std = torch.tensor(image_processor.image_std, device=unit_images.device).view(1, 3, 1, 1)
+        return (unit_images - mean) / std
+
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the image soft-token positions."""
         if self.image_token_id is None:

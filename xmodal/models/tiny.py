@@ -29,6 +29,9 @@ def tiny_gemma3(
     head_dim: int = 32,
     vision_hidden_size: int = 32,
     vision_layers: int = 2,
+    vision_intermediate_size: int | None = None,  # None: 2 x vision_hidden_size
+    vision_attention_heads: int = 2,
+    sliding_window: int = 64,
     image_size: int = 64,
     patch_size: int = 8,
     mm_tokens_per_image: int = 16,
@@ -57,13 +60,13 @@ def tiny_gemma3(
             num_attention_heads=num_attention_heads,
             num_key_value_heads=num_key_value_heads,
             head_dim=head_dim,
-            sliding_window=64,
+            sliding_window=sliding_window,
         ),
         vision_config=dict(
             hidden_size=vision_hidden_size,
-            intermediate_size=2 * vision_hidden_size,
+            intermediate_size=vision_intermediate_size or 2 * vision_hidden_size,
             num_hidden_layers=vision_layers,
-            num_attention_heads=2,
+            num_attention_heads=vision_attention_heads,
             image_size=image_size,
             patch_size=patch_size,
         ),
@@ -75,9 +78,10 @@ def tiny_gemma3(
     def load_model() -> torch.nn.Module:
         from transformers import Gemma3ForConditionalGeneration
 
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch_device:
             torch.manual_seed(init_seed)
-            model = Gemma3ForConditionalGeneration(hf_config)
+            # built on the target device in the target dtype: a random 4B never exists in fp32 on the host
+            model = Gemma3ForConditionalGeneration._from_config(hf_config, dtype=torch_dtype)
             # The projector starts at zero in transformers; random, so image tokens carry the image.
             projector = model.model.multi_modal_projector.mm_input_projection_weight
             torch.nn.init.normal_(projector, std=vision_hidden_size**-0.5)

@@ -1,4 +1,4 @@
-"""Figures for the overlap study. Each function returns a matplotlib Figure."""
+"""Figures for the studies. Each function returns a matplotlib Figure."""
 
 from __future__ import annotations
 
@@ -129,5 +129,64 @@ def dose_response(summary: pd.DataFrame, concept: str, layer: int) -> plt.Figure
     ax2.set(xlabel="strength", ylabel=f"change in log p('{concept}') at the first answer token", title="first-token effect")
     ax2.axhline(0, color="grey", lw=0.8)
     ax1.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def das_trajectory(trajectory: pd.DataFrame, layer: int) -> plt.Figure:
+    """DAS: each concept's cosine (mean over its augmented copies) against optimisation step."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for concept, group in trajectory.groupby("concept", sort=False):
+        ax.plot(group["step"], group["cosine"], lw=1.2, label=concept)
+    ax.set(xlabel="optimisation step", ylabel="cos(image representation, concept vector)", title=f"DAS at layer {layer}")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: list[list], row_labels: list[str], column_labels: list[str], title: str) -> plt.Figure:
+    """A contact sheet: images[row][column] (PIL images, or None for a gap)."""
+    rows, cols = len(images), max(len(r) for r in images)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 0.6, 1.6 * rows + 0.5), squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            image = images[r][c] if c < len(images[r]) else None
+            if image is not None:
+                ax.imshow(image, interpolation="nearest")
+            if r == 0:
+                ax.set_title(column_labels[c], fontsize=8)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def das_sheet(images: list, concepts: list[str], layer: int) -> plt.Figure:
+    return image_grid([images], [f"layer {layer}"], concepts, "DAS images")
+
+
+def apples_oranges(pairs: pd.DataFrame, summary: pd.DataFrame, names: tuple[str, str], layer: int) -> plt.Figure:
+    """Appendix A: cosine of each concept vector with matched and mismatched images, by layer."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    means = pairs.groupby(["layer", "concept", "image_concept"])["cosine"].mean().reset_index()
+    for (concept, image_concept), group in means.groupby(["concept", "image_concept"], sort=False):
+        ax1.plot(group["layer"], group["cosine"], marker=".", ls="-" if concept == image_concept else "--",
+                 label=f"'{concept}' vs {image_concept} images")  # fmt: skip
+    ax1.set(xlabel="decoder layer", ylabel="cosine (mean over images)", title="concept vector vs real images")
+    ax1.legend(fontsize=7)
+    ax2.plot(summary["layer"], summary["gap"], marker="o", label="matched - mismatched")
+    ax2.fill_between(summary["layer"], summary["gap_null_q025"], summary["gap_null_q975"], alpha=0.2, lw=0, label="label-permutation 95%")
+    significant = summary[summary["gap_p"] < 0.05]
+    ax2.scatter(significant["layer"], significant["gap"], color="black", zorder=3, s=12, label="p < 0.05")
+    for ax in (ax1, ax2):
+        ax.axvline(layer, color="grey", lw=0.8, ls=":")
+        ax.axhline(0, color="grey", lw=0.8)
+    ax2.set(xlabel="decoder layer", ylabel="cosine gap", title=f"{names[0]} / {names[1]}: matched minus mismatched")
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     return fig

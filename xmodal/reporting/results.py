@@ -44,6 +44,7 @@ class ResultWriter:
         self.output_dir = Path(output_dir)
         self.tables: list[str] = []
         self.figures: list[str] = []
+        self.images: list[str] = []
         # Stale outcomes from an earlier run in this directory must not outlive this one.
         (self.output_dir / RESULT_FILE).unlink(missing_ok=True)
         (self.output_dir / FAILURE_FILE).unlink(missing_ok=True)
@@ -63,6 +64,12 @@ class ResultWriter:
         self.figures.append(str(path.relative_to(self.output_dir)))
         return path
 
+    def image(self, name: str, image: Any) -> Path:
+        """images/<name>.png from a PIL image (e.g. a synthesised concept image)."""
+        path = atomic_write(self.output_dir / "images" / f"{name}.png", lambda p: image.save(p, format="png"))
+        self.images.append(str(path.relative_to(self.output_dir)))
+        return path
+
     def finish(self, experiment: str, metrics: dict[str, Any], timings_s: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
         """Write result.json last: its presence is what marks the job finished."""
         payload = {
@@ -71,6 +78,7 @@ class ResultWriter:
             "metrics": {k: _json_number(v) for k, v in metrics.items()},
             "tables": self.tables,
             "figures": self.figures,
+            "images": self.images,
             "timings_s": {k: round(float(v), 4) for k, v in timings_s.items()},
             **(extra or {}),
         }

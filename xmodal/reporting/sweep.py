@@ -147,13 +147,36 @@ def report_markdown(sweep_dir: Path, summary: pd.DataFrame, figures: list[Path],
     return "\n".join(lines) + "\n"
 
 
+def das_contact_sheets(summary: pd.DataFrame, sweep_dir: Path) -> list[Path]:
+    """One sheet per model: DAS images with concepts as rows and layers as columns."""
+    from PIL import Image
+
+    from xmodal.reporting.figures import image_grid
+
+    paths: list[Path] = []
+    done = summary[(summary["status"] == "ok") & (summary["experiment"] == "das")] if "experiment" in summary else summary.iloc[0:0]
+    for model, frame in done.groupby("model"):
+        frame = frame.sort_values("layer")
+        by_layer = {int(r.layer): sweep_dir / r.job / "images" for r in frame.itertuples()}
+        concepts = sorted({p.stem.removeprefix("das_") for d in by_layer.values() for p in d.glob("das_*.png")})
+        if not concepts:
+            continue
+        grid = [[Image.open(d / f"das_{c}.png").copy() if (d / f"das_{c}.png").exists() else None for d in by_layer.values()] for c in concepts]
+        fig = image_grid(grid, concepts, [f"layer {layer}" for layer in by_layer], f"DAS contact sheet: {model}")
+        path = sweep_dir / "figures" / f"das__contact_sheet__{model}.png"
+        atomic_write(path, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight", format="png"))
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def write_sweep_report(sweep_dir: str | Path, wall_s: float | None = None, sequential: bool = True) -> pd.DataFrame:
     """Write summary.parquet/.csv, figures/ and report.md into the sweep directory."""
     sweep_dir = Path(sweep_dir)
     summary = collect(sweep_dir)
     atomic_write(sweep_dir / "summary.parquet", lambda p: summary.to_parquet(p, index=False))
     atomic_write(sweep_dir / "summary.csv", lambda p: summary.to_csv(p, index=False))
-    figures = layer_curves(summary, sweep_dir / "figures") if len(summary) else []
+    figures = layer_curves(summary, sweep_dir / "figures") + das_contact_sheets(summary, sweep_dir) if len(summary) else []
     text = report_markdown(sweep_dir, summary, figures, wall_s, sequential)
     atomic_write(sweep_dir / "report.md", lambda p: Path(p).write_text(text))
     log.info("Sweep report: %s (%d jobs)", sweep_dir / "report.md", len(summary))

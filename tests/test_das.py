@@ -1,0 +1,158 @@
+"""DASynthesis: valid pixels, a loss that goes down, concept vectors as the paper defines them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import run_cli
+from xmodal.activations.extract import extract_activations
+from xmodal.synthesis.concept_vectors import WORD_POSITIONS, baseline_words, concept_vectors, word_dataset
+from xmodal.synthesis.das import DASSettings, ImageReader, MultiResolutionImage, aggregate, augment, cosine_matrix, synthesise
+
+LAYER = 2
+
+
+def test_baseline_words_are_appendix_c():
+    words = baseline_words()
+    assert len(words) == 100 and words[:3] == ("desk", "jacket", "gondola") and words[-1] == "enigma"
+    assert words.count("marble") == 2 and words.count("butterfly") == 2  # as the paper lists them
+
+
+def test_parameterisation_always_gives_valid_pixels():
+    image = MultiResolutionImage(3, 32, [1, 2, 4, 8, 32])
+    assert torch.equal(image(), torch.full((3, 3, 32, 32), 0.5))  # starts at neutral grey
+    generator = torch.Generator().manual_seed(0)
+    for scale in (0.1, 10.0, 1e4):
+        with torch.no_grad():
+            for component in image.components:
+                component.copy_(scale * torch.randn(component.shape, generator=generator))
+        pixels = image()
+        assert pixels.min() >= 0.0 and pixels.max() <= 1.0
+    assert pixels.std() > 0.3  # large components saturate towards 0 and 1, never beyond
+
+
+def test_augment_shifts_and_adds_noise_per_copy():
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    views = augment(images, 4, shift=2, noise_std=0.0, generator=torch.Generator().manual_seed(0))
+    assert views.shape == (8, 3, 16, 16)
+    assert not torch.allclose(views[0], views[1]) or not torch.allclose(views[1], views[2])  # copies differ
+    plain = augment(images, 2, shift=0, noise_std=0.0, generator=torch.Generator())
+    assert torch.equal(plain[0], images[0]) and torch.equal(plain[3], images[1])
+
+
+def test_weighted_aggregation_follows_semantics_and_prior():
+    concept = torch.tensor([[1.0, 0.0]])
+    centred = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]])  # 2x2 grid; patch 0 matches
+    sharp = aggregate(centred, concept, temperature=0.01, sigma=100.0)
+    assert torch.allclose(sharp, torch.tensor([[1.0, 0.0]]), atol=1e-4)
+    assert torch.allclose(aggregate(centred, concept, 0.01, 1.0, "mean"), centred.mean(dim=1))
+
+
+def manual_word_activation(tiny, word: str, layer: int) -> torch.Tensor:
+    """resid_post at the word's tokens in the chat template, from output_hidden_states."""
+    tokenizer = tiny.tokenizer
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": word}]}], add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    word_ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(ids)) if ids[i : i + len(word_ids)] == word_ids)
+    with torch.no_grad():
+        hidden = tiny.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1]
+    return hidden[0, start : start + len(word_ids)].mean(dim=0)
+
+
+def test_concept_vector_equals_manual_computation(tiny):
+    words = word_dataset(["zebra", "red"] + list(baseline_words()))
+    acts = extract_activations(tiny, words, [LAYER], WORD_POSITIONS, progress=False, modalities=("text",))[LAYER]
+    vectors, baseline = concept_vectors(acts, words, ["zebra", "red"], baseline_words())
+    manual_baseline = torch.stack([manual_word_activation(tiny, w, LAYER) for w in baseline_words()]).mean(dim=0)
+    assert torch.allclose(baseline, manual_baseline, atol=1e-4)
+    assert torch.allclose(vectors[0], manual_word_activation(tiny, "zebra", LAYER) - manual_baseline, atol=1e-4)
+
+
+def test_normalised_pixels_match_the_processor(tiny):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    expected = tiny.image_inputs([image], "", True)["pixel_values"]
+    unit = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    assert tiny.image_side() == 64
+    assert torch.allclose(tiny.normalise_pixels(unit), expected, atol=1e-5)
+
+
+def test_a_few_das_steps_raise_the_cosine(tiny):
+    reader = ImageReader(tiny, LAYER)
+    concepts = torch.randn(2, tiny.hidden_size, generator=torch.Generator().manual_seed(3))
+    settings = DASSettings(steps=12, batch_size=2, lr=0.5, temperature=0.1, shift=2, noise_std=0.02)
+    result = synthesise(reader, concepts, settings, seed=0, progress=False)
+    by_step = result.trajectory.groupby("step")["cosine"].mean()
+    assert by_step.iloc[-3:].mean() > by_step.iloc[:3].mean() + 0.05, by_step.tolist()
+    final = cosine_matrix(reader, result.images, concepts, result.grey_mean, settings)
+    assert final.shape == (2, 2) and np.all(np.diag(final) > 0.1)  # grey starts at exactly 0
+    assert result.images.min() >= 0 and result.images.max() <= 1
+
+
+def test_das_is_deterministic_given_the_seed(tiny):
+    reader = ImageReader(tiny, 1)
+    concepts = torch.randn(1, tiny.hidden_size, generator=torch.Generator().manual_seed(4))
+    settings = DASSettings(steps=3, batch_size=2, lr=0.3)
+    first = synthesise(reader, concepts, settings, seed=5, progress=False)
+    again = synthesise(reader, concepts, settings, seed=5, progress=False)
+    assert torch.equal(first.images, again.images)
+
+
+@pytest.mark.slow
+def test_das_sweep_writes_images_tables_and_a_contact_sheet(tmp_path):
+    sweep = tmp_path / "das_sweep"
+    proc = run_cli(
+        "-m", "experiment=das", "layer=1,3", "experiment.concepts=[red_circle,blue_square,green_star]", "experiment.steps=4",
+        "experiment.batch_size=2", "experiment.alignment_concepts=[red_circle,blue_square]", "experiment.n_permutations=200",
+        f"paths.activation_cache={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(sweep.rglob("result.json"))
+    assert len(results) == 2
+    for path in results:
+        result = json.loads(path.read_text())
+        assert len(result["images"]) == 3 and all((path.parent / i).stat().st_size > 100 for i in result["images"])
+        metrics = result["metrics"]
+        assert metrics["grey_cosine"] == 0 and 0 < metrics["final_cosine_p"] <= 1
+        assert {"alignment_gap", "alignment_gap_p", "seconds_per_step"} <= set(metrics)
+        trajectory = pd.read_parquet(path.parent / "tables" / "trajectory.parquet")
+        assert len(trajectory) == 4 * 3
+        alignment = pd.read_parquet(path.parent / "tables" / "alignment.parquet")
+        assert list(alignment["layer"]) == list(range(6))  # every layer of tiny
+    assert (sweep / "figures" / "das__contact_sheet__tiny.png").stat().st_size > 5_000
+    summary = pd.read_parquet(sweep / "summary.parquet")
+    assert (summary["status"] == "ok").all() and sorted(summary["layer"]) == [1, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, message", [
+    (["experiment.concepts=[red_circle,'']"], "experiment.concepts has an empty concept ''"),
+    (["experiment.concepts=[red_circle,' ']"], "experiment.concepts has an empty concept ' '"),
+    (["layer=6"], "layer=6 is out of range for model 'tiny'"),
+    (["experiment.judge=vlm"], "experiment.judge=vlm needs experiment.judge_model"),
+])  # fmt: skip
+def test_das_bad_input_is_one_clear_error(tmp_path, overrides, message):
+    proc = run_cli("experiment=das", "experiment.steps=2", "experiment.alignment_concepts=[]", *overrides,
+                   f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path)  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and sum(message in line for line in output.splitlines()) == 1, output[-2000:]
+    assert "Traceback" not in output
+    assert not list(tmp_path.rglob("result.json"))
+
+
+def test_benchmark_times_whole_steps(tiny):
+    from omegaconf import OmegaConf
+
+    from xmodal.synthesis import benchmark
+
+    cfg = OmegaConf.create({"model": {"_target_": "xmodal.models.tiny.tiny_gemma3", "name": "tiny", "device": "cpu"},
+                            "layers": [1, 3], "batch_size": 2, "n_concepts": 1, "steps": 2, "seed": 0})  # fmt: skip
+    table = benchmark.benchmark(cfg)
+    assert list(table["layer"]) == [1, 3] and (table["seconds_per_step"] > 0).all()
+    assert table["image_side"].iloc[0] == 64

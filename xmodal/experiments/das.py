@@ -1,0 +1,242 @@
+"""DASynthesis: can an image be synthesised, at layer L, from a concept's text alone?
+
+Method (seed 004), at one decoder layer L:
+1. Concept vectors: each concept word alone in the chat template, resid_post averaged
+   over its tokens, minus the mean over Appendix C's 100 baseline words.
+2. Synthesis (Direct Ascent Synthesis): for each concept, an image parameterised as
+   grey plus squashed multi-resolution components, optimised so that its weighted,
+   grey-centred image-token representation at L has maximal cosine with the concept
+   vector, under random shifts and noise (xmodal/synthesis/das.py). Learning rate and
+   temperature come from Appendix E's per-layer presets (Gemma 3 4B layers, matched by
+   relative depth) unless set.
+3. Final cosine of each image with its own concept against two controls: the grey
+   image (0 by construction: it is the baseline) and the images synthesised for the
+   other concepts (the mismatched-pair null, with a permutation p-value).
+4. Recognisability by an independent judge: programmatic on the organism (colour
+   histogram, shape classifier), or another VLM asked the paper's two questions. The
+   null is the same judge scoring images made for other concepts of the category.
+5. The apples/oranges check (Appendix A): at every layer, the cosine between two
+   concept vectors and real images of each, matched against mismatched, with a
+   permutation test over the image labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from xmodal.activations.capture import run_to_layers
+from xmodal.data.concepts import ConceptDataset
+from xmodal.errors import ConfigError, DatasetError
+from xmodal.experiments.base import Experiment, RunContext
+from xmodal.reporting import figures
+from xmodal.synthesis import judges
+from xmodal.synthesis.alignment import apples_oranges
+from xmodal.synthesis.concept_vectors import WORD_POSITIONS, baseline_words, concept_vectors, word_dataset
+from xmodal.synthesis.das import DASSettings, ImageReader, cosine_matrix, synthesise, to_pil
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Target:
+    name: str  # the dataset concept's name, or the word itself
+    word: str  # what the concept vector reads
+    category: str
+
+
+class DASynthesis(Experiment):
+    name: ClassVar[str] = "das"
+
+    def __init__(
+        self,
+        name: str = "das",
+        concepts: Sequence[str] = ("red", "blue"),
+        concepts_per_pass: int = 8,
+        layer_lr: dict[int, float] | None = None,
+        layer_temperature: dict[int, float] | None = None,
+        preset_num_layers: int = 34,
+        lr: float | None = None,
+        temperature: float | None = None,
+        judge: str = "organism",
+        judge_model: str | None = None,
+        judge_samples: int = 10,
+        alignment_concepts: Sequence[str] = (),
+        n_permutations: int = 1000,
+        **settings: Any,
+    ) -> None:
+        if judge not in ("organism", "vlm", "none"):
+            raise ConfigError(f"experiment.judge={judge!r}; use organism, vlm or none")
+        if judge == "vlm" and not judge_model:
+            raise ConfigError("experiment.judge=vlm needs experiment.judge_model=<a conf/model name>, e.g. gemma3_12b")
+        if len(concepts) < 2:
+            raise ConfigError(f"experiment.concepts={list(concepts)} needs at least two concepts: each is the other's control")
+        if alignment_concepts and len(alignment_concepts) != 2:
+            raise ConfigError(f"experiment.alignment_concepts={list(alignment_concepts)} must name two concepts (or none)")
+        self.concepts = list(concepts)
+        self.concepts_per_pass = concepts_per_pass
+        self.layer_lr = dict(layer_lr or {})
+        self.layer_temperature = dict(layer_temperature or {})
+        self.preset_num_layers = preset_num_layers
+        self.lr, self.temperature = lr, temperature
+        self.judge, self.judge_model, self.judge_samples = judge, judge_model, judge_samples
+        self.alignment_concepts = list(alignment_concepts)
+        self.n_permutations = n_permutations
+        self.settings = settings  # the rest of DASSettings
+
+    # ------------------------------------------------------------ choices --
+    def targets(self, dataset: ConceptDataset) -> list[Target]:
+        """Dataset concepts by name or text; any other string is taken as a bare word."""
+        by_key = {key: c for c in dataset.concepts for key in (c.name, c.text)}
+        out = []
+        for entry in self.concepts:
+            if not str(entry).strip():
+                raise DatasetError(f"experiment.concepts has an empty concept {entry!r}; give every concept a word")
+            concept = by_key.get(entry)
+            out.append(Target(concept.name, concept.text, concept.category) if concept else Target(entry, entry, ""))
+        return out
+
+    def preset(self, layer: int, num_layers: int) -> tuple[float, float]:
+        """(lr, temperature): set values, else Appendix E's for the 4B layer at the same relative depth."""
+
+        def nearest(table: dict[int, float], what: str) -> float:
+            if not table:
+                raise ConfigError(f"experiment.{what} is unset and experiment.layer_{what} has no presets")
+            depth = layer / max(1, num_layers - 1) * (self.preset_num_layers - 1)
+            return float(table[min(table, key=lambda k: (abs(int(k) - depth), int(k)))])
+
+        lr = self.lr if self.lr is not None else nearest(self.layer_lr, "lr")
+        temperature = self.temperature if self.temperature is not None else nearest(self.layer_temperature, "temperature")
+        return lr, temperature
+
+    # ---------------------------------------------------------------- run --
+    def run(self, ctx: RunContext) -> dict[str, float]:
+        targets = self.targets(ctx.dataset)
+        words = word_dataset([t.word for t in targets] + list(baseline_words()))
+        acts = ctx.activations(positions=WORD_POSITIONS, dataset=words, modalities=("text",))[ctx.layer]
+        vectors, _ = concept_vectors(acts, words, [t.word for t in targets], baseline_words())
+
+        lr, temperature = self.preset(ctx.layer, ctx.model.num_layers)
+        settings = DASSettings(lr=lr, temperature=temperature, **self.settings)
+        reader = ImageReader(ctx.model, ctx.layer, settings.prompt)
+        log.info("DAS at layer %d: %d concepts, %d steps x batch %d, lr %g, temperature %g",
+                 ctx.layer, len(targets), settings.steps, settings.batch_size, lr, temperature)  # fmt: skip
+
+        images, trajectories, step_seconds = [], [], []
+        with ctx.timed("synthesis"):
+            for start in range(0, len(targets), self.concepts_per_pass):
+                chunk = slice(start, start + self.concepts_per_pass)
+                result = synthesise(reader, vectors[chunk], settings, ctx.seed + start, ctx.progress)
+                images.append(result.images)
+                trajectories.append(result.trajectory.assign(concept_index=result.trajectory["concept_index"] + start))
+                step_seconds.append(result.seconds_per_step)
+        images_t = torch.cat(images)
+        trajectory = pd.concat(trajectories, ignore_index=True)
+        trajectory["concept"] = [targets[i].name for i in trajectory["concept_index"]]
+        pil_images = [to_pil(img) for img in images_t]
+        for target, image in zip(targets, pil_images):
+            ctx.image(f"das_{target.name}", image)
+
+        cosines = cosine_matrix(reader, images_t, vectors, result.grey_mean, settings)
+        metrics = self.cosine_metrics(cosines, ctx.seed)
+        # one optimisation step of every concept (several passes when concepts_per_pass < concepts)
+        metrics |= {"lr": lr, "temperature": temperature, "steps": settings.steps, "seconds_per_step": float(np.sum(step_seconds))}
+        ctx.table("trajectory", trajectory)
+        ctx.table("final_cosines", pd.DataFrame(cosines, index=[t.name for t in targets], columns=[t.name for t in targets])
+                  .rename_axis("image").reset_index().melt(id_vars="image", var_name="concept", value_name="cosine"))  # fmt: skip
+        ctx.figure("trajectory", figures.das_trajectory(trajectory, ctx.layer))
+        ctx.figure("images", figures.das_sheet(pil_images, [t.name for t in targets], ctx.layer))
+
+        if self.judge != "none":
+            with ctx.timed("judge"):
+                metrics |= self.recognition(ctx, targets, pil_images)
+        if self.alignment_concepts:
+            with ctx.timed("alignment"):
+                metrics |= self.alignment(ctx, settings.prompt)
+        log.info("layer %d: final cosine %.3f (other concepts' images %.3f, p=%.3g)", ctx.layer,
+                 metrics["final_cosine"], metrics["final_cosine_null_mean"], metrics["final_cosine_p"])  # fmt: skip
+        return metrics
+
+    def cosine_metrics(self, cosines: np.ndarray, seed: int) -> dict[str, float]:
+        """Own-concept cosine against images made for other concepts (permuting the images)."""
+        n = len(cosines)
+        matched = float(np.mean(np.diag(cosines)))
+        mismatched = cosines[~np.eye(n, dtype=bool)]
+        rng = np.random.default_rng(seed)
+        null = np.array([np.mean(cosines[rng.permutation(n), np.arange(n)]) for _ in range(self.n_permutations)])
+        return {
+            "final_cosine": matched, "final_cosine_null_mean": float(mismatched.mean()),
+            "final_cosine_null_q025": float(np.quantile(null, 0.025)), "final_cosine_null_q975": float(np.quantile(null, 0.975)),
+            "final_cosine_p": float((1 + (null >= matched).sum()) / (1 + self.n_permutations)),
+            "grey_cosine": 0.0,  # the grey image is the image baseline: its centred representation is zero
+        }  # fmt: skip
+
+    def make_judge(self, ctx: RunContext) -> Any:
+        if self.judge == "organism":
+            return judges.OrganismJudge(seed=ctx.seed)
+        from xmodal.run import CONF_DIR
+
+        return judges.load_vlm_judge(self.judge_model, CONF_DIR, self.judge_samples, ctx.seed)
+
+    def recognition(self, ctx: RunContext, targets: list[Target], images: list[Image.Image]) -> dict[str, float]:
+        """Recognition rate per category and protocol, with the other-concepts null and a permutation p."""
+        judge = self.make_judge(ctx)
+        table = judge.judge(images, [t.name for t in targets], [t.category for t in targets])
+        metrics: dict[str, float] = {f"judge_ceiling_{k}": v for k, v in getattr(judge, "ceiling", {}).items()}
+        rows = []
+        rng = np.random.default_rng(ctx.seed)
+        for (category, protocol), group in table.groupby(["category", "protocol"]):
+            answers, names = group["answer"].tolist(), group["concept"].tolist()
+            scores = np.array([[judge.score(a, c) for c in names] for a in answers])  # (image, concept)
+            observed = float(np.mean(np.diag(scores)))
+            n = len(names)
+            null_mean = float(scores[~np.eye(n, dtype=bool)].mean()) if n > 1 else float("nan")
+            null = np.array([np.mean(scores[np.arange(n), rng.permutation(n)]) for _ in range(self.n_permutations)])
+            key = f"recognition_{category or 'all'}" + ("" if protocol in ("programmatic", "category_hint") else f"_{protocol}")
+            metrics |= {key: observed, f"{key}_null_mean": null_mean, f"{key}_p": float((1 + (null >= observed).sum()) / (1 + self.n_permutations))}
+            rows.append({"category": category, "protocol": protocol, "n_concepts": n, "recognition_rate": observed,
+                         "null_rate": null_mean, "p": metrics[f"{key}_p"]})  # fmt: skip
+        if table.empty:
+            log.warning("the %s judge judges none of these concepts' categories", self.judge)
+        ctx.table("judgements", table)
+        ctx.table("recognition", pd.DataFrame(rows))
+        return metrics
+
+    def alignment(self, ctx: RunContext, prompt: str) -> dict[str, float]:
+        """Appendix A at every layer up to the model's last, for the two alignment concepts."""
+        names = tuple(self.alignment_concepts)
+        unknown = [n for n in names if n not in {c.name for c in ctx.dataset.concepts}]
+        if unknown:
+            raise DatasetError(f"experiment.alignment_concepts has {unknown}, not concepts of dataset {ctx.dataset.name!r}")
+        concepts = [ctx.dataset.concept(n) for n in names]
+        images = [img for img in ctx.dataset.images if img.concept in names]
+        if not images or {img.concept for img in images} != set(names):
+            raise DatasetError(f"experiment.alignment_concepts={list(names)} need images of both in dataset {ctx.dataset.name!r}")
+        layers = list(range(ctx.model.num_layers))
+        subset = ConceptDataset(f"{ctx.dataset.name}_alignment", concepts, images)
+        image_acts = ctx.activations(layers, dataset=subset, modalities=("image",))
+        words = word_dataset([c.text for c in concepts] + list(baseline_words()))
+        word_acts = ctx.activations(layers, positions=WORD_POSITIONS, dataset=words, modalities=("text",))
+        vectors = {layer: concept_vectors(word_acts[layer], words, [c.text for c in concepts], baseline_words())[0] for layer in layers}
+        grey = Image.new("RGB", (ctx.model.image_side(),) * 2, (128, 128, 128))
+        inputs = ctx.model.image_inputs([grey], ctx.positions.image_prompt, ctx.positions.use_chat_template).to(ctx.model.device)
+        mask = ctx.model.image_token_mask(inputs["input_ids"])[0]
+        hidden = run_to_layers(ctx.model.model, ctx.model.decoder_layers(), inputs, layers)
+        grey_means = {layer: hidden[layer][0, mask].float().mean(dim=0).cpu() for layer in layers}
+        labels = np.array([names.index(c) for c in image_acts[layers[0]].image_concepts])
+        pairs, summary = apples_oranges(
+            vectors, {layer: image_acts[layer].image_tokens for layer in layers}, grey_means, labels, names, self.n_permutations, ctx.seed
+        )
+        ctx.table("alignment_pairs", pairs)
+        ctx.table("alignment", summary)
+        ctx.figure("alignment", figures.apples_oranges(pairs, summary, names, ctx.layer))
+        here = summary.set_index("layer").loc[ctx.layer]
+        return {f"alignment_{k}": float(here[k]) for k in ("gap", "gap_null_mean", "gap_null_q025", "gap_null_q975", "gap_p")} | {
+            "alignment_layers_significant": int((summary["gap_p"] < 0.05).sum())
+        }

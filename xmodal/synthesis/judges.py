@@ -1,0 +1,148 @@
+"""Independent judges of whether a synthesised image shows its concept.
+
+- `OrganismJudge` (offline, for the organism): its world is known, so the judge is a
+  program. Colour: the palette colour most of the image's non-grey pixels are closest
+  to. Shape: a logistic-regression classifier (scikit-learn) trained on rendered
+  world images, reading the map of how far each pixel is from the image's median
+  colour. Its accuracy on fresh rendered images is reported as the judge's ceiling.
+- `VLMJudge` (real models): another VLM, loaded through the adapters, asked seed
+  004's two questions (without and with the category) and scored by word match.
+
+Both return one row per (image, protocol) with `recognised` in [0, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+
+from xmodal.models.base import ModelAdapter
+from xmodal.models.generation import describe_images
+from xmodal.organism import world
+
+log = logging.getLogger(__name__)
+
+QUESTION = "What is in the image if you had to guess? One word."
+QUESTION_WITH_CATEGORY = "What {category} is in the image if you had to guess? One word."
+JUDGE_SIDE = 16  # shape features: a 16x16 map of distance from the median colour
+
+
+def _unit_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB").resize((world.IMAGE_SIZE, world.IMAGE_SIZE)), dtype=np.float32) / 255.0
+
+
+def shape_features(image: Image.Image) -> np.ndarray:
+    """How far each pixel is from the image's median colour, pooled to 16x16 and scaled to max 1."""
+    pixels = _unit_array(image)
+    distance = np.abs(pixels - np.median(pixels.reshape(-1, 3), axis=0)).sum(axis=-1)
+    pooled = distance.reshape(JUDGE_SIDE, world.IMAGE_SIZE // JUDGE_SIDE, JUDGE_SIDE, -1).mean(axis=(1, 3))
+    return (pooled / max(float(pooled.max()), 1e-6)).ravel()
+
+
+class OrganismJudge:
+    """Judges colour and shape concepts on organism-world images; other categories are not judged."""
+
+    categories = ("colour", "shape")
+
+    def __init__(self, seed: int = 0, n_train: int = 1200, min_distance: float = 0.15) -> None:
+        self.min_distance = min_distance
+        self.palette = np.array(list(world.COLOURS.values()), dtype=np.float32) / 255.0
+        self.colour_names = list(world.COLOURS)
+        train_scenes, train_images = self._single_shapes(seed, n_train)
+        self.shape_classifier = LogisticRegression(max_iter=3000, C=1.0)
+        self.shape_classifier.fit(np.stack([shape_features(i) for i in train_images]), [s.shape for s in train_scenes])
+        test_scenes, test_images = self._single_shapes(seed + 1, 300)
+        self.ceiling = {
+            "shape": float(np.mean([p == s.shape for p, s in zip(self.predict_shapes(test_images), test_scenes)])),
+            "colour": float(np.mean([self.predict_colour(i) == s.colour for i, s in zip(test_images, test_scenes)])),
+        }
+        log.info("organism judge accuracy on fresh plain-background world images: %s", self.ceiling)
+
+    @staticmethod
+    def _single_shapes(seed: int, n: int) -> tuple[list[world.Scene], list[Image.Image]]:
+        """Single shapes on a plain background: what a concept image should look like at best."""
+        rng = np.random.default_rng(seed)
+        scenes = [replace(world.random_scene(rng, word_fraction=0.0), count=1, background="plain") for _ in range(n)]
+        scenes = [s if s.position else replace(s, position="in the middle") for s in scenes]
+        return scenes, [world.render(s, rng) for s in scenes]
+
+    def predict_colour(self, image: Image.Image) -> str:
+        pixels = _unit_array(image).reshape(-1, 3)
+        coloured = pixels[np.abs(pixels - 0.5).max(axis=1) > self.min_distance]
+        background = np.median(pixels, axis=0)
+        coloured = coloured[np.abs(coloured - background).sum(axis=1) > self.min_distance]  # not the backdrop
+        if len(coloured) == 0:
+            return "none"
+        nearest = np.argmin(((coloured[:, None, :] - self.palette[None]) ** 2).sum(axis=-1), axis=1)
+        return self.colour_names[int(np.bincount(nearest, minlength=len(self.palette)).argmax())]
+
+    def predict_shapes(self, images: Sequence[Image.Image]) -> list[str]:
+        return list(self.shape_classifier.predict(np.stack([shape_features(i) for i in images])))
+
+    @staticmethod
+    def score(answer: str, concept: str) -> float:
+        return float(answer == concept)
+
+    def judge(self, images: Sequence[Image.Image], concepts: Sequence[str], categories: Sequence[str]) -> pd.DataFrame:
+        shapes = self.predict_shapes(images)
+        rows = []
+        for image, shape, concept, category in zip(images, shapes, concepts, categories):
+            if category not in self.categories:
+                continue
+            answer = self.predict_colour(image) if category == "colour" else shape
+            rows.append({"concept": concept, "category": category, "protocol": "programmatic", "answer": answer,
+                         "recognised": float(answer == concept)})  # fmt: skip
+        return pd.DataFrame(rows, columns=["concept", "category", "protocol", "answer", "recognised"])
+
+
+class VLMJudge:
+    """Another VLM asked seed 004's questions, `n_samples` seeded samples each, scored by word match."""
+
+    def __init__(self, adapter: ModelAdapter, n_samples: int = 10, seed: int = 0, max_new_tokens: int = 8) -> None:
+        self.adapter, self.n_samples, self.seed, self.max_new_tokens = adapter, n_samples, seed, max_new_tokens
+
+    @staticmethod
+    def score(answer: str, concept: str) -> float:
+        """Fraction of the sampled answers (joined by ' | ') that name the concept."""
+        from xmodal.experiments.steering import mentions
+
+        return float(np.mean([mentions(a, [concept]) for a in answer.split(" | ")]))
+
+    def judge(self, images: Sequence[Image.Image], concepts: Sequence[str], categories: Sequence[str]) -> pd.DataFrame:
+        rows = []
+        for image, concept, category in zip(images, concepts, categories):
+            protocols = {"no_hint": QUESTION}
+            if category:
+                protocols["category_hint"] = QUESTION_WITH_CATEGORY.format(category=category)
+            for protocol, question in protocols.items():
+                answer = " | ".join(a.replace("|", "/") for a in self._answers(image, question))
+                rows.append({"concept": concept, "category": category, "protocol": protocol, "answer": answer,
+                             "recognised": self.score(answer, concept)})  # fmt: skip
+        return pd.DataFrame(rows, columns=["concept", "category", "protocol", "answer", "recognised"])
+
+    def _answers(self, image: Image.Image, question: str) -> list[str]:
+        return [
+            describe_images(self.adapter, [image], question, True, self.max_new_tokens, 1, do_sample=True, seed=self.seed + k)[0]
+            for k in range(self.n_samples)
+        ]
+
+
+def load_vlm_judge(model_name: str, conf_dir: str, n_samples: int, seed: int) -> Any:
+    """A VLMJudge from a conf/model/<name>.yaml, loaded through the adapters."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from xmodal.models.base import instantiate_model
+
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose(config_name="config", overrides=[f"model={model_name}"])
+    else:
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"model={model_name}"])
+    return VLMJudge(instantiate_model(cfg.model), n_samples=n_samples, seed=seed)
