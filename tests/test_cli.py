@@ -197,6 +197,18 @@ def test_probe_study_writes_every_probe_next_to_its_null(workdir):
     assert (run_dir / "figures" / "probe_accuracy.png").exists()
 
 
+def test_probe_with_a_single_class_is_refused(tmp_path):
+    root = make_photos(tmp_path / "one_class")
+    for path in (root / "dog").iterdir():
+        path.unlink()
+    (root / "dog").rmdir()
+    proc = run_cli("experiment=probe", "dataset=image_folder", f"dataset.root={root}", f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2
+    assert sum("has 1 concept(s); cross-modal statistics need at least 2" in line for line in output.splitlines()) == 1, output[-2000:]
+    assert results_under(tmp_path) == []
+
+
 def test_probe_split_without_test_examples_is_refused(tmp_path):
     proc = run_cli("experiment=probe", "experiment.train_per_class=3", f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path)
     output = proc.stdout + proc.stderr

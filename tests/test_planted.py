@@ -122,3 +122,14 @@ def test_zero_mask_of_image_features_hurts_the_image_readout_more_than_random_fe
     assert rows["none"]["accuracy"] > 0.9
     assert rows["ImgD"]["accuracy"] < rows["ImgD"]["random_mean"] and rows["ImgD"]["p_value"] < 0.1
     assert rows["TextD"]["accuracy"] == pytest.approx(rows["none"]["accuracy"])  # silent on images: removing them changes nothing
+
+
+def test_a_probe_on_a_single_class_is_refused():
+    from xmodal.errors import DatasetError
+    from xmodal.metrics.probes import transfer, within_modality
+
+    x = np.random.default_rng(0).normal(size=(10, 4))
+    with pytest.raises(DatasetError, match="a probe needs at least 2 classes, got 1"):
+        within_modality(x, np.array(["cat"] * 10), seed=0, n_permutations=5, what="text probe")
+    with pytest.raises(DatasetError, match="a probe needs at least 2 classes"):
+        transfer(x, np.array(["cat"] * 10), x, np.array(["cat"] * 10), seed=0, n_permutations=5)
