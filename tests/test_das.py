@@ -156,3 +156,28 @@ def test_benchmark_times_whole_steps(tiny):
     table = benchmark.benchmark(cfg)
     assert list(table["layer"]) == [1, 3] and (table["seconds_per_step"] > 0).all()
     assert table["image_side"].iloc[0] == 64
+
+
+def test_vlm_judge_asks_both_questions_and_scores_by_word_match(tiny):
+    from xmodal.synthesis.judges import VLMJudge
+
+    assert VLMJudge.score("red | blue | a red ball", "red") == pytest.approx(2 / 3)
+    judge = VLMJudge(tiny, n_samples=3, seed=0, max_new_tokens=2)
+    images = [Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (64, 64), (30, 30, 200))]
+    table = judge.judge(images, ["red", "blue"], ["colour", ""])
+    assert list(table["protocol"]) == ["no_hint", "category_hint", "no_hint"]  # the hint needs a category
+    assert table["recognised"].between(0, 1).all() and (table["answer"].str.count(r" \| ") == 2).all()
+
+
+def test_organism_judge_reads_rendered_world_images():
+    from dataclasses import replace
+
+    from xmodal.organism import world
+    from xmodal.synthesis.judges import OrganismJudge
+
+    judge = OrganismJudge(seed=0, n_train=400)
+    assert judge.ceiling["colour"] >= 0.9 and judge.ceiling["shape"] >= 0.5  # far above 1/9 and 1/6
+    scene = replace(world.random_scene(np.random.default_rng(3), word_fraction=0.0), count=1, background="plain", colour="blue")
+    image = world.render(scene, np.random.default_rng(0))
+    table = judge.judge([image, image], ["blue", "red"], ["colour", "colour"])
+    assert list(table["recognised"]) == [1.0, 0.0]

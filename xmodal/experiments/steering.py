@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
+from tqdm.auto import tqdm
 
 from xmodal.activations.steering import Steering, steer
 from xmodal.errors import ConfigError, DatasetError
@@ -185,22 +186,22 @@ class SteeringEval(Experiment):
             base_text = self.describe(ctx, images, None, ctx.layer)
             base_logprobs = self.first_answer_logprobs(ctx, images, None, ctx.layer)
             rows = []
-            for condition, layer, f, f_scale, mode in conditions:
-                for strength in self.strengths:
-                    if strength == 0:
-                        texts, logprobs = base_text, base_logprobs
-                    else:
-                        steering = self.steering(ctx, f, strength * f_scale, mode)
-                        texts = self.describe(ctx, images, steering, layer)
-                        logprobs = self.first_answer_logprobs(ctx, images, steering, layer)
-                    kl = (base_logprobs.exp() * (base_logprobs - logprobs)).sum(dim=-1)
-                    for i, (text, source) in enumerate(zip(texts, sources)):
-                        rows.append({
-                            "condition": condition, "layer": layer, "feature": f, "strength": strength, "mode": mode,
-                            "image": source, "text": text, "mentions": mentions(text, words),
-                            "delta_logprob": float(logprobs[i, word_token] - base_logprobs[i, word_token]),
-                            "kl": float(kl[i]),
-                        })  # fmt: skip
+            runs = [(c, s) for c in conditions for s in self.strengths]
+            for (condition, layer, f, f_scale, mode), strength in tqdm(runs, desc=f"steering layer {ctx.layer}", disable=not ctx.progress, leave=False):
+                if strength == 0:
+                    texts, logprobs = base_text, base_logprobs
+                else:
+                    steering = self.steering(ctx, f, strength * f_scale, mode)
+                    texts = self.describe(ctx, images, steering, layer)
+                    logprobs = self.first_answer_logprobs(ctx, images, steering, layer)
+                kl = (base_logprobs.exp() * (base_logprobs - logprobs)).sum(dim=-1)
+                for i, (text, source) in enumerate(zip(texts, sources)):
+                    rows.append({
+                        "condition": condition, "layer": layer, "feature": f, "strength": strength, "mode": mode,
+                        "image": source, "text": text, "mentions": mentions(text, words),
+                        "delta_logprob": float(logprobs[i, word_token] - base_logprobs[i, word_token]),
+                        "kl": float(kl[i]),
+                    })  # fmt: skip
         samples = pd.DataFrame(rows)
         summary = self.summarise(samples, ctx.seed)
         ctx.table("descriptions", samples)

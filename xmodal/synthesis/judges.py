@@ -127,10 +127,10 @@ class VLMJudge:
         return pd.DataFrame(rows, columns=["concept", "category", "protocol", "answer", "recognised"])
 
     def _answers(self, image: Image.Image, question: str) -> list[str]:
-        return [
-            describe_images(self.adapter, [image], question, True, self.max_new_tokens, 1, do_sample=True, seed=self.seed + k)[0]
-            for k in range(self.n_samples)
-        ]
+        """`n_samples` sampled answers in one batch: rows sample independently from one seeded generator."""
+        return describe_images(
+            self.adapter, [image] * self.n_samples, question, True, self.max_new_tokens, self.n_samples, do_sample=True, seed=self.seed
+        )
 
 
 def load_vlm_judge(model_name: str, conf_dir: str, n_samples: int, seed: int) -> Any:
