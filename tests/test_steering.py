@@ -113,3 +113,10 @@ def test_steering_bad_input_is_one_clear_error(tmp_path, overrides, message):
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and sum(message in line for line in output.splitlines()) == 1, output[-2000:]
     assert not list(tmp_path.rglob("result.json"))
+
+
+def test_a_mention_is_a_whole_word():
+    from xmodal.experiments.steering import mentions
+
+    assert mentions("a Red ball.", ["red"]) and mentions("red.</h3>", ["red"]) and mentions("it is ice cream", ["ice cream"])
+    assert not mentions("redrawing the map", ["red"]) and not mentions("tired", ["red"]) and not mentions("anything", [" "])

@@ -242,8 +242,8 @@ class SteeringConfig(ExperimentConfig):
     concept: str = "snow"  # a concept of the dataset (name or text)
     feature: Optional[int] = None  # None: the feature most specific to the concept's text
     mode: str = "add"  # add: + strength x scale x decoder row; clamp: feature set to strength x scale
-    where: str = "both"  # image | text | both
-    strengths: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0])
+    where: str = "image"  # image (the cross-modal test: a text feature written into the image tokens) | text | both
+    strengths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0])  # x the feature's largest activation
     n_images: int = 12  # images of other concepts to describe
     control_layer: Optional[int] = None  # None: layer - 4 (or layer + 4 near the bottom)
     concept_words: dict[str, list[str]] = field(default_factory=dict)  # concept -> words that count as naming it

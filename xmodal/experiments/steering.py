@@ -18,6 +18,7 @@ Method (seed 000, cross-modal steering), at one decoder layer:
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import nullcontext
 from typing import ClassVar, Sequence
 
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 
 
 def mentions(text: str, words: Sequence[str]) -> bool:
-    lowered = f" {text.lower()} "
-    return any(f" {w.lower()}" in lowered for w in words)
+    """Whether `text` contains one of `words` as a whole word ("red." counts, "redrawing" does not)."""
+    return any(re.search(rf"(?<!\w){re.escape(w.strip().lower())}(?!\w)", text.lower()) for w in words if w.strip())
 
 
 def bootstrap_ci(values: np.ndarray, seed: int, n_resamples: int = 1000) -> tuple[float, float]:
@@ -57,8 +58,8 @@ class SteeringEval(Experiment):
         concept: str = "snow",
         feature: int | None = None,
         mode: str = "add",
-        where: str = "both",
-        strengths: Sequence[float] = (0.0, 1.0, 2.0, 4.0, 8.0),
+        where: str = "image",
+        strengths: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0),
         n_images: int = 12,
         control_layer: int | None = None,
         concept_words: dict[str, list[str]] | None = None,

@@ -39,6 +39,7 @@ class SAETrainConfig:
     n_eval_images: int = 400
     d_sae: int = 256
     k: int = 32
+    architecture: str = "topk"  # topk | batchtopk (sae-lens; saved for inference as JumpReLU)
     epochs: float = 20.0
     batch_size: int = 1024
     lr: float = 4e-4
@@ -61,7 +62,10 @@ def train_saes(cfg: SAETrainConfig) -> pd.DataFrame:
         activations = train_acts.by_layer[layer]
         total = int(cfg.epochs * len(activations))
         log.info("Layer %d: %d training tokens, %d samples in all", layer, len(activations), total)
-        sae = train_topk_sae(activations, layer, cfg.d_sae, cfg.k, total, cfg.batch_size, cfg.lr, cfg.seed, str(adapter.device), model_name="xmodal-organism")
+        sae = train_topk_sae(
+            activations, layer, cfg.d_sae, cfg.k, total, cfg.batch_size, cfg.lr, cfg.seed, str(adapter.device),
+            model_name="xmodal-organism", architecture=cfg.architecture,
+        )
         sae = sae.to(torch.float16)
         sae.cfg.dtype = "float16"
         target = out_dir / f"layer_{layer}"

@@ -31,15 +31,25 @@ def train_topk_sae(
     seed: int,
     device: str = "cpu",
     model_name: str = "xmodal",
+    architecture: str = "topk",
 ) -> Any:
-    """A sae-lens TopK SAE (with its auxiliary loss against dead features) fitted to `activations`."""
-    from sae_lens.saes.sae import SAEMetadata
+    """A sae-lens TopK or BatchTopK SAE (with the auxiliary loss against dead features) fitted to `activations`.
+
+    BatchTopK keeps the k x batch largest activations over the whole batch, so a token may use
+    more or fewer than k features; sae-lens saves it for inference as a JumpReLU SAE.
+    """
     from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
+    architectures = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig), "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig)}
+    if architecture not in architectures:
+        raise ValueError(f"architecture={architecture!r}; use one of {sorted(architectures)}")
+    sae_class, config_class = architectures[architecture]
     torch.manual_seed(seed)
-    cfg = TopKTrainingSAEConfig(
+    cfg = config_class(
         d_in=activations.shape[1],
         d_sae=d_sae,
         k=k,
@@ -47,7 +57,7 @@ def train_topk_sae(
         normalize_activations="expected_average_only_in",  # folded back into the weights after training
         metadata=SAEMetadata(model_name=model_name, hook_name=f"model.layers.{layer}", hook_layer=layer),
     )
-    sae = TopKTrainingSAE(cfg)
+    sae = sae_class(cfg)
     # Start the decoder bias at the data mean (in the trainer's normalised units): residual
     # streams share a large mean direction, and with b_dec at zero the same few features win
     # the top-k for every token while the rest die (measured: 95% dead at layer 5).
