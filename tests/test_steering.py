@@ -81,7 +81,7 @@ def test_generated_tokens_count_as_text_positions():
 def test_steering_experiment_writes_dose_response_and_controls(tmp_path):
     save_jumprelu_sae(tmp_path / "sae", d_in=64, layer=3)
     proc = run_cli(
-        "experiment=steering", "experiment.concept=red_circle", "experiment.n_images=4", "experiment.strengths=[0,4]",
+        "experiment=steering", "experiment.concept=red_circle", "experiment.n_images=4", "experiment.strengths=[0,4]", "experiment.where=both",
         "experiment.max_new_tokens=4", "experiment.n_bootstrap=200", "layer=3", "sae=local", f"sae.path={tmp_path / 'sae'}",
         f"paths.activation_cache={tmp_path / 'cache'}", "hydra.run.dir=outputs/steer", cwd=tmp_path,
     )  # fmt: skip
@@ -105,6 +105,7 @@ def test_steering_experiment_writes_dose_response_and_controls(tmp_path):
     (["experiment.concept=red_circle", "experiment.feature=5000"], "experiment.feature=5000 is outside the SAE, which has features 0..127"),
     (["experiment.concept=unicorn"], "experiment.concept='unicorn' is not in dataset"),
     (["experiment.concept=red_circle", "+experiment.concept_words.red_circle=[' ']"], "concept words [' '] of 'red_circle' give no tokens"),
+    (["experiment.concept=red_circle", "experiment.feature_source=pixels"], "experiment.feature_source='pixels'; use text or image"),
 ])  # fmt: skip
 def test_steering_bad_input_is_one_clear_error(tmp_path, overrides, message):
     save_jumprelu_sae(tmp_path / "sae", d_in=64, layer=3)

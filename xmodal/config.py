@@ -240,7 +240,8 @@ class ShiftConfig(ExperimentConfig):
 @dataclass
 class SteeringConfig(ExperimentConfig):
     concept: str = "snow"  # a concept of the dataset (name or text)
-    feature: Optional[int] = None  # None: the feature most specific to the concept's text
+    feature: Optional[int] = None  # None: the feature most specific to the concept (see feature_source)
+    feature_source: str = "text"  # text (the method) | image (a positive control: a feature the concept's images use)
     mode: str = "add"  # add: + strength x scale x decoder row; clamp: feature set to strength x scale
     where: str = "image"  # image (the cross-modal test: a text feature written into the image tokens) | text | both
     strengths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0])  # x the feature's largest activation

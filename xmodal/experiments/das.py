@@ -23,6 +23,7 @@ Method (seed 004), at one decoder layer L:
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -141,7 +142,7 @@ class DASynthesis(Experiment):
         trajectory["concept"] = [targets[i].name for i in trajectory["concept_index"]]
         pil_images = [to_pil(img) for img in images_t]
         for target, image in zip(targets, pil_images):
-            ctx.image(f"das_{target.name}", image)
+            ctx.image("das_" + re.sub(r"[^\w-]+", "_", target.name), image)  # a bare word may hold spaces
 
         cosines = cosine_matrix(reader, images_t, vectors, result.grey_mean, settings)
         metrics = self.cosine_metrics(cosines, ctx.seed)
@@ -158,7 +159,7 @@ class DASynthesis(Experiment):
                 metrics |= self.recognition(ctx, targets, pil_images)
         if self.alignment_concepts:
             with ctx.timed("alignment"):
-                metrics |= self.alignment(ctx, settings.prompt)
+                metrics |= self.alignment(ctx)
         log.info("layer %d: final cosine %.3f (other concepts' images %.3f, p=%.3g)", ctx.layer,
                  metrics["final_cosine"], metrics["final_cosine_null_mean"], metrics["final_cosine_p"])  # fmt: skip
         return metrics
@@ -208,7 +209,7 @@ class DASynthesis(Experiment):
         ctx.table("recognition", pd.DataFrame(rows))
         return metrics
 
-    def alignment(self, ctx: RunContext, prompt: str) -> dict[str, float]:
+    def alignment(self, ctx: RunContext) -> dict[str, float]:
         """Appendix A at every layer up to the model's last, for the two alignment concepts."""
         names = tuple(self.alignment_concepts)
         unknown = [n for n in names if n not in {c.name for c in ctx.dataset.concepts}]

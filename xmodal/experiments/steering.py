@@ -2,7 +2,9 @@
 
 Method (seed 000, cross-modal steering), at one decoder layer:
 1. Pick the feature: given (`feature`), or the one most specific to the concept's text
-   (its text activation minus the mean over the other concepts' texts).
+   (its text activation minus the mean over the other concepts' texts). With
+   `feature_source=image` the choice uses the concept's images instead: a positive
+   control showing what steering a feature the images really use does.
 2. Describe images of other concepts while steering that feature at layer L (add its
    decoder direction times strength x scale, or clamp it to strength x scale; scale is
    the feature's largest pooled activation on the dataset), at image tokens, text
@@ -57,6 +59,7 @@ class SteeringEval(Experiment):
         name: str = "steering",
         concept: str = "snow",
         feature: int | None = None,
+        feature_source: str = "text",
         mode: str = "add",
         where: str = "image",
         strengths: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0),
@@ -71,12 +74,15 @@ class SteeringEval(Experiment):
     ) -> None:
         if mode not in ("add", "clamp"):
             raise ConfigError(f"experiment.mode={mode!r}; use add or clamp")
+        if feature_source not in ("text", "image"):
+            raise ConfigError(f"experiment.feature_source={feature_source!r}; use text or image")
         if where not in ("image", "text", "both"):
             raise ConfigError(f"experiment.where={where!r}; use image, text or both")
         if 0.0 not in strengths:
             strengths = (0.0, *strengths)  # the unsteered reference is always measured
         self.concept = concept
         self.feature = feature
+        self.feature_source = feature_source
         self.mode = mode
         self.where = where
         self.strengths = sorted(float(s) for s in strengths)
@@ -101,10 +107,12 @@ class SteeringEval(Experiment):
         d_sae = codes.text.shape[1]
         scale = np.maximum(codes.text.max(axis=0), codes.image.max(axis=0))
         if self.feature is None:
-            others = np.delete(codes.text, concept_index, axis=0)
-            specificity = codes.text[concept_index] - others.mean(axis=0)
+            # text: the method's choice; image: a positive control (a feature the images themselves use)
+            by_concept = codes.text if self.feature_source == "text" else codes.image_by_concept()
+            others = np.delete(by_concept, concept_index, axis=0)
+            specificity = by_concept[concept_index] - others.mean(axis=0)
             feature = int(np.argmax(specificity))
-            log.info("feature %d is the most specific to %r's text (specificity %.3f)", feature, self.concept, specificity[feature])
+            log.info("feature %d is the most specific to %r's %s (specificity %.3f)", feature, self.concept, self.feature_source, specificity[feature])
         else:
             feature = int(self.feature)
             if not 0 <= feature < d_sae:
