@@ -170,7 +170,8 @@ class SteeringEval(Experiment):
         concept = self.target_concept(ctx)
         concept_index = [c.name for c in ctx.dataset.concepts].index(concept.name)
         words = self.concept_words.get(concept.name, [concept.text])
-        first_tokens = [ctx.model.tokenizer(" " + w.strip(), add_special_tokens=False)["input_ids"] if w.strip() else [] for w in words]
+        # no leading space: the first answer token starts the model's turn ("red", not " red")
+        first_tokens = [ctx.model.tokenizer(w.strip(), add_special_tokens=False)["input_ids"] if w.strip() else [] for w in words]
         if not words or not all(first_tokens):
             raise DatasetError(f"concept words {words} of {concept.name!r} give no tokens; give non-empty words (experiment.concept_words)")
         word_token = first_tokens[0][0]
