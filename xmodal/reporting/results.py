@@ -20,6 +20,12 @@ RESULT_FILE = "result.json"
 FAILURE_FILE = "failure.json"  # a failed job's error line; never mistaken for a result
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     """Call write(tmp_path) and rename the result onto `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +33,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; results are for the whole group
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
