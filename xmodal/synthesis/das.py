@@ -18,6 +18,7 @@ if it were synthesised alone.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -105,7 +106,7 @@ def augment(images: torch.Tensor, copies: int, shift: int, noise_std: float, gen
         padded = F.interpolate(x, size=(side + 2 * shift, side + 2 * shift), mode="bilinear", align_corners=False)
         offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator).tolist()
         x = torch.stack([padded[i, :, dy : dy + side, dx : dx + side] for i, (dy, dx) in enumerate(offsets)])
-    if noise_std > 0:
+    if noise_std > 0:  # drawn on the CPU generator: the same seed gives the same noise on any device
         x = x + noise_std * torch.randn(x.shape, generator=generator).to(x.device)
     return x
 
@@ -171,7 +172,7 @@ class ImageReader:
 @dataclass
 class Synthesis:
     images: torch.Tensor  # (n_concepts, 3, S, S) in [0, 1], without augmentation
-    trajectory: pd.DataFrame  # step, concept index, cosine (mean over the augmented copies), loss
+    trajectory: pd.DataFrame  # step, concept_index, cosine (mean over the augmented copies), sigma
     grey_mean: torch.Tensor
     seconds_per_step: float
 
@@ -180,8 +181,6 @@ def synthesise(
     reader: ImageReader, concept_vectors: torch.Tensor, settings: DASSettings, seed: int, progress: bool = True
 ) -> Synthesis:
     """Optimise one image per concept vector (rows of `concept_vectors`) at the reader's layer."""
-    import time
-
     n = concept_vectors.shape[0]
     side = reader.side
     resolutions = list(settings.resolutions or default_resolutions(side))
