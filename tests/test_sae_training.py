@@ -19,12 +19,15 @@ def planted_activations(n: int = 4000, d_in: int = 32, n_atoms: int = 48, active
     return codes @ atoms + 2.0 * torch.ones(d_in)
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
-def test_trained_sae_reconstructs_and_loads_with_sae_lens(architecture, tmp_path):
+@pytest.mark.parametrize("architecture,decoder_init", [("topk", "data"), ("topk", "random"), ("batchtopk", "data")])
+def test_trained_sae_reconstructs_and_loads_with_sae_lens(architecture, decoder_init, tmp_path):
     from sae_lens import SAE
 
     acts = planted_activations()
-    sae = train_topk_sae(acts, layer=3, d_sae=64, k=4, total_samples=40 * len(acts), batch_size=256, lr=4e-3, seed=0, architecture=architecture)
+    sae = train_topk_sae(
+        acts, layer=3, d_sae=64, k=4, total_samples=40 * len(acts), batch_size=256, lr=4e-3, seed=0,
+        architecture=architecture, decoder_init=decoder_init,
+    )
     sae.save_inference_model(tmp_path / "sae")
     loaded = SAE.load_from_disk(tmp_path / "sae", device="cpu")
     with torch.no_grad():
@@ -37,3 +40,10 @@ def test_trained_sae_reconstructs_and_loads_with_sae_lens(architecture, tmp_path
 def test_unknown_architecture_is_refused():
     with pytest.raises(ValueError, match="architecture='gated'"):
         train_topk_sae(torch.zeros(10, 4), 0, 8, 2, 10, 5, 1e-3, 0, architecture="gated")
+
+
+def test_bad_decoder_init_is_refused():
+    with pytest.raises(ValueError, match="decoder_init='pca'"):
+        train_topk_sae(torch.zeros(10, 4), 0, 8, 2, 10, 5, 1e-3, 0, decoder_init="pca")
+    with pytest.raises(ValueError, match="at least d_sae=8"):
+        train_topk_sae(torch.zeros(4, 4), 0, 8, 2, 10, 5, 1e-3, 0)

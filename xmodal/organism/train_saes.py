@@ -40,6 +40,7 @@ class SAETrainConfig:
     d_sae: int = 256
     k: int = 32
     architecture: str = "topk"  # topk | batchtopk (sae-lens; saved for inference as JumpReLU)
+    decoder_init: str = "random"  # random (sae-lens's; the shipped SAEs) | data (features start on random training tokens)
     epochs: float = 20.0
     batch_size: int = 1024
     lr: float = 4e-4
@@ -64,7 +65,7 @@ def train_saes(cfg: SAETrainConfig) -> pd.DataFrame:
         log.info("Layer %d: %d training tokens, %d samples in all", layer, len(activations), total)
         sae = train_topk_sae(
             activations, layer, cfg.d_sae, cfg.k, total, cfg.batch_size, cfg.lr, cfg.seed, str(adapter.device),
-            model_name="xmodal-organism", architecture=cfg.architecture,
+            model_name="xmodal-organism", architecture=cfg.architecture, decoder_init=cfg.decoder_init,
         )
         sae = sae.to(torch.float16)
         sae.cfg.dtype = "float16"

@@ -32,11 +32,14 @@ def train_topk_sae(
     device: str = "cpu",
     model_name: str = "xmodal",
     architecture: str = "topk",
+    decoder_init: str = "data",
 ) -> Any:
     """A sae-lens TopK or BatchTopK SAE (with the auxiliary loss against dead features) fitted to `activations`.
 
     BatchTopK keeps the k x batch largest activations over the whole batch, so a token may use
     more or fewer than k features; sae-lens saves it for inference as a JumpReLU SAE.
+    decoder_init="data" starts each feature on a random training row (centred); "random" keeps
+    sae-lens's random directions.
     """
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
@@ -47,6 +50,10 @@ def train_topk_sae(
     architectures = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig), "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig)}
     if architecture not in architectures:
         raise ValueError(f"architecture={architecture!r}; use one of {sorted(architectures)}")
+    if decoder_init not in ("data", "random"):
+        raise ValueError(f"decoder_init={decoder_init!r}; use 'data' or 'random'")
+    if decoder_init == "data" and len(activations) < d_sae:
+        raise ValueError(f"decoder_init='data' needs at least d_sae={d_sae} activation rows, got {len(activations)}")
     sae_class, config_class = architectures[architecture]
     torch.manual_seed(seed)
     cfg = config_class(
@@ -64,6 +71,15 @@ def train_topk_sae(
     scale = activations.shape[1] ** 0.5 / activations.norm(dim=1).mean()
     with torch.no_grad():
         sae.b_dec.copy_((activations.mean(dim=0) * scale).to(sae.b_dec.dtype))
+        if decoder_init == "data":
+            # Each feature starts pointing at a real token (minus the mean), so each one wins the
+            # top-k somewhere from step 0; random directions in a low-rank residual stream mostly
+            # never do, and the auxiliary loss does not revive them (measured at layer 5 of the
+            # organism: 39% of 256 features dead with random directions, 15% with these).
+            rows = torch.randperm(len(activations), generator=torch.Generator().manual_seed(seed))[:d_sae]
+            directions = torch.nn.functional.normalize(activations[rows] - activations.mean(dim=0), dim=1)
+            sae.W_dec.copy_((directions * sae.W_dec.norm(dim=1, keepdim=True)).to(sae.W_dec.dtype))
+            sae.W_enc.copy_(directions.T.to(sae.W_enc.dtype))
     steps = total_samples // batch_size
     trainer_cfg = SAETrainerConfig(
         total_training_samples=total_samples,
