@@ -109,3 +109,50 @@ def test_training_candidates_keep_caption_tokens_and_add_competitors():
     candidates.add_competitors(logits, per_position=1)
     assert candidates.ids.tolist() == [3, 5, 9, 17]
     assert candidates.index[torch.tensor([3, 5, 9, 17])].tolist() == [0, 1, 2, 3] and candidates.index[4] == -100
+
+
+def test_vision_pretraining_resumes_after_a_kill_with_the_same_weights(organism_model, tmp_path, monkeypatch):
+    """Stage 1 checkpoints; a run killed after its checkpoint ends where an uninterrupted run does."""
+    from types import SimpleNamespace
+
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from xmodal.organism import train
+    from xmodal.organism.model import MM_TOKENS_PER_IMAGE, VISION
+
+    cfg = train.TrainConfig(pretrain_steps=4, pretrain_batch_size=4, checkpoint_every=2, log_every=1, warmup_steps=1)
+
+    def fresh() -> tuple[SimpleNamespace, train.AttributeHeads]:
+        torch.manual_seed(0)
+        tower = SiglipVisionModel(SiglipVisionConfig(**VISION))
+        return SimpleNamespace(model=SimpleNamespace(vision_tower=tower)), train.AttributeHeads(VISION["hidden_size"], int(MM_TOKENS_PER_IMAGE**0.5))
+
+    reference, reference_heads = fresh()
+    (tmp_path / "reference").mkdir()
+    train.pretrain_vision(reference, reference_heads, organism_model.processor, cfg, tmp_path / "reference")
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    real_images = world.captioned_images
+
+    def dies_at_step_3(seed, *args):
+        if seed == cfg.seed * 1_000_003 + 50_000_000 + 3:
+            raise KeyboardInterrupt
+        return real_images(seed, *args)
+
+    monkeypatch.setattr(train.world, "captioned_images", dies_at_step_3)
+    model, heads = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        train.pretrain_vision(model, heads, organism_model.processor, cfg, killed)
+    assert (killed / "pretrain_checkpoint.pt").exists()
+    drawn = []
+    monkeypatch.setattr(train.world, "captioned_images", lambda seed, *args: drawn.append(seed) or real_images(seed, *args))
+
+    model, heads = fresh()  # a new process: weights from scratch, state from the checkpoint
+    train.pretrain_vision(model, heads, organism_model.processor, cfg, killed)
+    assert len(drawn) == 2  # steps 3 and 4 only
+    for name, weight in reference.model.vision_tower.state_dict().items():
+        assert torch.equal(weight, model.model.vision_tower.state_dict()[name]), name
+    import pandas as pd
+
+    assert pd.read_csv(killed / "pretrain_log.csv")["step"].tolist() == [1, 2, 3, 4]

@@ -163,14 +163,27 @@ class AttributeHeads(torch.nn.Module):
 
 
 def pretrain_vision(model: torch.nn.Module, heads: AttributeHeads, processor: Any, cfg: "TrainConfig", out_dir: Path) -> None:
-    """Stage 1: the vision tower and attribute heads alone, on fresh world images."""
+    """Stage 1: the vision tower and attribute heads alone, on fresh world images.
+
+    Checkpoints every `checkpoint_every` steps to pretrain_checkpoint.pt; with `resume` a killed
+    run goes on from there and ends with the same weights (batches are seeded by step).
+    """
     from tqdm.auto import tqdm
 
     tower = model.model.vision_tower
     optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.pretrain_steps))
-    rows, device = [], next(tower.parameters()).device
-    progress = tqdm(range(cfg.pretrain_steps), desc="organism vision pretraining")
+    start_step, rows, device = 0, [], next(tower.parameters()).device
+    checkpoint = out_dir / "pretrain_checkpoint.pt"
+    if cfg.resume and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        tower.load_state_dict(state["tower"])
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_step, rows = int(state["step"]), list(state["rows"])
+        log.info("Resuming vision pretraining from step %d (%s)", start_step, checkpoint)
+    progress = tqdm(range(start_step, cfg.pretrain_steps), desc="organism vision pretraining", initial=start_step, total=cfg.pretrain_steps)
     for step in progress:
         pairs = list(world.captioned_images(cfg.seed * 1_000_003 + 50_000_000 + step, cfg.pretrain_batch_size, cfg.word_fraction))
         pixels = processor.image_processor([image for image, _ in pairs], return_tensors="pt")["pixel_values"].to(device)
@@ -189,6 +202,11 @@ def pretrain_vision(model: torch.nn.Module, heads: AttributeHeads, processor: An
             tmp = out_dir / "pretrain_log.csv.tmp"
             frame.groupby((frame["step"] - 1) // cfg.log_every).mean().assign(step=lambda f: f["step"].round()).to_csv(tmp, index=False)
             tmp.replace(out_dir / "pretrain_log.csv")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.pretrain_steps:
+            state = {"tower": tower.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict(), "step": step + 1, "rows": rows}  # fmt: skip
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)
 
 
 class CandidateVocabulary:
@@ -257,6 +275,7 @@ def train(cfg: TrainConfig) -> Path:
         pretrain_vision(model, heads, adapter.processor, cfg, out_dir)
         torch.save({"tower": model.model.vision_tower.state_dict(), "heads": heads.state_dict()}, out_dir / "pretrained_vision.pt.tmp")
         (out_dir / "pretrained_vision.pt.tmp").replace(pretrained)
+        (out_dir / "pretrain_checkpoint.pt").unlink(missing_ok=True)  # pretrained_vision.pt supersedes it
     vision_out: dict[str, torch.Tensor] = {}
     model.model.vision_tower.register_forward_hook(lambda m, a, out: vision_out.__setitem__("patches", out.last_hidden_state))
     unembedding = model.lm_head.weight  # tied to the input embedding, frozen
