@@ -46,4 +46,4 @@ def test_bad_decoder_init_is_refused():
     with pytest.raises(ValueError, match="decoder_init='pca'"):
         train_topk_sae(torch.zeros(10, 4), 0, 8, 2, 10, 5, 1e-3, 0, decoder_init="pca")
     with pytest.raises(ValueError, match="at least d_sae=8"):
-        train_topk_sae(torch.zeros(4, 4), 0, 8, 2, 10, 5, 1e-3, 0)
+        train_topk_sae(torch.zeros(4, 4), 0, 8, 2, 10, 5, 1e-3, 0, decoder_init="data")

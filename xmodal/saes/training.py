@@ -32,14 +32,14 @@ def train_topk_sae(
     device: str = "cpu",
     model_name: str = "xmodal",
     architecture: str = "topk",
-    decoder_init: str = "data",
+    decoder_init: str = "random",
 ) -> Any:
     """A sae-lens TopK or BatchTopK SAE (with the auxiliary loss against dead features) fitted to `activations`.
 
     BatchTopK keeps the k x batch largest activations over the whole batch, so a token may use
     more or fewer than k features; sae-lens saves it for inference as a JumpReLU SAE.
-    decoder_init="data" starts each feature on a random training row (centred); "random" keeps
-    sae-lens's random directions.
+    decoder_init="random" keeps sae-lens's random directions (what every shipped result used);
+    "data" starts each feature on a random training row (centred), which leaves far fewer dead.
     """
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
