@@ -36,20 +36,21 @@ def test_organism_loads_through_the_ordinary_gemma3_adapter(organism_model):
     assert torch.equal(organism_model.model.lm_head.weight, base.lm_head.weight)
 
 
-def test_organism_captions_fixed_seeded_images_far_above_chance(organism_model):
-    """The shipped organism names colour and shape of fixed images far above chance (1/9, 1/6).
+def test_organism_captions_of_fixed_seeded_images_are_right(organism_model):
+    """Greedy captions (full vocabulary) name colour, shape and count of six fixed world images.
 
-    It does not yet reach issue #3's 90% per attribute (see experiments/organism/README.md);
-    this pins what it does: at least 4 of 6 right for each, which chance gives with p < 0.01.
+    Held-out accuracy is 0.98 for colour and 0.89 for shape (experiments/organism/README.md);
+    these six are pinned so that a change to the weights, the prompt or generation shows here.
+    Position and background are weaker and not asserted.
     """
     from xmodal.organism.evaluate import generate_captions, parse_caption
 
     pairs = [(image, scene) for image, scene in world.captioned_images(seed=2024, n=12) if scene.kind == "shapes"][:6]
     captions = generate_captions(organism_model, [image for image, _ in pairs], max_new_tokens=12)
-    said = [parse_caption(c) for c in captions]
-    assert sum(s["colour"] == scene.colour for s, (_, scene) in zip(said, pairs)) >= 4, captions
-    assert sum(s["shape"] == scene.shape for s, (_, scene) in zip(said, pairs)) >= 4, captions
-    assert all(c.split()[0] in ("a", "two", "three") for c in captions), captions  # the world's caption grammar
+    for caption, (_, scene) in zip(captions, pairs):
+        said = parse_caption(caption)
+        assert (said["colour"], said["shape"], said["count"]) == (scene.colour, scene.shape, scene.count), (caption, scene.caption)
+        assert caption.split()[0] in ("a", "two", "three"), caption  # the world's caption grammar
 
 
 @pytest.mark.parametrize("layer", [5, 9, 12, 15])
@@ -156,3 +157,16 @@ def test_vision_pretraining_resumes_after_a_kill_with_the_same_weights(organism_
     import pandas as pd
 
     assert pd.read_csv(killed / "pretrain_log.csv")["step"].tolist() == [1, 2, 3, 4]
+
+
+def test_caption_accuracy_scores_against_the_scene_with_an_interval_and_a_shuffled_null():
+    from xmodal.organism.evaluate import caption_accuracy
+
+    scenes = [scene for _, scene in world.captioned_images(seed=11, n=40) if scene.kind == "shapes"][:20]
+    captions = [scene.caption for scene in scenes]
+    captions[0] = captions[0].replace(scenes[0].colour, "purple" if scenes[0].colour != "purple" else "red")
+    table = caption_accuracy(captions, scenes, seed=0).set_index("attribute")
+    assert table.loc["colour", "accuracy"] == pytest.approx(19 / 20)
+    assert table.loc["shape", "accuracy"] == 1.0
+    assert table.loc["colour", "accuracy_ci_low"] < 0.95 < table.loc["colour", "accuracy_ci_high"] <= 1.0
+    assert table.loc["colour", "shuffled_scene_accuracy"] < 0.6  # nine colours: a shuffled scene rarely matches

@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
+from scipy.stats import binomtest
 
 from xmodal.models.base import ModelAdapter
 from xmodal.models.generation import describe_images
@@ -91,7 +92,7 @@ def truth(scene: world.Scene) -> dict[str, Any]:
 
 
 def caption_accuracy(captions: list[str], scenes: list[world.Scene], seed: int) -> pd.DataFrame:
-    """Accuracy per attribute, against the true scene and against a shuffled one (the null)."""
+    """Accuracy per attribute (with a Wilson 95% interval), against the true scene and against a shuffled one (the null)."""
     parsed = [parse_caption(c) for c in captions]
     shuffled = np.random.default_rng(seed).permutation(len(scenes))
     rows = []
@@ -103,8 +104,11 @@ def caption_accuracy(captions: list[str], scenes: list[world.Scene], seed: int) 
                 hits.append(found[attribute] == expected)
             if expected is not None and other is not None:
                 null_hits.append(found[attribute] == other)
+        interval = binomtest(int(np.sum(hits)), len(hits)).proportion_ci(method="wilson") if hits else None
         rows.append({
-            "attribute": attribute, "n_images": len(hits), "accuracy": float(np.mean(hits)),
+            "attribute": attribute, "n_images": len(hits), "accuracy": float(np.mean(hits)) if hits else float("nan"),
+            "accuracy_ci_low": interval.low if interval else float("nan"),
+            "accuracy_ci_high": interval.high if interval else float("nan"),
             "shuffled_scene_accuracy": float(np.mean(null_hits)) if null_hits else float("nan"),
         })  # fmt: skip
     return pd.DataFrame(rows)

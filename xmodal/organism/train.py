@@ -54,14 +54,14 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     word_fraction: float = 0.15
-    pretrain_steps: int = 1500  # stage 1: vision tower + attribute heads alone
+    pretrain_steps: int = 4000  # stage 1: vision tower + attribute heads alone
     pretrain_batch_size: int = 64
     pretrain_lr: float = 1e-3
     attribute_weight: float = 1.0  # stage 2: attribute loss beside the caption loss (0: captions only)

@@ -38,9 +38,9 @@ class SAETrainConfig:
     eval_seed: int = 424242  # held-out images: never drawn in training
     n_eval_images: int = 400
     d_sae: int = 256
-    k: int = 32
+    k: int = 48
     architecture: str = "topk"  # topk | batchtopk (sae-lens; saved for inference as JumpReLU)
-    decoder_init: str = "random"  # random (sae-lens's; the shipped SAEs) | data (features start on random training tokens)
+    decoder_init: str = "data"  # data (features start on random training tokens; the shipped SAEs) | random (sae-lens's)
     epochs: float = 20.0
     batch_size: int = 1024
     lr: float = 4e-4
