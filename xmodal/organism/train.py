@@ -72,6 +72,9 @@ class TrainConfig:
     max_candidates: int = 32768
     checkpoint_every: int = 100
     resume: bool = True  # continue from out_dir/checkpoint.pt if it is there
+    # Start stage 2 from these vision weights (e.g. the shipped ones) and skip stage 1: a second round
+    # of caption training. The attribute heads start fresh (they are not shipped).
+    init_vision: str | None = None
     device: str = "auto"
     out_dir: str = "outputs/organism_train"
     model_cache: str = "~/.cache/xmodal/models"
@@ -257,7 +260,7 @@ def train(cfg: TrainConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter = organism(model_cache=cfg.model_cache, device=cfg.device)
     device = adapter.device
-    model = build_organism(cfg.model_cache, None, init_seed=cfg.seed).to(device)
+    model = build_organism(cfg.model_cache, cfg.init_vision, init_seed=cfg.seed).to(device)
     model.requires_grad_(False)
     trained = [p for name, p in model.named_parameters() if name.startswith(("model.vision_tower.", "model.multi_modal_projector."))]
     for p in trained:
@@ -266,7 +269,9 @@ def train(cfg: TrainConfig) -> Path:
     grid = int(model.config.mm_tokens_per_image**0.5)
     heads = AttributeHeads(model.config.vision_config.hidden_size, grid).to(device)
     pretrained = out_dir / "pretrained_vision.pt"
-    if cfg.resume and pretrained.exists():
+    if cfg.init_vision is not None:
+        log.info("Starting caption training from %s (no vision pretraining)", cfg.init_vision)
+    elif cfg.resume and pretrained.exists():
         state = torch.load(pretrained, map_location=device, weights_only=True)
         model.model.vision_tower.load_state_dict(state["tower"])
         heads.load_state_dict(state["heads"])
