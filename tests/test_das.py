@@ -12,6 +12,8 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from xmodal.activations.extract import extract_activations
+from xmodal.experiments.base import RunContext
+from xmodal.experiments.das import DASynthesis
 from xmodal.synthesis.concept_vectors import WORD_POSITIONS, baseline_words, concept_vectors, word_dataset
 from xmodal.synthesis.das import DASSettings, ImageReader, MultiResolutionImage, aggregate, augment, cosine_matrix, synthesise
 
@@ -75,6 +77,23 @@ def test_concept_vector_equals_manual_computation(tiny):
     assert torch.allclose(vectors[0], manual_word_activation(tiny, "zebra", LAYER) - manual_baseline, atol=1e-4)
 
 
+def test_image_concept_vectors_are_each_concepts_mean_image_minus_all_images(tiny, synthetic, positions):
+    """The positive control's vectors (concept_source=image), against output_hidden_states image by image."""
+    ctx = RunContext(model=tiny, features=None, dataset=synthetic, layer=LAYER, seed=0, positions=positions, cache=None,
+                     writer=None, progress=False)  # fmt: skip
+    das = DASynthesis(concepts=["red_circle", "blue_square"], concept_source="image")
+    vectors = das.image_vectors(ctx, das.targets(synthetic))
+    means = {}
+    for image in synthetic.images:
+        inputs = tiny.image_inputs([image.load()], positions.image_prompt, positions.use_chat_template)
+        with torch.no_grad():
+            hidden = tiny.model(**inputs, output_hidden_states=True).hidden_states[LAYER + 1]
+        means.setdefault(image.concept, []).append(hidden[0, tiny.image_token_mask(inputs["input_ids"])[0]].mean(dim=0))
+    everything = torch.stack([m for ms in means.values() for m in ms]).mean(dim=0)
+    for vector, name in zip(vectors, ["red_circle", "blue_square"]):
+        assert torch.allclose(vector, torch.stack(means[name]).mean(dim=0) - everything, atol=1e-4)
+
+
 def test_normalised_pixels_match_the_processor(tiny):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     expected = tiny.image_inputs([image], "", True)["pixel_values"]
@@ -136,6 +155,8 @@ def test_das_sweep_writes_images_tables_and_a_contact_sheet(tmp_path):
     (["experiment.concepts=[red_circle,' ']"], "experiment.concepts has an empty concept ' '"),
     (["layer=6"], "layer=6 is out of range for model 'tiny'"),
     (["experiment.judge=vlm"], "experiment.judge=vlm needs experiment.judge_model"),
+    (["experiment.concept_source=pixels"], "experiment.concept_source='pixels'; use text"),
+    (["experiment.concept_source=image", "experiment.concepts=[red_circle,zebra]"], "has none of ['zebra']"),
 ])  # fmt: skip
 def test_das_bad_input_is_one_clear_error(tmp_path, overrides, message):
     proc = run_cli("experiment=das", "experiment.steps=2", "experiment.alignment_concepts=[]", *overrides,
@@ -181,3 +202,18 @@ def test_organism_judge_reads_rendered_world_images():
     image = world.render(scene, np.random.default_rng(0))
     table = judge.judge([image, image], ["blue", "red"], ["colour", "colour"])
     assert list(table["recognised"]) == [1.0, 0.0]
+
+
+def test_organism_judge_names_the_colour_an_image_is_filled_with():
+    """A DAS image may be its colour throughout: the dominant colour is the answer, not the backdrop."""
+    from xmodal.organism import world
+    from xmodal.synthesis.judges import OrganismJudge
+
+    judge = OrganismJudge(seed=0, n_train=200)
+    rng = np.random.default_rng(0)
+    for name, rgb in world.COLOURS.items():
+        filled = np.clip(np.array(rgb) / 255 + rng.normal(0, 0.05, (64, 64, 3)), 0, 1)
+        filled[:20] = 1.0  # a white band, and a grey one: neither votes
+        filled[20:30] = 0.5
+        assert judge.predict_colour(Image.fromarray((filled * 255).astype(np.uint8))) == name
+    assert judge.predict_colour(Image.new("RGB", (64, 64), (128, 128, 128))) == "none"

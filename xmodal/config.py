@@ -284,6 +284,7 @@ class DASConfig(ExperimentConfig):
     judge_samples: int = 10
     alignment_concepts: list[str] = field(default_factory=list)  # two dataset concepts for the apples/oranges check
     n_permutations: int = 1000
+    concept_source: str = "text"  # text (seed 004) | image: a positive control, the concept's images minus all images
 
 
 # --------------------------------------------------------------- logger ----

@@ -18,6 +18,12 @@ Method (seed 004), at one decoder layer L:
 5. The apples/oranges check (Appendix A): at every layer, the cosine between two
    concept vectors and real images of each, matched against mismatched, with a
    permutation test over the image labels.
+
+A positive control that is not in seed 004: with concept_source=image the concept
+vector is the mean image representation of the dataset's images of the concept minus
+that of all its images. Synthesis towards a direction the model is known to use for
+images tells a failure of the method (or of the judge) apart from text and image
+representations that do not align.
 """
 
 from __future__ import annotations
@@ -70,8 +76,11 @@ class DASynthesis(Experiment):
         judge_samples: int = 10,
         alignment_concepts: Sequence[str] = (),
         n_permutations: int = 1000,
+        concept_source: str = "text",
         **settings: Any,
     ) -> None:
+        if concept_source not in ("text", "image"):
+            raise ConfigError(f"experiment.concept_source={concept_source!r}; use text (seed 004) or image (a positive control)")
         if judge not in ("organism", "vlm", "none"):
             raise ConfigError(f"experiment.judge={judge!r}; use organism, vlm or none")
         if judge == "vlm" and not judge_model:
@@ -89,6 +98,7 @@ class DASynthesis(Experiment):
         self.judge, self.judge_model, self.judge_samples = judge, judge_model, judge_samples
         self.alignment_concepts = list(alignment_concepts)
         self.n_permutations = n_permutations
+        self.concept_source = concept_source
         self.settings = settings  # the rest of DASSettings
 
     # ------------------------------------------------------------ choices --
@@ -119,15 +129,13 @@ class DASynthesis(Experiment):
     # ---------------------------------------------------------------- run --
     def run(self, ctx: RunContext) -> dict[str, float]:
         targets = self.targets(ctx.dataset)
-        words = word_dataset([t.word for t in targets] + list(baseline_words()))
-        acts = ctx.activations(positions=WORD_POSITIONS, dataset=words, modalities=("text",))[ctx.layer]
-        vectors, _ = concept_vectors(acts, words, [t.word for t in targets], baseline_words())
+        vectors = self.text_vectors(ctx, targets) if self.concept_source == "text" else self.image_vectors(ctx, targets)
 
         lr, temperature = self.preset(ctx.layer, ctx.model.num_layers)
         settings = DASSettings(lr=lr, temperature=temperature, **self.settings)
         reader = ImageReader(ctx.model, ctx.layer, settings.prompt)
-        log.info("DAS at layer %d: %d concepts, %d steps x batch %d, lr %g, temperature %g",
-                 ctx.layer, len(targets), settings.steps, settings.batch_size, lr, temperature)  # fmt: skip
+        log.info("DAS at layer %d: %d concepts (%s vectors), %d steps x batch %d, lr %g, temperature %g",
+                 ctx.layer, len(targets), self.concept_source, settings.steps, settings.batch_size, lr, temperature)  # fmt: skip
 
         images, trajectories, step_seconds = [], [], []
         with ctx.timed("synthesis"):
@@ -163,6 +171,25 @@ class DASynthesis(Experiment):
         log.info("layer %d: final cosine %.3f (other concepts' images %.3f, p=%.3g)", ctx.layer,
                  metrics["final_cosine"], metrics["final_cosine_null_mean"], metrics["final_cosine_p"])  # fmt: skip
         return metrics
+
+    def text_vectors(self, ctx: RunContext, targets: list[Target]) -> torch.Tensor:
+        """Seed 004's concept vectors: each word in the chat template minus the baseline words' mean."""
+        words = word_dataset([t.word for t in targets] + list(baseline_words()))
+        acts = ctx.activations(positions=WORD_POSITIONS, dataset=words, modalities=("text",))[ctx.layer]
+        return concept_vectors(acts, words, [t.word for t in targets], baseline_words())[0]
+
+    def image_vectors(self, ctx: RunContext, targets: list[Target]) -> torch.Tensor:
+        """The positive control: mean image representation of each concept's images minus that of all images."""
+        have = {img.concept for img in ctx.dataset.images}
+        missing = [t.name for t in targets if t.name not in have]
+        if missing:
+            raise DatasetError(f"experiment.concept_source=image needs images of every concept; dataset {ctx.dataset.name!r} "
+                               f"has none of {missing}")  # fmt: skip
+        acts = ctx.activations(modalities=("image",))[ctx.layer]
+        per_image = acts.image_tokens.float().mean(dim=1)  # the unweighted image representation
+        image_concepts = np.array(acts.image_concepts)
+        baseline = per_image.mean(dim=0)
+        return torch.stack([per_image[torch.from_numpy(image_concepts == t.name)].mean(dim=0) for t in targets]) - baseline
 
     def cosine_metrics(self, cosines: np.ndarray, seed: int) -> dict[str, float]:
         """Own-concept cosine against images made for other concepts (permuting the images)."""

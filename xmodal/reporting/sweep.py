@@ -148,7 +148,10 @@ def report_markdown(sweep_dir: Path, summary: pd.DataFrame, figures: list[Path],
 
 
 def das_contact_sheets(summary: pd.DataFrame, sweep_dir: Path) -> list[Path]:
-    """One sheet per model: DAS images with concepts as rows and layers as columns."""
+    """One sheet per model: DAS images with concepts as rows and jobs (layers) as columns.
+
+    When the sweep varies more than the layer, each column also names the overrides that vary.
+    """
     from PIL import Image
 
     from xmodal.reporting.figures import image_grid
@@ -156,13 +159,17 @@ def das_contact_sheets(summary: pd.DataFrame, sweep_dir: Path) -> list[Path]:
     paths: list[Path] = []
     done = summary[(summary["status"] == "ok") & (summary["experiment"] == "das")] if "experiment" in summary else summary.iloc[0:0]
     for model, frame in done.groupby("model"):
-        frame = frame.sort_values("layer")
-        by_layer = {int(r.layer): sweep_dir / r.job / "images" for r in frame.itertuples()}
-        concepts = sorted({p.stem.removeprefix("das_") for d in by_layer.values() for p in d.glob("das_*.png")})
+        varying = [c for c in frame.columns if c.startswith("override.") and c != "override.layer" and frame[c].astype(str).nunique() > 1]
+        frame = frame.sort_values(["layer", *varying])
+        columns = {
+            "\n".join([f"layer {int(row['layer'])}", *(f"{c.rsplit('.', 1)[-1]}={row[c]}" for c in varying)]): sweep_dir / row["job"] / "images"
+            for _, row in frame.iterrows()
+        }  # fmt: skip
+        concepts = sorted({p.stem.removeprefix("das_") for d in columns.values() for p in d.glob("das_*.png")})
         if not concepts:
             continue
-        grid = [[Image.open(d / f"das_{c}.png").copy() if (d / f"das_{c}.png").exists() else None for d in by_layer.values()] for c in concepts]
-        fig = image_grid(grid, concepts, [f"layer {layer}" for layer in by_layer], f"DAS contact sheet: {model}")
+        grid = [[Image.open(d / f"das_{c}.png").copy() if (d / f"das_{c}.png").exists() else None for d in columns.values()] for c in concepts]
+        fig = image_grid(grid, concepts, list(columns), f"DAS contact sheet: {model}")
         path = sweep_dir / "figures" / f"das__contact_sheet__{model}.png"
         atomic_write(path, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight", format="png"))
         plt.close(fig)

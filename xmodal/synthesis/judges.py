@@ -1,8 +1,10 @@
 """Independent judges of whether a synthesised image shows its concept.
 
 - `OrganismJudge` (offline, for the organism): its world is known, so the judge is a
-  program. Colour: the palette colour most of the image's non-grey pixels are closest
-  to. Shape: a logistic-regression classifier (scikit-learn) trained on rendered
+  program. Colour: the palette colour most of the image's coloured pixels are closest
+  to; pixels closer to the grey canvas DAS starts from or to the world's white backdrop
+  than to any palette colour do not vote, nor does a world background filling the
+  image (sky, grass ...). Shape: a logistic-regression classifier (scikit-learn) trained on rendered
   world images, reading the map of how far each pixel is from the image's median
   colour. Its accuracy on fresh rendered images is reported as the judge's ceiling.
 - `VLMJudge` (real models): another VLM, loaded through the adapters, asked seed
@@ -54,6 +56,8 @@ class OrganismJudge:
         self.min_distance = min_distance
         self.palette = np.array(list(world.COLOURS.values()), dtype=np.float32) / 255.0
         self.colour_names = list(world.COLOURS)
+        self.achromatic = np.array([[0.5, 0.5, 0.5], np.array(world.BACKGROUNDS["plain"][0]) / 255.0], dtype=np.float32)
+        self.backgrounds = np.array([colour for colour, _ in world.BACKGROUNDS.values()], dtype=np.float32) / 255.0
         train_scenes, train_images = self._single_shapes(seed, n_train)
         self.shape_classifier = LogisticRegression(max_iter=3000, C=1.0)
         self.shape_classifier.fit(np.stack([shape_features(i) for i in train_images]), [s.shape for s in train_scenes])
@@ -74,13 +78,16 @@ class OrganismJudge:
 
     def predict_colour(self, image: Image.Image) -> str:
         pixels = _unit_array(image).reshape(-1, 3)
-        coloured = pixels[np.abs(pixels - 0.5).max(axis=1) > self.min_distance]
-        background = np.median(pixels, axis=0)
-        coloured = coloured[np.abs(coloured - background).sum(axis=1) > self.min_distance]  # not the backdrop
-        if len(coloured) == 0:
-            return "none"
-        nearest = np.argmin(((coloured[:, None, :] - self.palette[None]) ** 2).sum(axis=-1), axis=1)
-        return self.colour_names[int(np.bincount(nearest, minlength=len(self.palette)).argmax())]
+        median = np.median(pixels, axis=0)
+        if np.abs(self.backgrounds - median).sum(axis=1).min() < 2 * self.min_distance:
+            # a world background fills the image: its pixels are the backdrop, not the concept
+            pixels = pixels[np.abs(pixels - median).sum(axis=1) > self.min_distance]
+        # Grey (the DAS canvas) and white are not palette colours: such pixels do not vote. The
+        # median is not removed otherwise, since a DAS image may be its concept's colour throughout.
+        references = np.concatenate([self.palette, self.achromatic])
+        nearest = np.argmin(((pixels[:, None, :] - references[None]) ** 2).sum(axis=-1), axis=1)
+        votes = np.bincount(nearest, minlength=len(references))[: len(self.palette)]
+        return self.colour_names[int(votes.argmax())] if votes.sum() else "none"
 
     def predict_shapes(self, images: Sequence[Image.Image]) -> list[str]:
         return list(self.shape_classifier.predict(np.stack([shape_features(i) for i in images])))
