@@ -190,3 +190,13 @@ def test_a_second_round_of_caption_training_starts_from_the_given_weights(organi
     first = pd.read_csv(tmp_path / "train_log.csv").iloc[0]
     # The shipped organism's caption loss is about 0.3 nats a token; a fresh projector's is several.
     assert first["loss"] < 1.0 and first["full_vocab_loss"] < 1.5, first.to_dict()
+
+
+def test_a_missing_init_vision_file_is_one_clear_error_before_anything_is_written(tmp_path):
+    from xmodal.errors import ConfigError
+    from xmodal.organism import train
+
+    out_dir = tmp_path / "round2"
+    with pytest.raises(ConfigError, match="init_vision='/nope/vision.safetensors' is not a file"):
+        train.train(train.TrainConfig(init_vision="/nope/vision.safetensors", out_dir=str(out_dir)))
+    assert not out_dir.exists()

@@ -129,7 +129,10 @@ class DASynthesis(Experiment):
     # ---------------------------------------------------------------- run --
     def run(self, ctx: RunContext) -> dict[str, float]:
         targets = self.targets(ctx.dataset)
-        vectors = self.text_vectors(ctx, targets) if self.concept_source == "text" else self.image_vectors(ctx, targets)
+        if self.concept_source == "text":
+            vectors = self.text_vectors(ctx, [t.word for t in targets], [ctx.layer])[ctx.layer]
+        else:
+            vectors = self.image_vectors(ctx, targets)
 
         lr, temperature = self.preset(ctx.layer, ctx.model.num_layers)
         settings = DASSettings(lr=lr, temperature=temperature, **self.settings)
@@ -172,11 +175,11 @@ class DASynthesis(Experiment):
                  metrics["final_cosine"], metrics["final_cosine_null_mean"], metrics["final_cosine_p"])  # fmt: skip
         return metrics
 
-    def text_vectors(self, ctx: RunContext, targets: list[Target]) -> torch.Tensor:
-        """Seed 004's concept vectors: each word in the chat template minus the baseline words' mean."""
-        words = word_dataset([t.word for t in targets] + list(baseline_words()))
-        acts = ctx.activations(positions=WORD_POSITIONS, dataset=words, modalities=("text",))[ctx.layer]
-        return concept_vectors(acts, words, [t.word for t in targets], baseline_words())[0]
+    def text_vectors(self, ctx: RunContext, concept_words: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
+        """Seed 004's concept vectors per layer: each word in the chat template minus the baseline words' mean."""
+        words = word_dataset(concept_words + list(baseline_words()))
+        acts = ctx.activations(layers, positions=WORD_POSITIONS, dataset=words, modalities=("text",))
+        return {layer: concept_vectors(acts[layer], words, concept_words, baseline_words())[0] for layer in layers}
 
     def image_vectors(self, ctx: RunContext, targets: list[Target]) -> torch.Tensor:
         """The positive control: mean image representation of each concept's images minus that of all images."""
@@ -249,9 +252,7 @@ class DASynthesis(Experiment):
         layers = list(range(ctx.model.num_layers))
         subset = ConceptDataset(f"{ctx.dataset.name}_alignment", concepts, images)
         image_acts = ctx.activations(layers, dataset=subset, modalities=("image",))
-        words = word_dataset([c.text for c in concepts] + list(baseline_words()))
-        word_acts = ctx.activations(layers, positions=WORD_POSITIONS, dataset=words, modalities=("text",))
-        vectors = {layer: concept_vectors(word_acts[layer], words, [c.text for c in concepts], baseline_words())[0] for layer in layers}
+        vectors = self.text_vectors(ctx, [c.text for c in concepts], layers)
         grey = Image.new("RGB", (ctx.model.image_side(),) * 2, (128, 128, 128))
         inputs = ctx.model.image_inputs([grey], ctx.positions.image_prompt, ctx.positions.use_chat_template).to(ctx.model.device)
         mask = ctx.model.image_token_mask(inputs["input_ids"])[0]

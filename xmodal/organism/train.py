@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from xmodal.errors import ConfigError, XmodalError
 from xmodal.organism import world
 from xmodal.organism.model import build_organism, encode_captioned, organism, vision_state_dict
 
@@ -256,6 +257,8 @@ def caption_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
 
 
 def train(cfg: TrainConfig) -> Path:
+    if cfg.init_vision is not None and not Path(cfg.init_vision).is_file():
+        raise ConfigError(f"init_vision={cfg.init_vision!r} is not a file; give the vision.safetensors to start from, or null")
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter = organism(model_cache=cfg.model_cache, device=cfg.device)
@@ -416,7 +419,11 @@ ConfigStore.instance().store(name="organism_train_schema", node=TrainConfig)
 def main(cfg: DictConfig) -> None:
     train_cfg = OmegaConf.to_object(cfg)
     torch.manual_seed(train_cfg.seed)
-    train(train_cfg)
+    try:
+        train(train_cfg)
+    except XmodalError as err:  # a user's mistake: one line and exit 2, as `python -m xmodal.run` does
+        log.error("%s", err)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
