@@ -13,7 +13,9 @@ from PIL import Image
 from tests.conftest import run_cli
 from xmodal.activations.extract import extract_activations
 from xmodal.experiments.base import RunContext
+from xmodal.errors import ConfigError
 from xmodal.experiments.das import DASynthesis
+from xmodal.synthesis.alignment import apples_oranges, pair_gap
 from xmodal.synthesis.concept_vectors import WORD_POSITIONS, baseline_words, concept_vectors, word_dataset
 from xmodal.synthesis.das import DASSettings, ImageReader, MultiResolutionImage, aggregate, augment, cosine_matrix, synthesise
 
@@ -77,6 +79,18 @@ def test_concept_vector_equals_manual_computation(tiny):
     assert torch.allclose(vectors[0], manual_word_activation(tiny, "zebra", LAYER) - manual_baseline, atol=1e-4)
 
 
+def test_concept_set_baseline_takes_off_the_mean_of_the_concepts(tiny, synthetic, positions):
+    """concept_baseline=concept_set: each word's activation minus the mean over the concept words."""
+    ctx = RunContext(model=tiny, features=None, dataset=synthetic, layer=LAYER, seed=0, positions=positions, cache=None,
+                     writer=None, progress=False)  # fmt: skip
+    words = ["zebra", "red", "snow"]
+    vectors = DASynthesis(concepts=words, concept_baseline="concept_set").text_vectors(ctx, words, [LAYER])[LAYER]
+    manual = torch.stack([manual_word_activation(tiny, w, LAYER) for w in words])
+    assert torch.allclose(vectors, manual - manual.mean(dim=0), atol=1e-4)
+    with pytest.raises(ConfigError, match="experiment.concept_baseline='words'; use appendix_c"):
+        DASynthesis(concept_baseline="words")
+
+
 def test_image_concept_vectors_are_each_concepts_mean_image_minus_all_images(tiny, synthetic, positions):
     """The positive control's vectors (concept_source=image), against output_hidden_states image by image."""
     ctx = RunContext(model=tiny, features=None, dataset=synthetic, layer=LAYER, seed=0, positions=positions, cache=None,
@@ -92,6 +106,27 @@ def test_image_concept_vectors_are_each_concepts_mean_image_minus_all_images(tin
     everything = torch.stack([m for ms in means.values() for m in ms]).mean(dim=0)
     for vector, name in zip(vectors, ["red_circle", "blue_square"]):
         assert torch.allclose(vector, torch.stack(means[name]).mean(dim=0) - everything, atol=1e-4)
+
+
+def test_apples_oranges_finds_planted_alignment_among_several_concepts():
+    """Three concepts, images whose centred representation leans towards their own vector at layer 1 only."""
+    rng = np.random.default_rng(0)
+    d, per_concept = 32, 6
+    vectors = torch.from_numpy(rng.normal(size=(3, d))).float()
+    labels = np.repeat(np.arange(3), per_concept)
+    noise = torch.from_numpy(rng.normal(size=(len(labels), 4, d))).float()
+    images = {0: noise, 1: noise + 2 * vectors[labels].unsqueeze(1)}
+    grey = {layer: torch.zeros(d) for layer in images}
+    pairs, summary = apples_oranges({0: vectors, 1: vectors}, images, grey, labels, ("a", "b", "c"), 200, seed=0)
+    summary = summary.set_index("layer")
+    assert summary.loc[1, "gap"] > 0.3 and summary.loc[1, "gap_p"] < 0.01
+    assert abs(summary.loc[0, "gap"]) < 0.1 and summary.loc[0, "gap_p"] > 0.01
+    assert len(pairs) == 2 * 3 * len(labels) and pairs["matched"].sum() == 2 * len(labels)
+    with pytest.raises(ConfigError, match=r"alignment_concepts=\['red'\] must name two or more"):
+        DASynthesis(alignment_concepts=["red"])
+    # two concepts: matched = each vector with its own images, as Appendix A has it
+    two = np.array([[0.5, 0.4, 0.1], [0.0, 0.2, 0.3]])
+    assert pair_gap(two, np.array([0, 0, 1])) == pytest.approx(np.mean([0.5, 0.4, 0.3]) - np.mean([0.1, 0.0, 0.2]))
 
 
 def test_normalised_pixels_match_the_processor(tiny):
@@ -128,7 +163,7 @@ def test_das_sweep_writes_images_tables_and_a_contact_sheet(tmp_path):
     sweep = tmp_path / "das_sweep"
     proc = run_cli(
         "-m", "experiment=das", "layer=1,3", "experiment.concepts=[red_circle,blue_square,green_star]", "experiment.steps=4",
-        "experiment.batch_size=2", "experiment.alignment_concepts=[red_circle,blue_square]", "experiment.n_permutations=200",
+        "experiment.batch_size=2", "experiment.alignment_concepts=[red_circle,blue_square,green_star]", "experiment.n_permutations=200",
         f"paths.activation_cache={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -282,9 +282,10 @@ class DASConfig(ExperimentConfig):
     judge: str = "organism"  # organism (programmatic) | vlm (judge_model) | none
     judge_model: Optional[str] = None  # a conf/model name, for judge=vlm
     judge_samples: int = 10
-    alignment_concepts: list[str] = field(default_factory=list)  # two dataset concepts for the apples/oranges check
+    alignment_concepts: list[str] = field(default_factory=list)  # two or more dataset concepts for the apples/oranges check
     n_permutations: int = 1000
     concept_source: str = "text"  # text (seed 004) | image: a positive control, the concept's images minus all images
+    concept_baseline: str = "appendix_c"  # appendix_c (seed 004) | concept_set: minus the mean of the concepts at hand too
 
 
 # --------------------------------------------------------------- logger ----

@@ -15,15 +15,17 @@ Method (seed 004), at one decoder layer L:
 4. Recognisability by an independent judge: programmatic on the organism (colour
    histogram, shape classifier), or another VLM asked the paper's two questions. The
    null is the same judge scoring images made for other concepts of the category.
-5. The apples/oranges check (Appendix A): at every layer, the cosine between two
-   concept vectors and real images of each, matched against mismatched, with a
+5. The apples/oranges check (Appendix A): at every layer, the cosine between two (or
+   more) concept vectors and real images of each, matched against mismatched, with a
    permutation test over the image labels.
 
 A positive control that is not in seed 004: with concept_source=image the concept
 vector is the mean image representation of the dataset's images of the concept minus
 that of all its images. Synthesis towards a direction the model is known to use for
 images tells a failure of the method (or of the judge) apart from text and image
-representations that do not align.
+representations that do not align. With concept_baseline=concept_set (also not in
+seed 004) the text vectors lose the mean over the concepts at hand as well, so that
+what every colour word shares cannot carry the cosine.
 """
 
 from __future__ import annotations
@@ -77,18 +79,21 @@ class DASynthesis(Experiment):
         alignment_concepts: Sequence[str] = (),
         n_permutations: int = 1000,
         concept_source: str = "text",
+        concept_baseline: str = "appendix_c",
         **settings: Any,
     ) -> None:
         if concept_source not in ("text", "image"):
             raise ConfigError(f"experiment.concept_source={concept_source!r}; use text (seed 004) or image (a positive control)")
+        if concept_baseline not in ("appendix_c", "concept_set"):
+            raise ConfigError(f"experiment.concept_baseline={concept_baseline!r}; use appendix_c (seed 004) or concept_set")
         if judge not in ("organism", "vlm", "none"):
             raise ConfigError(f"experiment.judge={judge!r}; use organism, vlm or none")
         if judge == "vlm" and not judge_model:
             raise ConfigError("experiment.judge=vlm needs experiment.judge_model=<a conf/model name>, e.g. gemma3_12b")
         if len(concepts) < 2:
             raise ConfigError(f"experiment.concepts={list(concepts)} needs at least two concepts: each is the other's control")
-        if alignment_concepts and len(alignment_concepts) != 2:
-            raise ConfigError(f"experiment.alignment_concepts={list(alignment_concepts)} must name two concepts (or none)")
+        if len(alignment_concepts) == 1 or len(set(alignment_concepts)) != len(alignment_concepts):
+            raise ConfigError(f"experiment.alignment_concepts={list(alignment_concepts)} must name two or more different concepts (or none)")
         self.concepts = list(concepts)
         self.concepts_per_pass = concepts_per_pass
         self.layer_lr = dict(layer_lr or {})
@@ -99,6 +104,7 @@ class DASynthesis(Experiment):
         self.alignment_concepts = list(alignment_concepts)
         self.n_permutations = n_permutations
         self.concept_source = concept_source
+        self.concept_baseline = concept_baseline
         self.settings = settings  # the rest of DASSettings
 
     # ------------------------------------------------------------ choices --
@@ -137,8 +143,8 @@ class DASynthesis(Experiment):
         lr, temperature = self.preset(ctx.layer, ctx.model.num_layers)
         settings = DASSettings(lr=lr, temperature=temperature, **self.settings)
         reader = ImageReader(ctx.model, ctx.layer, settings.prompt)
-        log.info("DAS at layer %d: %d concepts (%s vectors), %d steps x batch %d, lr %g, temperature %g",
-                 ctx.layer, len(targets), self.concept_source, settings.steps, settings.batch_size, lr, temperature)  # fmt: skip
+        log.info("DAS at layer %d: %d concepts (%s vectors, baseline %s), %d steps x batch %d, lr %g, temperature %g",
+                 ctx.layer, len(targets), self.concept_source, self.concept_baseline, settings.steps, settings.batch_size, lr, temperature)  # fmt: skip
 
         images, trajectories, step_seconds = [], [], []
         with ctx.timed("synthesis"):
@@ -176,10 +182,17 @@ class DASynthesis(Experiment):
         return metrics
 
     def text_vectors(self, ctx: RunContext, concept_words: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
-        """Seed 004's concept vectors per layer: each word in the chat template minus the baseline words' mean."""
+        """Seed 004's concept vectors per layer: each word in the chat template minus the baseline words' mean.
+
+        With concept_baseline=concept_set (not in seed 004) the mean over `concept_words` is taken off as
+        well, so that what all the concepts share (being a colour word, say) cannot carry the cosine.
+        """
         words = word_dataset(concept_words + list(baseline_words()))
         acts = ctx.activations(layers, positions=WORD_POSITIONS, dataset=words, modalities=("text",))
-        return {layer: concept_vectors(acts[layer], words, concept_words, baseline_words())[0] for layer in layers}
+        vectors = {layer: concept_vectors(acts[layer], words, concept_words, baseline_words())[0] for layer in layers}
+        if self.concept_baseline == "concept_set":
+            vectors = {layer: v - v.mean(dim=0) for layer, v in vectors.items()}
+        return vectors
 
     def image_vectors(self, ctx: RunContext, targets: list[Target]) -> torch.Tensor:
         """The positive control: mean image representation of each concept's images minus that of all images."""
@@ -240,7 +253,7 @@ class DASynthesis(Experiment):
         return metrics
 
     def alignment(self, ctx: RunContext) -> dict[str, float]:
-        """Appendix A at every layer up to the model's last, for the two alignment concepts."""
+        """Appendix A at every layer up to the model's last, for the alignment concepts (two or more)."""
         names = tuple(self.alignment_concepts)
         unknown = [n for n in names if n not in {c.name for c in ctx.dataset.concepts}]
         if unknown:
@@ -248,7 +261,7 @@ class DASynthesis(Experiment):
         concepts = [ctx.dataset.concept(n) for n in names]
         images = [img for img in ctx.dataset.images if img.concept in names]
         if not images or {img.concept for img in images} != set(names):
-            raise DatasetError(f"experiment.alignment_concepts={list(names)} need images of both in dataset {ctx.dataset.name!r}")
+            raise DatasetError(f"experiment.alignment_concepts={list(names)} need images of each in dataset {ctx.dataset.name!r}")
         layers = list(range(ctx.model.num_layers))
         subset = ConceptDataset(f"{ctx.dataset.name}_alignment", concepts, images)
         image_acts = ctx.activations(layers, dataset=subset, modalities=("image",))

@@ -9,6 +9,7 @@ matplotlib.use("Agg")  # jobs run headless, on clusters too
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 
 def jaccard_vs_baseline(concepts: pd.DataFrame, top_k: int, layer: int) -> plt.Figure:
@@ -170,13 +171,19 @@ def das_sheet(images: list, concepts: list[str], layer: int) -> plt.Figure:
     return image_grid([images], [f"layer {layer}"], concepts, "DAS images")
 
 
-def apples_oranges(pairs: pd.DataFrame, summary: pd.DataFrame, names: tuple[str, str], layer: int) -> plt.Figure:
+def apples_oranges(pairs: pd.DataFrame, summary: pd.DataFrame, names: tuple[str, ...], layer: int) -> plt.Figure:
     """Appendix A: cosine of each concept vector with matched and mismatched images, by layer."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    means = pairs.groupby(["layer", "concept", "image_concept"])["cosine"].mean().reset_index()
-    for (concept, image_concept), group in means.groupby(["concept", "image_concept"], sort=False):
-        ax1.plot(group["layer"], group["cosine"], marker=".", ls="-" if concept == image_concept else "--",
-                 label=f"'{concept}' vs {image_concept} images")  # fmt: skip
+    if len(names) == 2:  # every concept-images pair
+        means = pairs.groupby(["layer", "concept", "image_concept"])["cosine"].mean().reset_index()
+        for (concept, image_concept), group in means.groupby(["concept", "image_concept"], sort=False):
+            ax1.plot(group["layer"], group["cosine"], marker=".", ls="-" if concept == image_concept else "--",
+                     label=f"'{concept}' vs {image_concept} images")  # fmt: skip
+    else:  # k^2 lines would hide the point: matched against mismatched pairs
+        means = pairs.groupby(["layer", "matched"])["cosine"].mean().reset_index()
+        for matched, group in means.groupby("matched"):
+            ax1.plot(group["layer"], group["cosine"], marker=".", ls="-" if matched else "--",
+                     label=f"{'matched' if matched else 'mismatched'} pairs ({len(names)} concepts)")  # fmt: skip
     ax1.set(xlabel="decoder layer", ylabel="cosine (mean over images)", title="concept vector vs real images")
     ax1.legend(fontsize=7)
     ax2.plot(summary["layer"], summary["gap"], marker="o", label="matched - mismatched")
@@ -186,7 +193,10 @@ def apples_oranges(pairs: pd.DataFrame, summary: pd.DataFrame, names: tuple[str,
     for ax in (ax1, ax2):
         ax.axvline(layer, color="grey", lw=0.8, ls=":")
         ax.axhline(0, color="grey", lw=0.8)
-    ax2.set(xlabel="decoder layer", ylabel="cosine gap", title=f"{names[0]} / {names[1]}: matched minus mismatched")
+    label = " / ".join(names) if len(names) <= 3 else f"{len(names)} concepts"
+    ax2.set(xlabel="decoder layer", ylabel="cosine gap", title=f"{label}: matched minus mismatched")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax2.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -1,12 +1,12 @@
 """The apples/oranges check (seed 004, Appendices A and D).
 
 Before synthesising, ask whether cosine similarity can tell matched from mismatched
-concept-image pairs at all: for two concepts A and B, compare each concept vector
-with the centred image representations (mean of image-token activations minus the
-grey image's) of real images of A and of B, layer by layer. If "apple" is closer to
-apple images than to orange images, and vice versa, maximising the cosine has a
-chance of steering synthesis towards the concept. Significance: a permutation test
-that shuffles the images' concept labels.
+concept-image pairs at all: for two concepts A and B (or more), compare each concept
+vector with the centred image representations (mean of image-token activations minus
+the grey image's) of real images of every concept, layer by layer. If "apple" is
+closer to apple images than to orange images, and vice versa, maximising the cosine
+has a chance of steering synthesis towards the concept. Significance: a permutation
+test that shuffles the images' concept labels.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 
 def pair_gap(cosines: np.ndarray, labels: np.ndarray) -> float:
-    """Mean matched minus mean mismatched cosine; cosines is (2 concepts, n images), labels in {0, 1}."""
-    matched = np.concatenate([cosines[0, labels == 0], cosines[1, labels == 1]])
-    mismatched = np.concatenate([cosines[0, labels == 1], cosines[1, labels == 0]])
-    return float(matched.mean() - mismatched.mean())
+    """Mean matched minus mean mismatched cosine; cosines is (k concepts, n images), labels in 0..k-1."""
+    matched = np.zeros_like(cosines, dtype=bool)
+    matched[labels, np.arange(len(labels))] = True
+    return float(cosines[matched].mean() - cosines[~matched].mean())
 
 
 def apples_oranges(
@@ -29,14 +29,14 @@ def apples_oranges(
     image_tokens: dict[int, torch.Tensor],
     grey_means: dict[int, torch.Tensor],
     labels: np.ndarray,
-    concept_names: tuple[str, str],
+    concept_names: tuple[str, ...],
     n_permutations: int,
     seed: int,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per layer: (cosines of every concept-image pair, matched-vs-mismatched gap with its p-value).
 
-    concept_vectors[layer] is (2, d); image_tokens[layer] is (n_images, tokens, d);
-    labels[i] says which of the two concepts image i shows.
+    concept_vectors[layer] is (k, d); image_tokens[layer] is (n_images, tokens, d);
+    labels[i] says which of the k concepts image i shows.
     """
     rng = np.random.default_rng(seed)
     pairs, summary = [], []
@@ -44,7 +44,7 @@ def apples_oranges(
         centred = image_tokens[layer].float() - grey_means[layer].float()
         vectors = concept_vectors[layer].float()
         aggregate = F.cosine_similarity(centred.mean(dim=1).unsqueeze(0), vectors.unsqueeze(1), dim=-1).numpy()
-        patchwise = F.cosine_similarity(centred.unsqueeze(0), vectors.view(2, 1, 1, -1), dim=-1).amax(dim=-1).numpy()
+        patchwise = F.cosine_similarity(centred.unsqueeze(0), vectors.view(len(vectors), 1, 1, -1), dim=-1).amax(dim=-1).numpy()
         for c, name in enumerate(concept_names):
             for i, label in enumerate(labels):
                 pairs.append({"layer": layer, "concept": name, "image_concept": concept_names[label],
