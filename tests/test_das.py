@@ -12,8 +12,8 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from xmodal.activations.extract import extract_activations
-from xmodal.experiments.base import RunContext
 from xmodal.errors import ConfigError
+from xmodal.experiments.base import RunContext
 from xmodal.experiments.das import DASynthesis
 from xmodal.synthesis.alignment import apples_oranges, pair_gap
 from xmodal.synthesis.concept_vectors import WORD_POSITIONS, baseline_words, concept_vectors, word_dataset
