@@ -163,7 +163,7 @@ def test_das_sweep_writes_images_tables_and_a_contact_sheet(tmp_path):
     sweep = tmp_path / "das_sweep"
     proc = run_cli(
         "-m", "experiment=das", "layer=1,3", "experiment.concepts=[red_circle,blue_square,green_star]", "experiment.steps=4",
-        "experiment.batch_size=2", "experiment.alignment_concepts=[red_circle,blue_square,green_star]", "experiment.n_permutations=200",
+        "experiment.batch_size=2", "experiment.alignment_concepts=[red_circle,blue_square,green_circle]", "experiment.n_permutations=200",
         f"paths.activation_cache={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
