@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from xmodal.activations.extract import extract_activations
-from xmodal.errors import ConfigError
+from xmodal.errors import ConfigError, DatasetError
 from xmodal.experiments.base import RunContext
 from xmodal.experiments.das import DASynthesis
 from xmodal.synthesis.alignment import apples_oranges, pair_gap
@@ -127,6 +127,15 @@ def test_apples_oranges_finds_planted_alignment_among_several_concepts():
     # two concepts: matched = each vector with its own images, as Appendix A has it
     two = np.array([[0.5, 0.4, 0.1], [0.0, 0.2, 0.3]])
     assert pair_gap(two, np.array([0, 0, 1])) == pytest.approx(np.mean([0.5, 0.4, 0.3]) - np.mean([0.1, 0.0, 0.2]))
+
+
+def test_alignment_concepts_are_checked_against_the_dataset(synthetic):
+    """Checked by run() before any synthesis, so a typo does not cost a whole DAS run."""
+    subset = DASynthesis(alignment_concepts=["red_circle", "blue_square"]).alignment_dataset(synthetic)
+    assert [c.name for c in subset.concepts] == ["red_circle", "blue_square"]
+    assert {img.concept for img in subset.images} == {"red_circle", "blue_square"}
+    with pytest.raises(DatasetError, match=r"has \['zebra'\], not concepts of dataset 'synthetic'; pick from"):
+        DASynthesis(alignment_concepts=["red_circle", "zebra"]).alignment_dataset(synthetic)
 
 
 def test_normalised_pixels_match_the_processor(tiny):

@@ -135,6 +135,7 @@ class DASynthesis(Experiment):
     # ---------------------------------------------------------------- run --
     def run(self, ctx: RunContext) -> dict[str, float]:
         targets = self.targets(ctx.dataset)
+        alignment_data = self.alignment_dataset(ctx.dataset) if self.alignment_concepts else None  # fail before synthesising
         if self.concept_source == "text":
             vectors = self.text_vectors(ctx, [t.word for t in targets], [ctx.layer])[ctx.layer]
         else:
@@ -174,9 +175,9 @@ class DASynthesis(Experiment):
         if self.judge != "none":
             with ctx.timed("judge"):
                 metrics |= self.recognition(ctx, targets, pil_images)
-        if self.alignment_concepts:
+        if alignment_data is not None:
             with ctx.timed("alignment"):
-                metrics |= self.alignment(ctx)
+                metrics |= self.alignment(ctx, alignment_data)
         log.info("layer %d: final cosine %.3f (other concepts' images %.3f, p=%.3g)", ctx.layer,
                  metrics["final_cosine"], metrics["final_cosine_null_mean"], metrics["final_cosine_p"])  # fmt: skip
         return metrics
@@ -252,20 +253,24 @@ class DASynthesis(Experiment):
         ctx.table("recognition", pd.DataFrame(rows))
         return metrics
 
-    def alignment(self, ctx: RunContext) -> dict[str, float]:
+    def alignment_dataset(self, dataset: ConceptDataset) -> ConceptDataset:
+        """The alignment concepts and their real images, checked before any synthesis."""
+        names = self.alignment_concepts
+        unknown = [n for n in names if n not in {c.name for c in dataset.concepts}]
+        if unknown:
+            raise DatasetError(f"experiment.alignment_concepts has {unknown}, not concepts of dataset {dataset.name!r}; "
+                               f"pick from {[c.name for c in dataset.concepts]}")  # fmt: skip
+        images = [img for img in dataset.images if img.concept in names]
+        if {img.concept for img in images} != set(names):
+            raise DatasetError(f"experiment.alignment_concepts={names} need images of each in dataset {dataset.name!r}")
+        return ConceptDataset(f"{dataset.name}_alignment", [dataset.concept(n) for n in names], images)
+
+    def alignment(self, ctx: RunContext, subset: ConceptDataset) -> dict[str, float]:
         """Appendix A at every layer up to the model's last, for the alignment concepts (two or more)."""
         names = tuple(self.alignment_concepts)
-        unknown = [n for n in names if n not in {c.name for c in ctx.dataset.concepts}]
-        if unknown:
-            raise DatasetError(f"experiment.alignment_concepts has {unknown}, not concepts of dataset {ctx.dataset.name!r}")
-        concepts = [ctx.dataset.concept(n) for n in names]
-        images = [img for img in ctx.dataset.images if img.concept in names]
-        if not images or {img.concept for img in images} != set(names):
-            raise DatasetError(f"experiment.alignment_concepts={list(names)} need images of each in dataset {ctx.dataset.name!r}")
         layers = list(range(ctx.model.num_layers))
-        subset = ConceptDataset(f"{ctx.dataset.name}_alignment", concepts, images)
         image_acts = ctx.activations(layers, dataset=subset, modalities=("image",))
-        vectors = self.text_vectors(ctx, [c.text for c in concepts], layers)
+        vectors = self.text_vectors(ctx, [c.text for c in subset.concepts], layers)
         grey = Image.new("RGB", (ctx.model.image_side(),) * 2, (128, 128, 128))
         inputs = ctx.model.image_inputs([grey], ctx.positions.image_prompt, ctx.positions.use_chat_template).to(ctx.model.device)
         mask = ctx.model.image_token_mask(inputs["input_ids"])[0]

@@ -193,10 +193,9 @@ def apples_oranges(pairs: pd.DataFrame, summary: pd.DataFrame, names: tuple[str,
     for ax in (ax1, ax2):
         ax.axvline(layer, color="grey", lw=0.8, ls=":")
         ax.axhline(0, color="grey", lw=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     label = " / ".join(names) if len(names) <= 3 else f"{len(names)} concepts"
     ax2.set(xlabel="decoder layer", ylabel="cosine gap", title=f"{label}: matched minus mismatched")
-    for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax2.legend(fontsize=7)
     fig.tight_layout()
     return fig

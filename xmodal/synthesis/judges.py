@@ -56,7 +56,9 @@ class OrganismJudge:
         self.min_distance = min_distance
         self.palette = np.array(list(world.COLOURS.values()), dtype=np.float32) / 255.0
         self.colour_names = list(world.COLOURS)
-        self.achromatic = np.array([[0.5, 0.5, 0.5], np.array(world.BACKGROUNDS["plain"][0]) / 255.0], dtype=np.float32)
+        # nearest-colour references: the palette, then grey and white (which do not vote)
+        achromatic = np.array([[0.5, 0.5, 0.5], np.array(world.BACKGROUNDS["plain"][0]) / 255.0], dtype=np.float32)
+        self.references = np.concatenate([self.palette, achromatic])
         self.backgrounds = np.array([colour for colour, _ in world.BACKGROUNDS.values()], dtype=np.float32) / 255.0
         train_scenes, train_images = self._single_shapes(seed, n_train)
         self.shape_classifier = LogisticRegression(max_iter=3000, C=1.0)
@@ -84,9 +86,8 @@ class OrganismJudge:
             pixels = pixels[np.abs(pixels - median).sum(axis=1) > self.min_distance]
         # Grey (the DAS canvas) and white are not palette colours: such pixels do not vote. The
         # median is not removed otherwise, since a DAS image may be its concept's colour throughout.
-        references = np.concatenate([self.palette, self.achromatic])
-        nearest = np.argmin(((pixels[:, None, :] - references[None]) ** 2).sum(axis=-1), axis=1)
-        votes = np.bincount(nearest, minlength=len(references))[: len(self.palette)]
+        nearest = np.argmin(((pixels[:, None, :] - self.references[None]) ** 2).sum(axis=-1), axis=1)
+        votes = np.bincount(nearest, minlength=len(self.references))[: len(self.palette)]
         return self.colour_names[int(votes.argmax())] if votes.sum() else "none"
 
     def predict_shapes(self, images: Sequence[Image.Image]) -> list[str]:
