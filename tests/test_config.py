@@ -10,13 +10,17 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from xmodal import config as schema
+from xmodal.conf_dir import CONF_DIR
+from xmodal.errors import ConfigError
+from xmodal.experiments import STUDY_CONFIGS, register_experiment_configs
+from xmodal.experiments.overlap.config import OverlapConfig
+from xmodal.organism.config import OrganismModelConfig
+
 UNKNOWN_KEY = (ConfigKeyError, ConfigAttributeError)
 
-from xmodal import config as schema
-from xmodal.errors import ConfigError
-from xmodal.run import CONF_DIR
-
 schema.register_configs()
+register_experiment_configs()
 
 
 def compose_with(*overrides: str):
@@ -33,7 +37,7 @@ def test_default_config_validates():
     schema.validate(cfg)
     assert (cfg.model.name, cfg.sae.name, cfg.dataset.name, cfg.experiment.name) == ("organism", "organism", "organism_concepts", "overlap")
     obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj.model, schema.OrganismModelConfig) and isinstance(obj.experiment, schema.OverlapConfig)
+    assert isinstance(obj.model, OrganismModelConfig) and isinstance(obj.experiment, OverlapConfig)
     assert cfg.layer == "preset:1" and cfg.model.layer_presets[1] == 9  # an SAE layer of the organism
 
 
@@ -114,8 +118,32 @@ def test_readme_slurm_example_composes():
     assert cfg.sae.release == "gemma-scope-2-27b-it-res"
 
 
-@pytest.mark.parametrize("experiment", options("experiment"))
+@pytest.mark.parametrize("experiment", list(STUDY_CONFIGS))
 def test_every_experiment_config_composes(experiment):
     cfg = compose_with(f"experiment={experiment}")
     schema.validate(cfg)
     assert cfg.experiment.name == experiment
+    assert isinstance(OmegaConf.to_object(cfg.experiment), STUDY_CONFIGS[experiment])
+
+
+PRESETS = [name for name in options("experiment") if name not in STUDY_CONFIGS]
+
+
+def test_whole_study_presets_are_global():
+    assert len(PRESETS) >= 6
+    for name in PRESETS:
+        assert (Path(CONF_DIR) / "experiment" / f"{name}.yaml").read_text().startswith("# @package _global_"), name
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_whole_study_presets_set_model_sae_dataset_and_study(preset):
+    """experiment=<study>_<model>: one choice sets the study, its model, SAE, dataset and layer; overrides still win."""
+    study = preset.split("_")[0]
+    cfg = compose_with(f"experiment={preset}")
+    schema.validate(cfg)
+    assert cfg.experiment.name == study and isinstance(OmegaConf.to_object(cfg.experiment), STUDY_CONFIGS[study])
+    default = compose_with(f"experiment={study}")
+    assert (cfg.model.name, cfg.sae.name, cfg.dataset.name, cfg.layer, dict(cfg.experiment)) != (
+        default.model.name, default.sae.name, default.dataset.name, default.layer, dict(default.experiment))
+    overridden = compose_with(f"experiment={preset}", "layer=3", "model=tiny")
+    assert overridden.layer == 3 and overridden.model.name == "tiny"

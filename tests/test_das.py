@@ -14,10 +14,11 @@ from tests.conftest import run_cli
 from xmodal.activations.extract import extract_activations
 from xmodal.errors import ConfigError, DatasetError
 from xmodal.experiments.base import RunContext
-from xmodal.experiments.das import DASynthesis
-from xmodal.synthesis.alignment import apples_oranges, pair_gap
-from xmodal.synthesis.concept_vectors import WORD_POSITIONS, baseline_words, concept_vectors, word_dataset
-from xmodal.synthesis.das import DASSettings, ImageReader, MultiResolutionImage, aggregate, augment, cosine_matrix, synthesise
+from xmodal.experiments.das.alignment import apples_oranges, pair_gap
+from xmodal.experiments.das.concept_vectors import WORD_POSITIONS, baseline_words, concept_vectors, word_dataset
+from xmodal.experiments.das.config import DASConfig
+from xmodal.experiments.das.experiment import DASynthesis
+from xmodal.experiments.das.synthesis import DASSettings, ImageReader, MultiResolutionImage, aggregate, augment, cosine_matrix, synthesise
 
 LAYER = 2
 
@@ -84,18 +85,18 @@ def test_concept_set_baseline_takes_off_the_mean_of_the_concepts(tiny, synthetic
     ctx = RunContext(model=tiny, features=None, dataset=synthetic, layer=LAYER, seed=0, positions=positions, cache=None,
                      writer=None, progress=False)  # fmt: skip
     words = ["zebra", "red", "snow"]
-    vectors = DASynthesis(concepts=words, concept_baseline="concept_set").text_vectors(ctx, words, [LAYER])[LAYER]
+    vectors = DASynthesis(DASConfig(concepts=words, concept_baseline="concept_set")).text_vectors(ctx, words, [LAYER])[LAYER]
     manual = torch.stack([manual_word_activation(tiny, w, LAYER) for w in words])
     assert torch.allclose(vectors, manual - manual.mean(dim=0), atol=1e-4)
     with pytest.raises(ConfigError, match="experiment.concept_baseline='words'; use appendix_c"):
-        DASynthesis(concept_baseline="words")
+        DASynthesis(DASConfig(concept_baseline="words"))
 
 
 def test_image_concept_vectors_are_each_concepts_mean_image_minus_all_images(tiny, synthetic, positions):
     """The positive control's vectors (concept_source=image), against output_hidden_states image by image."""
     ctx = RunContext(model=tiny, features=None, dataset=synthetic, layer=LAYER, seed=0, positions=positions, cache=None,
                      writer=None, progress=False)  # fmt: skip
-    das = DASynthesis(concepts=["red_circle", "blue_square"], concept_source="image")
+    das = DASynthesis(DASConfig(concepts=["red_circle", "blue_square"], concept_source="image"))
     vectors = das.image_vectors(ctx, das.targets(synthetic))
     means = {}
     for image in synthetic.images:
@@ -123,7 +124,7 @@ def test_apples_oranges_finds_planted_alignment_among_several_concepts():
     assert abs(summary.loc[0, "gap"]) < 0.1 and summary.loc[0, "gap_p"] > 0.01
     assert len(pairs) == 2 * 3 * len(labels) and pairs["matched"].sum() == 2 * len(labels)
     with pytest.raises(ConfigError, match=r"alignment_concepts=\['red'\] must name two or more"):
-        DASynthesis(alignment_concepts=["red"])
+        DASynthesis(DASConfig(alignment_concepts=["red"]))
     # two concepts: matched = each vector with its own images, as Appendix A has it
     two = np.array([[0.5, 0.4, 0.1], [0.0, 0.2, 0.3]])
     assert pair_gap(two, np.array([0, 0, 1])) == pytest.approx(np.mean([0.5, 0.4, 0.3]) - np.mean([0.1, 0.0, 0.2]))
@@ -131,11 +132,11 @@ def test_apples_oranges_finds_planted_alignment_among_several_concepts():
 
 def test_alignment_concepts_are_checked_against_the_dataset(synthetic):
     """Checked by run() before any synthesis, so a typo does not cost a whole DAS run."""
-    subset = DASynthesis(alignment_concepts=["red_circle", "blue_square"]).alignment_dataset(synthetic)
+    subset = DASynthesis(DASConfig(alignment_concepts=["red_circle", "blue_square"])).alignment_dataset(synthetic)
     assert [c.name for c in subset.concepts] == ["red_circle", "blue_square"]
     assert {img.concept for img in subset.images} == {"red_circle", "blue_square"}
     with pytest.raises(DatasetError, match=r"has \['zebra'\], not concepts of dataset 'synthetic'; pick from"):
-        DASynthesis(alignment_concepts=["red_circle", "zebra"]).alignment_dataset(synthetic)
+        DASynthesis(DASConfig(alignment_concepts=["red_circle", "zebra"])).alignment_dataset(synthetic)
 
 
 def test_normalised_pixels_match_the_processor(tiny):
@@ -199,7 +200,7 @@ def test_das_sweep_writes_images_tables_and_a_contact_sheet(tmp_path):
     (["experiment.concepts=[red_circle,' ']"], "experiment.concepts has an empty concept ' '"),
     (["layer=6"], "layer=6 is out of range for model 'tiny'"),
     (["experiment.judge=vlm"], "experiment.judge=vlm needs experiment.judge_model"),
-    (["experiment.concept_source=pixels"], "experiment.concept_source='pixels'; use text"),
+    (["experiment.concept_source=pixels"], "Invalid value 'pixels', expected one of [text, image]"),
     (["experiment.concept_source=image", "experiment.concepts=[red_circle,zebra]"], "has none of ['zebra']"),
 ])  # fmt: skip
 def test_das_bad_input_is_one_clear_error(tmp_path, overrides, message):
@@ -214,7 +215,7 @@ def test_das_bad_input_is_one_clear_error(tmp_path, overrides, message):
 def test_benchmark_times_whole_steps(tiny):
     from omegaconf import OmegaConf
 
-    from xmodal.synthesis import benchmark
+    from xmodal.experiments.das import benchmark
 
     cfg = OmegaConf.create({"model": {"_target_": "xmodal.models.tiny.tiny_gemma3", "name": "tiny", "device": "cpu"},
                             "layers": [1, 3], "batch_size": 2, "n_concepts": 1, "steps": 2, "seed": 0})  # fmt: skip
@@ -224,7 +225,7 @@ def test_benchmark_times_whole_steps(tiny):
 
 
 def test_vlm_judge_asks_both_questions_and_scores_by_word_match(tiny):
-    from xmodal.synthesis.judges import VLMJudge
+    from xmodal.experiments.das.judges import VLMJudge
 
     assert VLMJudge.score("red | blue | a red ball", "red") == pytest.approx(2 / 3)
     judge = VLMJudge(tiny, n_samples=3, seed=0, max_new_tokens=2)
@@ -238,7 +239,7 @@ def test_organism_judge_reads_rendered_world_images():
     from dataclasses import replace
 
     from xmodal.organism import world
-    from xmodal.synthesis.judges import OrganismJudge
+    from xmodal.organism.judge import OrganismJudge
 
     judge = OrganismJudge(seed=0, n_train=400)
     assert judge.ceiling["colour"] >= 0.9 and judge.ceiling["shape"] >= 0.5  # far above 1/9 and 1/6
@@ -251,7 +252,7 @@ def test_organism_judge_reads_rendered_world_images():
 def test_organism_judge_names_the_colour_an_image_is_filled_with():
     """A DAS image may be its colour throughout: the dominant colour is the answer, not the backdrop."""
     from xmodal.organism import world
-    from xmodal.synthesis.judges import OrganismJudge
+    from xmodal.organism.judge import OrganismJudge
 
     judge = OrganismJudge(seed=0, n_train=200)
     rng = np.random.default_rng(0)

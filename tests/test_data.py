@@ -88,7 +88,8 @@ def test_builtin_uses_the_photos_it_finds(tmp_path):
 
 def write_local_hub_dataset(root, n_per_class: int = 3):
     """A CIFAR-like dataset in the layout `datasets.load_dataset(<dir>)` reads offline."""
-    from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
     from PIL import Image
 
     labels = [0, 1, 2] * n_per_class

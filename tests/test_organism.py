@@ -90,7 +90,7 @@ def test_world_is_seeded():
 
 
 def test_organism_concepts_have_partners_and_are_seeded():
-    from xmodal.data.organism_concepts import organism_concepts
+    from xmodal.organism.concepts import organism_concepts
 
     dataset = organism_concepts(images_per_concept=2, seed=3)
     names = {c.name for c in dataset.concepts}

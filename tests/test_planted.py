@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from planted import planted_codes
 
 from xmodal.metrics import overlap as M
 from xmodal.metrics.modality import dominance_groups, modality_dominance, swapped_modalities
-from xmodal.simulate import planted_codes
 
 EXPECTED_GROUP = {"shared": "CrossD", "image": "ImgD", "text": "TextD"}
 

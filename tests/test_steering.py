@@ -105,7 +105,7 @@ def test_steering_experiment_writes_dose_response_and_controls(tmp_path):
     (["experiment.concept=red_circle", "experiment.feature=5000"], "experiment.feature=5000 is outside the SAE, which has features 0..127"),
     (["experiment.concept=unicorn"], "experiment.concept='unicorn' is not in dataset"),
     (["experiment.concept=red_circle", "+experiment.concept_words.red_circle=[' ']"], "concept words [' '] of 'red_circle' give no tokens"),
-    (["experiment.concept=red_circle", "experiment.feature_source=pixels"], "experiment.feature_source='pixels'; use text or image"),
+    (["experiment.concept=red_circle", "experiment.feature_source=pixels"], "Invalid value 'pixels', expected one of [text, image]"),
 ])  # fmt: skip
 def test_steering_bad_input_is_one_clear_error(tmp_path, overrides, message):
     save_jumprelu_sae(tmp_path / "sae", d_in=64, layer=3)
@@ -117,7 +117,7 @@ def test_steering_bad_input_is_one_clear_error(tmp_path, overrides, message):
 
 
 def test_a_mention_is_a_whole_word():
-    from xmodal.experiments.steering import mentions
+    from xmodal.metrics.mentions import mentions
 
     assert mentions("a Red ball.", ["red"]) and mentions("red.</h3>", ["red"]) and mentions("it is ice cream", ["ice cream"])
     assert not mentions("redrawing the map", ["red"]) and not mentions("tired", ["red"]) and not mentions("anything", [" "])

@@ -76,7 +76,7 @@ def test_report_lists_a_failed_job_with_its_error(workdir):
     for name in ("summary.parquet", "report.md"):
         (sweep / name).unlink()  # the on-demand report must write them again
 
-    report = subprocess.run([sys.executable, "-m", "xmodal.report", str(sweep)], cwd=workdir, capture_output=True, text=True)
+    report = subprocess.run([sys.executable, "-m", "xmodal.reporting", str(sweep)], cwd=workdir, capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
     summary = pd.read_parquet(sweep / "summary.parquet")
     failed = summary[summary["status"] == "failed"]
@@ -88,7 +88,7 @@ def test_report_lists_a_failed_job_with_its_error(workdir):
     assert {p.stem for p in curves} >= {"overlap__jaccard_topk", "overlap__pearson", "overlap__n_crossmodal_features"}
     assert all(f"figures/{p.name}" in text for p in curves)
 
-    missing = subprocess.run([sys.executable, "-m", "xmodal.report", str(workdir / "nope")], capture_output=True, text=True)
+    missing = subprocess.run([sys.executable, "-m", "xmodal.reporting", str(workdir / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
@@ -146,7 +146,6 @@ def preempt_local_job(job) -> None:
     1.5.4 does not pass the signal on, so the task would never see it.
     """
     import psutil
-
     from submitit.local.local import LocalJobEnvironment
 
     tasks = [p for p in psutil.Process(int(job.job_id)).children(recursive=True) if "submitit.core._submit" in " ".join(p.cmdline())]

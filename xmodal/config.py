@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
+from importlib.metadata import entry_points
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -81,21 +83,6 @@ class TinyModelConfig(ModelConfig):
     tokenizer_cache: str = "${paths.model_cache}"
 
 
-@dataclass
-class OrganismModelConfig(ModelConfig):
-    """The model organism: real gemma-3-270m decoder, small trained vision tower (xmodal.organism)."""
-
-    model_cache: str = "${paths.model_cache}"
-    vision_weights: Optional[str] = None  # None: the weights shipped in xmodal/organism/weights
-
-
-@dataclass
-class OrganismBaseModelConfig(ModelConfig):
-    """The organism's decoder alone: the plain gemma-3-270m from the same cached conversion."""
-
-    model_cache: str = "${paths.model_cache}"
-
-
 # ------------------------------------------------------------------ sae ----
 @dataclass
 class SAEConfig:
@@ -121,11 +108,6 @@ class PretrainedSAEConfig(SAEConfig):
 @dataclass
 class LocalSAEConfig(SAEConfig):
     path: str = MISSING  # a sae-lens directory; may contain {layer}
-
-
-@dataclass
-class OrganismSAEConfig(SAEConfig):
-    """The SAEs shipped with the organism, at layers 5, 9, 12 and 15."""
 
 
 # -------------------------------------------------------------- dataset ----
@@ -172,120 +154,44 @@ class HubDatasetConfig(DatasetConfig):
     revision: Optional[str] = None
 
 
-@dataclass
-class OrganismConceptsConfig(DatasetConfig):
-    images_per_concept: int = 4
-    seed: int = 0
-    categories: list[str] = field(default_factory=lambda: ["colour", "shape", "count", "background", "word"])
-
-
 # ----------------------------------------------------------- experiment ----
 @dataclass
 class ExperimentConfig:
+    """Base of every study's config; each study keeps its subclass beside its class.
+
+    ``_target_`` names the Experiment class, which takes the config object as its one
+    argument. ``validate()`` holds every check that needs no data, so that a bad value
+    fails before a model loads.
+    """
+
     _target_: str = MISSING
     name: str = MISSING
 
+    def validate(self) -> None:
+        """Raise ConfigError for a value no run could use; subclasses extend it.
 
-@dataclass
-class OverlapConfig(ExperimentConfig):
-    top_k: int = 50
-    corr_threshold: float = 0.6  # the plan's bar for a cross-modal feature
-    n_permutations: int = 1000
-    heatmap_features: int = 20
-
-
-@dataclass
-class MDSConfig(ExperimentConfig):
-    n_null: int = 200  # random modality swaps for the null split
-    top_concepts: int = 3
-    interpretability: bool = True  # I(z) and WinRate per group (needs the embedders below)
-    top_m: int = 5  # top activating samples per feature for I(z) and WinRate
-    text_embedder: str = "all-MiniLM-L6-v2"  # or a sentence-transformers directory / hub id
-    image_embedder: str = "vision_tower"  # vision_tower (the VLM's own) | hf (image_embedder_path)
-    image_embedder_path: Optional[str] = None
-    zero_mask: bool = True  # zero-mask interventions with a category readout
-    n_random_masks: int = 20  # random feature sets of equal size per group (the null)
-    msae: bool = False  # train the paper's multimodal TopK SAE on this layer's tokens and classify its features
-    msae_d_sae: int = 256
-    msae_k: int = 16
-    msae_epochs: float = 30.0
+        Here: every enum field holds one of its values. Hydra checks that at composition
+        already; this also covers configs built in Python (``OverlapConfig(top_k=...)``).
+        """
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            choices = _enum_of(hints[f.name])
+            if choices is None:
+                continue
+            value = getattr(self, f.name)
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if item not in {c.value for c in choices}:
+                    raise ConfigError(f"experiment.{f.name}={item!r}; use {_one_of([c.value for c in choices])}")
 
 
-@dataclass
-class ProbeConfig(ExperimentConfig):
-    text_templates: list[str] = field(
-        default_factory=lambda: [
-            "{concept}", "a photo of {concept}", "an image of {concept}", "this is {concept}",
-            "a picture showing {concept}", "{concept}, seen in a picture",
-        ]
-    )
-    n_permutations: int = 100
-    budget: Optional[int] = None  # keep the k most class-separating features (3, 5, 10, 50); null: all
-    binarise: bool = False
-    max_active_fraction: Optional[float] = None  # drop features active in more of the samples than this
-    train_per_class: Optional[int] = None  # low-data splits: this many training examples per class
-    attributes: list[str] = field(default_factory=lambda: ["modality", "brightness", "redness"])
-    n_jobs: int = -1  # processes for the permutation refits (-1: every core); the numbers do not depend on it
+def _enum_of(hint: Any) -> type[Enum] | None:
+    """The Enum behind a field type (E, Optional[E] or list[E]), else None."""
+    candidates = [hint, *typing.get_args(hint)]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, Enum)), None)
 
 
-@dataclass
-class ShiftConfig(ExperimentConfig):
-    base_model: Optional[str] = "${model.base_model}"  # a config name in conf/model/: the LLM the VLM's decoder came from
-    base_model_overrides: list[str] = field(default_factory=list)  # on the command line: '...=["model.revision=abc123"]'
-    text_templates: list[str] = field(default_factory=lambda: ["{concept}"])
-    top_features: int = 20
-    n_permutations: int = 1000
-
-
-@dataclass
-class SteeringConfig(ExperimentConfig):
-    concept: str = "snow"  # a concept of the dataset (name or text)
-    feature: Optional[int] = None  # None: the feature most specific to the concept (see feature_source)
-    feature_source: str = "text"  # text (the method) | image (a positive control: a feature the concept's images use)
-    mode: str = "add"  # add: + strength x scale x decoder row; clamp: feature set to strength x scale
-    where: str = "image"  # image (the cross-modal test: a text feature written into the image tokens) | text | both
-    strengths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0])  # x the feature's largest activation
-    n_images: int = 12  # images of other concepts to describe
-    control_layer: Optional[int] = None  # None: layer - 4 (or layer + 4 near the bottom)
-    concept_words: dict[str, list[str]] = field(default_factory=dict)  # concept -> words that count as naming it
-    prompt: str = ""  # text after the image in the user turn
-    max_new_tokens: int = 12
-    do_sample: bool = False  # greedy by default; sampling is seeded from `seed`
-    temperature: float = 1.0
-    n_bootstrap: int = 1000
-
-
-@dataclass
-class DASConfig(ExperimentConfig):
-    """DASynthesis (seed 004). Where the seed's text lost a number, the default is xmodal's choice (see its README)."""
-
-    concepts: list[str] = field(default_factory=lambda: ["red", "blue"])  # dataset concept names/texts, or bare words
-    concepts_per_pass: int = 8  # concepts optimised together in one forward pass
-    steps: int = 600
-    batch_size: int = 8  # augmented copies per concept per step
-    momentum: float = 0.9
-    max_grad_norm: float = 1.0
-    lr: Optional[float] = None  # None: layer_lr's preset
-    temperature: Optional[float] = None  # None: layer_temperature's preset
-    # Appendix E (Gemma 3 4B, 34 layers); other models use the entry at the nearest relative depth.
-    layer_lr: dict[int, float] = field(default_factory=dict)
-    layer_temperature: dict[int, float] = field(default_factory=dict)
-    preset_num_layers: int = 34
-    sigma_start: float = 0.2  # centre prior width (image sides), growing linearly ...
-    sigma_end: float = 1.0  # ... to this at the last step
-    resolutions: Optional[list[int]] = None  # component sides; None: 1, 2, 3, 4, 6, 8, 12 ... up to the image side
-    shift: Optional[int] = None  # largest random shift in pixels; None: image side / 16
-    noise_std: float = 0.1
-    aggregation: str = "weighted"  # weighted | mean (Appendix G)
-    upsample: str = "bicubic"
-    prompt: str = ""  # text after the image in the user turn
-    judge: str = "organism"  # organism (programmatic) | vlm (judge_model) | none
-    judge_model: Optional[str] = None  # a conf/model name, for judge=vlm
-    judge_samples: int = 10
-    alignment_concepts: list[str] = field(default_factory=list)  # two or more dataset concepts for the apples/oranges check
-    n_permutations: int = 1000
-    concept_source: str = "text"  # text (seed 004) | image: a positive control, the concept's images minus all images
-    concept_baseline: str = "appendix_c"  # appendix_c (seed 004) | concept_set: minus the mean of the concepts at hand too
+def _one_of(values: list[str]) -> str:
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
 
 
 # --------------------------------------------------------------- logger ----
@@ -346,7 +252,16 @@ def safe_dirname(overrides: str) -> str:
     return name
 
 
+PLUGIN_GROUP = "xmodal.plugins"  # entry points called by register_configs(): models, SAEs and datasets from outside the framework
+
+
 def register_configs() -> None:
+    """Store the framework's schemas in Hydra's ConfigStore, then let each plugin store its own.
+
+    A plugin is an entry point in the ``xmodal.plugins`` group (pyproject.toml) naming a function
+    that takes no argument; the model organism plugs in this way, as any user's model would.
+    The study schemas are stored by ``xmodal.experiments.register_experiment_configs``.
+    """
     if not OmegaConf.has_resolver("xmodal_dirname"):
         OmegaConf.register_new_resolver("xmodal_dirname", safe_dirname)
     cs = ConfigStore.instance()
@@ -354,10 +269,6 @@ def register_configs() -> None:
     for group, name, node in [
         ("model", "base_pretrained", PretrainedModelConfig),
         ("model", "base_tiny", TinyModelConfig),
-        ("model", "base_organism", OrganismModelConfig),
-        ("model", "base_organism_base", OrganismBaseModelConfig),
-        ("sae", "base_organism", OrganismSAEConfig),
-        ("dataset", "base_organism_concepts", OrganismConceptsConfig),
         ("dataset", "base_hub", HubDatasetConfig),
         ("sae", "base_none", NoSAEConfig),
         ("sae", "base_pretrained", PretrainedSAEConfig),
@@ -365,16 +276,12 @@ def register_configs() -> None:
         ("dataset", "base_synthetic", SyntheticDatasetConfig),
         ("dataset", "base_image_folder", ImageFolderDatasetConfig),
         ("dataset", "base_builtin", BuiltinDatasetConfig),
-        ("experiment", "base_overlap", OverlapConfig),
-        ("experiment", "base_mds", MDSConfig),
-        ("experiment", "base_probe", ProbeConfig),
-        ("experiment", "base_shift", ShiftConfig),
-        ("experiment", "base_steering", SteeringConfig),
-        ("experiment", "base_das", DASConfig),
         ("logger", "base_none", LoggerConfig),
         ("logger", "base_wandb", WandbLoggerConfig),
     ]:
         cs.store(group=group, name=name, node=node)
+    for plugin in entry_points(group=PLUGIN_GROUP):
+        plugin.load()()
 
 
 def _unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
@@ -408,8 +315,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"positions.text_prompt={cfg.positions.text_prompt!r} must contain '{{concept}}' where the concept goes"
         )
-    exp: Any = cfg.experiment
-    if "top_k" in exp and exp.top_k < 1:
-        raise ConfigError(f"experiment.top_k={exp.top_k} must be at least 1")
-    if "n_permutations" in exp and exp.n_permutations < 1:
-        raise ConfigError(f"experiment.n_permutations={exp.n_permutations} must be at least 1")
+    experiment = OmegaConf.to_object(cfg.experiment)  # the study's config dataclass
+    if isinstance(experiment, ExperimentConfig):
+        experiment.validate()

@@ -32,15 +32,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from xmodal import config as config_schema
 from xmodal.activations.cache import ActivationCache
+from xmodal.conf_dir import CONF_DIR
 from xmodal.errors import XmodalError
+from xmodal.experiments import build_experiment, register_experiment_configs
 from xmodal.experiments.base import RunContext
-from xmodal.models.base import instantiate_model
 from xmodal.layers import parse_layer, relative_depth, resolve_layer
+from xmodal.models.base import instantiate_model
 from xmodal.reporting.results import ResultWriter, read_result, write_failure
 
 log = logging.getLogger("xmodal.run")
 config_schema.register_configs()
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_experiment_configs()
 
 # Keys that change where things are stored or logged, not what is computed.
 NOT_IN_CONFIG_HASH = ("logger", "paths")
@@ -85,7 +87,7 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
 
     setup_start = time.perf_counter()
     layer_spec = parse_layer(cfg.layer)
-    experiment = instantiate(cfg.experiment)
+    experiment = build_experiment(cfg.experiment)
     model = instantiate_model(cfg.model)  # reads the model config only; weights load on first use
     layer = resolve_layer(layer_spec, model.num_layers, model.layer_presets, model.name)
     model.check_layer(layer)

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from xmodal.data.concepts import Concept, ConceptDataset, ConceptImage, encode_png
+from xmodal.data.shapes import draw_shape
 from xmodal.errors import ConfigError
 
 COLOURS = {
@@ -27,19 +28,13 @@ PARTNER_COLOUR = {"red": "orange", "orange": "red", "blue": "purple", "purple": 
 SHAPES = ("circle", "square")
 
 
-def draw_shape(shape: str, rgb: tuple[int, int, int], size: int, rng: np.random.Generator) -> Image.Image:
+def draw_concept(shape: str, rgb: tuple[int, int, int], size: int, rng: np.random.Generator) -> Image.Image:
     shade = int(rng.integers(200, 250))
     img = Image.new("RGB", (size, size), (shade, shade, shade))
     draw = ImageDraw.Draw(img)
     radius = rng.uniform(0.18, 0.32) * size
     cx, cy = rng.uniform(radius, size - radius, size=2)
-    box = [cx - radius, cy - radius, cx + radius, cy + radius]
-    if shape == "circle":
-        draw.ellipse(box, fill=rgb)
-    elif shape == "square":
-        draw.rectangle(box, fill=rgb)
-    else:
-        raise ConfigError(f"unknown synthetic shape {shape!r}; known: {SHAPES}")
+    draw_shape(draw, shape, cx, cy, radius, rgb, square_scale=1.0)  # squares as wide as the circles
     return img
 
 
@@ -56,6 +51,6 @@ def synthetic_shapes(name: str = "synthetic", images_per_concept: int = 3, image
             for index in range(images_per_concept):
                 # Stable across processes (Python's hash() is salted per process).
                 entropy = int.from_bytes(hashlib.sha256(f"{seed}/{concept}/{index}".encode()).digest()[:8], "little")
-                img = draw_shape(shape, rgb, image_size, np.random.default_rng(entropy))
+                img = draw_concept(shape, rgb, image_size, np.random.default_rng(entropy))
                 images.append(ConceptImage(concept, f"synthetic:{concept}/{index}", encode_png(img)))
     return ConceptDataset(name, concepts, images)

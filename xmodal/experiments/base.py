@@ -1,5 +1,9 @@
 """The Experiment interface: one ``run(ctx)`` that reads activations and writes results.
 
+Each study lives in its own folder, ``xmodal/experiments/<study>/``: ``config.py`` holds
+its config dataclass and ``experiment.py`` its Experiment class, whose ``run()`` calls one
+method per step of the method its docstring numbers.
+
 The run context hands an experiment everything it needs already validated: the
 model adapter (weights still unloaded), the feature space (SAE or raw), the
 dataset, the layer, the activation cache and the result writer. An experiment
@@ -19,7 +23,7 @@ import pandas as pd
 from xmodal.activations.cache import ActivationCache, get_activations
 from xmodal.activations.codes import ConceptCodes, concept_codes
 from xmodal.activations.extract import LayerActivations
-from xmodal.config import PositionsConfig
+from xmodal.config import ExperimentConfig, PositionsConfig
 from xmodal.data.concepts import ConceptDataset
 from xmodal.models.base import ModelAdapter
 from xmodal.reporting.loggers import NullLogger
@@ -91,9 +95,17 @@ class RunContext:
 
 
 class Experiment(ABC):
-    """A study: subclasses implement run() and describe their method in its docstring."""
+    """A study: subclasses implement run() and describe their method in its docstring.
+
+    The class takes its config dataclass (beside it, in the study's config.py) as its one
+    argument and checks it at once.
+    """
 
     name: ClassVar[str]
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        config.validate()
+        self.config = config
 
     @abstractmethod
     def run(self, ctx: RunContext) -> dict[str, float]:

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.config_store import ConfigStore
 import numpy as np
 import pandas as pd
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from scipy.stats import binomtest
 

@@ -62,7 +62,6 @@ def build_organism(
     """The organism model; `vision_weights=None` gives a fresh random vision side (for training)."""
     from safetensors.torch import load_file
     from transformers import Gemma3ForConditionalGeneration
-
     from transformers.initialization import no_init_weights
 
     config = organism_config(model_cache)

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.config_store import ConfigStore
 import numpy as np
 import pandas as pd
 import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from xmodal.errors import ConfigError, XmodalError

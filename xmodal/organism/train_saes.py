@@ -17,9 +17,9 @@ from typing import Any
 
 import hydra
 import numpy as np
-from hydra.core.config_store import ConfigStore
 import pandas as pd
 import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from xmodal.organism.model import organism

@@ -19,6 +19,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from xmodal.data.shapes import SHAPES, draw_shape
+
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4  # shapes are drawn 4x larger and downsampled, for clean edges
 
@@ -33,7 +35,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "brown": (120, 70, 30),
     "black": (20, 20, 20),
 }
-SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
+OUTLINE = (0, 0, 0)  # every shape has a black outline
 SIZES = {"small": 0.15, "big": 0.26}  # shape radius as a fraction of the image side
 COUNTS = {1: "a", 2: "two", 3: "three"}
 POSITIONS = {  # centre of a single shape, as fractions of the side
@@ -108,7 +110,7 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     crowding = 1.0 if scene.count == 1 else 0.8  # several shapes must not touch
     radius = SIZES[scene.size] * side * rng.uniform(0.85, 1.15) * crowding
     for cx, cy in _centres(scene, rng):
-        _draw_shape(draw, scene.shape, cx * side, cy * side, radius, COLOURS[scene.colour], rng)
+        draw_shape(draw, scene.shape, cx * side, cy * side, radius, COLOURS[scene.colour], OUTLINE, max(2, int(radius * 0.08)))
     return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
 
 
@@ -155,37 +157,6 @@ def _background(name: str, rng: np.random.Generator, side: int) -> Image.Image:
         xs = np.linspace(0.0, 1.0, side)[None, :, None]
         pixels += 25.0 * np.sin(ys * 40.0 + 3.0 * np.sin(xs * 8.0) + phase)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def _draw_shape(
-    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int], rng: np.random.Generator
-) -> None:
-    outline, width = (0, 0, 0), max(2, int(r * 0.08))
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline, width=width)
-        return
-    if shape == "square":
-        s = r * 0.85
-        points = [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
-    elif shape == "diamond":
-        points = [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
-    elif shape == "triangle":
-        points = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-    elif shape == "star":
-        points = [
-            (cx + rr * math.cos(a), cy + rr * math.sin(a))
-            for i in range(10)
-            for a, rr in [(-math.pi / 2 + i * math.pi / 5, r if i % 2 == 0 else r * 0.42)]
-        ]
-    elif shape == "cross":
-        a, b = r * 0.32, r * 0.95
-        points = [
-            (cx - a, cy - b), (cx + a, cy - b), (cx + a, cy - a), (cx + b, cy - a), (cx + b, cy + a), (cx + a, cy + a),
-            (cx + a, cy + b), (cx - a, cy + b), (cx - a, cy + a), (cx - b, cy + a), (cx - b, cy - a), (cx - a, cy - a),
-        ]  # fmt: skip
-    else:
-        raise ValueError(f"unknown shape {shape!r}; the world has {', '.join(SHAPES)}")
-    draw.polygon(points, fill=fill, outline=outline, width=width)
 
 
 def _render_word(word: str, rng: np.random.Generator) -> Image.Image:

@@ -19,8 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from xmodal.reporting.results import FAILURE_FILE, RESULT_FILE, atomic_write

@@ -6,7 +6,7 @@ Method (seed 004), at one decoder layer L:
 2. Synthesis (Direct Ascent Synthesis): for each concept, an image parameterised as
    grey plus squashed multi-resolution components, optimised so that its weighted,
    grey-centred image-token representation at L has maximal cosine with the concept
-   vector, under random shifts and noise (xmodal/synthesis/das.py). Learning rate and
+   vector, under random shifts and noise (synthesis.py beside this file). Learning rate and
    temperature come from Appendix E's per-layer presets (Gemma 3 4B layers, matched by
    relative depth) unless set.
 3. Final cosine of each image with its own concept against two controls: the grey
@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -44,11 +44,12 @@ from xmodal.activations.capture import run_to_layers
 from xmodal.data.concepts import ConceptDataset
 from xmodal.errors import ConfigError, DatasetError
 from xmodal.experiments.base import Experiment, RunContext
+from xmodal.experiments.das import judges
+from xmodal.experiments.das.alignment import apples_oranges
+from xmodal.experiments.das.concept_vectors import WORD_POSITIONS, baseline_words, concept_vectors, word_dataset
+from xmodal.experiments.das.config import ConceptBaseline, ConceptSource, DASConfig, JudgeKind
+from xmodal.experiments.das.synthesis import DASSettings, ImageReader, cosine_matrix, synthesise, to_pil
 from xmodal.reporting import figures
-from xmodal.synthesis import judges
-from xmodal.synthesis.alignment import apples_oranges
-from xmodal.synthesis.concept_vectors import WORD_POSITIONS, baseline_words, concept_vectors, word_dataset
-from xmodal.synthesis.das import DASSettings, ImageReader, cosine_matrix, synthesise, to_pil
 
 log = logging.getLogger(__name__)
 
@@ -62,57 +63,14 @@ class Target:
 
 class DASynthesis(Experiment):
     name: ClassVar[str] = "das"
-
-    def __init__(
-        self,
-        name: str = "das",
-        concepts: Sequence[str] = ("red", "blue"),
-        concepts_per_pass: int = 8,
-        layer_lr: dict[int, float] | None = None,
-        layer_temperature: dict[int, float] | None = None,
-        preset_num_layers: int = 34,
-        lr: float | None = None,
-        temperature: float | None = None,
-        judge: str = "organism",
-        judge_model: str | None = None,
-        judge_samples: int = 10,
-        alignment_concepts: Sequence[str] = (),
-        n_permutations: int = 1000,
-        concept_source: str = "text",
-        concept_baseline: str = "appendix_c",
-        **settings: Any,
-    ) -> None:
-        if concept_source not in ("text", "image"):
-            raise ConfigError(f"experiment.concept_source={concept_source!r}; use text (seed 004) or image (a positive control)")
-        if concept_baseline not in ("appendix_c", "concept_set"):
-            raise ConfigError(f"experiment.concept_baseline={concept_baseline!r}; use appendix_c (seed 004) or concept_set")
-        if judge not in ("organism", "vlm", "none"):
-            raise ConfigError(f"experiment.judge={judge!r}; use organism, vlm or none")
-        if judge == "vlm" and not judge_model:
-            raise ConfigError("experiment.judge=vlm needs experiment.judge_model=<a conf/model name>, e.g. gemma3_12b")
-        if len(concepts) < 2:
-            raise ConfigError(f"experiment.concepts={list(concepts)} needs at least two concepts: each is the other's control")
-        if len(alignment_concepts) == 1 or len(set(alignment_concepts)) != len(alignment_concepts):
-            raise ConfigError(f"experiment.alignment_concepts={list(alignment_concepts)} must name two or more different concepts (or none)")
-        self.concepts = list(concepts)
-        self.concepts_per_pass = concepts_per_pass
-        self.layer_lr = dict(layer_lr or {})
-        self.layer_temperature = dict(layer_temperature or {})
-        self.preset_num_layers = preset_num_layers
-        self.lr, self.temperature = lr, temperature
-        self.judge, self.judge_model, self.judge_samples = judge, judge_model, judge_samples
-        self.alignment_concepts = list(alignment_concepts)
-        self.n_permutations = n_permutations
-        self.concept_source = concept_source
-        self.concept_baseline = concept_baseline
-        self.settings = settings  # the rest of DASSettings
+    config: DASConfig
 
     # ------------------------------------------------------------ choices --
     def targets(self, dataset: ConceptDataset) -> list[Target]:
         """Dataset concepts by name or text; any other string is taken as a bare word."""
         by_key = {key: c for c in dataset.concepts for key in (c.name, c.text)}
         out = []
-        for entry in self.concepts:
+        for entry in self.config.concepts:
             if not str(entry).strip():
                 raise DatasetError(f"experiment.concepts has an empty concept {entry!r}; give every concept a word")
             concept = by_key.get(entry)
@@ -125,54 +83,35 @@ class DASynthesis(Experiment):
         def nearest(table: dict[int, float], what: str) -> float:
             if not table:
                 raise ConfigError(f"experiment.{what} is unset and experiment.layer_{what} has no presets")
-            depth = layer / max(1, num_layers - 1) * (self.preset_num_layers - 1)
+            depth = layer / max(1, num_layers - 1) * (self.config.preset_num_layers - 1)
             return float(table[min(table, key=lambda k: (abs(int(k) - depth), int(k)))])
 
-        lr = self.lr if self.lr is not None else nearest(self.layer_lr, "lr")
-        temperature = self.temperature if self.temperature is not None else nearest(self.layer_temperature, "temperature")
+        c = self.config
+        lr = c.lr if c.lr is not None else nearest(c.layer_lr, "lr")
+        temperature = c.temperature if c.temperature is not None else nearest(c.layer_temperature, "temperature")
         return lr, temperature
 
     # ---------------------------------------------------------------- run --
     def run(self, ctx: RunContext) -> dict[str, float]:
         targets = self.targets(ctx.dataset)
-        alignment_data = self.alignment_dataset(ctx.dataset) if self.alignment_concepts else None  # fail before synthesising
-        if self.concept_source == "text":
-            vectors = self.text_vectors(ctx, [t.word for t in targets], [ctx.layer])[ctx.layer]
-        else:
-            vectors = self.image_vectors(ctx, targets)
-
+        alignment_data = self.alignment_dataset(ctx.dataset) if self.config.alignment_concepts else None  # fail before synthesising
+        vectors = self.target_vectors(ctx, targets)
         lr, temperature = self.preset(ctx.layer, ctx.model.num_layers)
-        settings = DASSettings(lr=lr, temperature=temperature, **self.settings)
+        settings = self.config.settings(lr, temperature)
         reader = ImageReader(ctx.model, ctx.layer, settings.prompt)
         log.info("DAS at layer %d: %d concepts (%s vectors, baseline %s), %d steps x batch %d, lr %g, temperature %g",
-                 ctx.layer, len(targets), self.concept_source, self.concept_baseline, settings.steps, settings.batch_size, lr, temperature)  # fmt: skip
-
-        images, trajectories, step_seconds = [], [], []
-        with ctx.timed("synthesis"):
-            for start in range(0, len(targets), self.concepts_per_pass):
-                chunk = slice(start, start + self.concepts_per_pass)
-                result = synthesise(reader, vectors[chunk], settings, ctx.seed + start, ctx.progress)
-                images.append(result.images)
-                trajectories.append(result.trajectory.assign(concept_index=result.trajectory["concept_index"] + start))
-                step_seconds.append(result.seconds_per_step)
-        images_t = torch.cat(images)
-        trajectory = pd.concat(trajectories, ignore_index=True)
-        trajectory["concept"] = [targets[i].name for i in trajectory["concept_index"]]
-        pil_images = [to_pil(img) for img in images_t]
-        for target, image in zip(targets, pil_images):
-            ctx.image("das_" + re.sub(r"[^\w-]+", "_", target.name), image)  # a bare word may hold spaces
-
-        cosines = cosine_matrix(reader, images_t, vectors, result.grey_mean, settings)
+                 ctx.layer, len(targets), self.config.concept_source, self.config.concept_baseline, settings.steps,
+                 settings.batch_size, lr, temperature)  # fmt: skip
+        images, grey_mean, step_seconds = self.synthesis(ctx, reader, targets, vectors, settings)
+        cosines = cosine_matrix(reader, images, vectors, grey_mean, settings)
         metrics = self.cosine_metrics(cosines, ctx.seed)
         # one optimisation step of every concept (several passes when concepts_per_pass < concepts)
-        metrics |= {"lr": lr, "temperature": temperature, "steps": settings.steps, "seconds_per_step": float(np.sum(step_seconds))}
-        ctx.table("trajectory", trajectory)
+        metrics |= {"lr": lr, "temperature": temperature, "steps": settings.steps, "seconds_per_step": step_seconds}
         ctx.table("final_cosines", pd.DataFrame(cosines, index=[t.name for t in targets], columns=[t.name for t in targets])
                   .rename_axis("image").reset_index().melt(id_vars="image", var_name="concept", value_name="cosine"))  # fmt: skip
-        ctx.figure("trajectory", figures.das_trajectory(trajectory, ctx.layer))
+        pil_images = [to_pil(img) for img in images]
         ctx.figure("images", figures.das_sheet(pil_images, [t.name for t in targets], ctx.layer))
-
-        if self.judge != "none":
+        if self.config.judge != JudgeKind.none:
             with ctx.timed("judge"):
                 metrics |= self.recognition(ctx, targets, pil_images)
         if alignment_data is not None:
@@ -181,6 +120,38 @@ class DASynthesis(Experiment):
         log.info("layer %d: final cosine %.3f (other concepts' images %.3f, p=%.3g)", ctx.layer,
                  metrics["final_cosine"], metrics["final_cosine_null_mean"], metrics["final_cosine_p"])  # fmt: skip
         return metrics
+
+    # 1. concept vectors ------------------------------------------------------------------
+    def target_vectors(self, ctx: RunContext, targets: list[Target]) -> torch.Tensor:
+        """(n_concepts, d_model) at this layer: from text (seed 004) or, as a positive control, from images."""
+        if self.config.concept_source == ConceptSource.text:
+            return self.text_vectors(ctx, [t.word for t in targets], [ctx.layer])[ctx.layer]
+        return self.image_vectors(ctx, targets)
+
+    # 2. synthesis --------------------------------------------------------------------------
+    def synthesis(
+        self, ctx: RunContext, reader: ImageReader, targets: list[Target], vectors: torch.Tensor, settings: DASSettings
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(images (n, 3, S, S), the grey image's mean patch, seconds per step of all concepts), `concepts_per_pass` at a time.
+
+        Writes each image, the trajectory table and figure.
+        """
+        images, trajectories, step_seconds = [], [], []
+        per_pass = self.config.concepts_per_pass
+        with ctx.timed("synthesis"):
+            for start in range(0, len(targets), per_pass):
+                result = synthesise(reader, vectors[start : start + per_pass], settings, ctx.seed + start, ctx.progress)
+                images.append(result.images)
+                trajectories.append(result.trajectory.assign(concept_index=result.trajectory["concept_index"] + start))
+                step_seconds.append(result.seconds_per_step)
+        images_t = torch.cat(images)
+        trajectory = pd.concat(trajectories, ignore_index=True)
+        trajectory["concept"] = [targets[i].name for i in trajectory["concept_index"]]
+        for target, image in zip(targets, images_t):
+            ctx.image("das_" + re.sub(r"[^\w-]+", "_", target.name), to_pil(image))  # a bare word may hold spaces
+        ctx.table("trajectory", trajectory)
+        ctx.figure("trajectory", figures.das_trajectory(trajectory, ctx.layer))
+        return images_t, result.grey_mean, float(np.sum(step_seconds))
 
     def text_vectors(self, ctx: RunContext, concept_words: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
         """Seed 004's concept vectors per layer: each word in the chat template minus the baseline words' mean.
@@ -191,7 +162,7 @@ class DASynthesis(Experiment):
         words = word_dataset(concept_words + list(baseline_words()))
         acts = ctx.activations(layers, positions=WORD_POSITIONS, dataset=words, modalities=("text",))
         vectors = {layer: concept_vectors(acts[layer], words, concept_words, baseline_words())[0] for layer in layers}
-        if self.concept_baseline == "concept_set":
+        if self.config.concept_baseline == ConceptBaseline.concept_set:
             vectors = {layer: v - v.mean(dim=0) for layer, v in vectors.items()}
         return vectors
 
@@ -208,26 +179,27 @@ class DASynthesis(Experiment):
         baseline = per_image.mean(dim=0)
         return torch.stack([per_image[torch.from_numpy(image_concepts == t.name)].mean(dim=0) for t in targets]) - baseline
 
+    # 3. final cosines against the other concepts' images -----------------------------------
     def cosine_metrics(self, cosines: np.ndarray, seed: int) -> dict[str, float]:
         """Own-concept cosine against images made for other concepts (permuting the images)."""
         n = len(cosines)
         matched = float(np.mean(np.diag(cosines)))
         mismatched = cosines[~np.eye(n, dtype=bool)]
         rng = np.random.default_rng(seed)
-        null = np.array([np.mean(cosines[rng.permutation(n), np.arange(n)]) for _ in range(self.n_permutations)])
+        null = np.array([np.mean(cosines[rng.permutation(n), np.arange(n)]) for _ in range(self.config.n_permutations)])
         return {
             "final_cosine": matched, "final_cosine_null_mean": float(mismatched.mean()),
             "final_cosine_null_q025": float(np.quantile(null, 0.025)), "final_cosine_null_q975": float(np.quantile(null, 0.975)),
-            "final_cosine_p": float((1 + (null >= matched).sum()) / (1 + self.n_permutations)),
+            "final_cosine_p": float((1 + (null >= matched).sum()) / (1 + self.config.n_permutations)),
             "grey_cosine": 0.0,  # the grey image is the image baseline: its centred representation is zero
         }  # fmt: skip
 
-    def make_judge(self, ctx: RunContext) -> Any:
-        if self.judge == "organism":
-            return judges.OrganismJudge(seed=ctx.seed)
-        from xmodal.run import CONF_DIR
-
-        return judges.load_vlm_judge(self.judge_model, CONF_DIR, self.judge_samples, ctx.seed)
+    # 4. recognition by an independent judge ------------------------------------------------
+    def make_judge(self, ctx: RunContext) -> judges.Judge:
+        c = self.config
+        if c.judge == JudgeKind.organism:
+            return judges.programmatic_judge(c.programmatic_judge, ctx.seed)
+        return judges.vlm_judge(str(c.judge_model), c.judge_samples, ctx.seed)
 
     def recognition(self, ctx: RunContext, targets: list[Target], images: list[Image.Image]) -> dict[str, float]:
         """Recognition rate per category and protocol, with the other-concepts null and a permutation p."""
@@ -242,20 +214,22 @@ class DASynthesis(Experiment):
             observed = float(np.mean(np.diag(scores)))
             n = len(names)
             null_mean = float(scores[~np.eye(n, dtype=bool)].mean()) if n > 1 else float("nan")
-            null = np.array([np.mean(scores[np.arange(n), rng.permutation(n)]) for _ in range(self.n_permutations)])
+            null = np.array([np.mean(scores[np.arange(n), rng.permutation(n)]) for _ in range(self.config.n_permutations)])
             key = f"recognition_{category or 'all'}" + ("" if protocol in ("programmatic", "category_hint") else f"_{protocol}")
-            metrics |= {key: observed, f"{key}_null_mean": null_mean, f"{key}_p": float((1 + (null >= observed).sum()) / (1 + self.n_permutations))}
+            p_value = float((1 + (null >= observed).sum()) / (1 + self.config.n_permutations))
+            metrics |= {key: observed, f"{key}_null_mean": null_mean, f"{key}_p": p_value}
             rows.append({"category": category, "protocol": protocol, "n_concepts": n, "recognition_rate": observed,
                          "null_rate": null_mean, "p": metrics[f"{key}_p"]})  # fmt: skip
         if table.empty:
-            log.warning("the %s judge judges none of these concepts' categories", self.judge)
+            log.warning("the %s judge judges none of these concepts' categories", self.config.judge)
         ctx.table("judgements", table)
         ctx.table("recognition", pd.DataFrame(rows))
         return metrics
 
+    # 5. the apples/oranges check ----------------------------------------------------------
     def alignment_dataset(self, dataset: ConceptDataset) -> ConceptDataset:
         """The alignment concepts and their real images, checked before any synthesis."""
-        names = self.alignment_concepts
+        names = list(self.config.alignment_concepts)
         unknown = [n for n in names if n not in {c.name for c in dataset.concepts}]
         if unknown:
             raise DatasetError(f"experiment.alignment_concepts has {unknown}, not concepts of dataset {dataset.name!r}; "
@@ -267,7 +241,7 @@ class DASynthesis(Experiment):
 
     def alignment(self, ctx: RunContext, subset: ConceptDataset) -> dict[str, float]:
         """Appendix A at every layer up to the model's last, for the alignment concepts (two or more)."""
-        names = tuple(self.alignment_concepts)
+        names = tuple(self.config.alignment_concepts)
         layers = list(range(ctx.model.num_layers))
         image_acts = ctx.activations(layers, dataset=subset, modalities=("image",))
         vectors = self.text_vectors(ctx, [c.text for c in subset.concepts], layers)
@@ -278,7 +252,7 @@ class DASynthesis(Experiment):
         grey_means = {layer: hidden[layer][0, mask].float().mean(dim=0).cpu() for layer in layers}
         labels = np.array([names.index(c) for c in image_acts[layers[0]].image_concepts])
         pairs, summary = apples_oranges(
-            vectors, {layer: image_acts[layer].image_tokens for layer in layers}, grey_means, labels, names, self.n_permutations, ctx.seed
+            vectors, {layer: image_acts[layer].image_tokens for layer in layers}, grey_means, labels, names, self.config.n_permutations, ctx.seed
         )
         ctx.table("alignment_pairs", pairs)
         ctx.table("alignment", summary)

@@ -1,4 +1,4 @@
-"""Seconds per DAS optimisation step: ``python -m xmodal.synthesis.benchmark``.
+"""Seconds per DAS optimisation step: ``python -m xmodal.experiments.das.benchmark``.
 
 Times whole steps (augment, forward to layer L, aggregate, backward, clip, SGD) on
 random unit concept vectors, after one untimed warm-up step, for each layer in
@@ -16,11 +16,11 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from xmodal.conf_dir import CONF_DIR
 from xmodal.config import register_configs
+from xmodal.experiments.das.synthesis import DASSettings, ImageReader, synthesise
 from xmodal.models.base import instantiate_model
 from xmodal.reporting.results import atomic_write
-from xmodal.run import CONF_DIR
-from xmodal.synthesis.das import DASSettings, ImageReader, synthesise
 
 
 def benchmark(cfg: DictConfig) -> pd.DataFrame:

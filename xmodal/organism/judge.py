@@ -1,37 +1,31 @@
-"""Independent judges of whether a synthesised image shows its concept.
+"""The organism's own DAS judge: its world is known, so a program reads the images.
 
-- `OrganismJudge` (offline, for the organism): its world is known, so the judge is a
-  program. Colour: the palette colour most of the image's coloured pixels are closest
-  to; pixels closer to the grey canvas DAS starts from or to the world's white backdrop
-  than to any palette colour do not vote, nor does a world background filling the
-  image (sky, grass ...). Shape: a logistic-regression classifier (scikit-learn) trained on rendered
-  world images, reading the map of how far each pixel is from the image's median
-  colour. Its accuracy on fresh rendered images is reported as the judge's ceiling.
-- `VLMJudge` (real models): another VLM, loaded through the adapters, asked seed
-  004's two questions (without and with the category) and scored by word match.
+Colour: the palette colour most of the image's coloured pixels are closest to; pixels
+closer to the grey canvas DAS starts from or to the world's white backdrop than to any
+palette colour do not vote, nor does a world background filling the image (sky, grass
+...). Shape: a logistic-regression classifier (scikit-learn) trained on rendered world
+images, reading the map of how far each pixel is from the image's median colour. Its
+accuracy on fresh rendered images is reported as the judge's ceiling.
 
-Both return one row per (image, protocol) with `recognised` in [0, 1].
+`experiment=das experiment.judge=organism` builds it through the DAS config's
+`programmatic_judge` (its import path), so the framework does not import the organism.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from xmodal.models.base import ModelAdapter
-from xmodal.models.generation import describe_images
 from xmodal.organism import world
 
 log = logging.getLogger(__name__)
 
-QUESTION = "What is in the image if you had to guess? One word."
-QUESTION_WITH_CATEGORY = "What {category} is in the image if you had to guess? One word."
 JUDGE_SIDE = 16  # shape features: a 16x16 map of distance from the median colour
 
 
@@ -109,48 +103,3 @@ class OrganismJudge:
         return pd.DataFrame(rows, columns=["concept", "category", "protocol", "answer", "recognised"])
 
 
-class VLMJudge:
-    """Another VLM asked seed 004's questions, `n_samples` seeded samples each, scored by word match."""
-
-    def __init__(self, adapter: ModelAdapter, n_samples: int = 10, seed: int = 0, max_new_tokens: int = 8) -> None:
-        self.adapter, self.n_samples, self.seed, self.max_new_tokens = adapter, n_samples, seed, max_new_tokens
-
-    @staticmethod
-    def score(answer: str, concept: str) -> float:
-        """Fraction of the sampled answers (joined by ' | ') that name the concept."""
-        from xmodal.experiments.steering import mentions
-
-        return float(np.mean([mentions(a, [concept]) for a in answer.split(" | ")]))
-
-    def judge(self, images: Sequence[Image.Image], concepts: Sequence[str], categories: Sequence[str]) -> pd.DataFrame:
-        rows = []
-        for image, concept, category in zip(images, concepts, categories):
-            protocols = {"no_hint": QUESTION}
-            if category:
-                protocols["category_hint"] = QUESTION_WITH_CATEGORY.format(category=category)
-            for protocol, question in protocols.items():
-                answer = " | ".join(a.replace("|", "/") for a in self._answers(image, question))
-                rows.append({"concept": concept, "category": category, "protocol": protocol, "answer": answer,
-                             "recognised": self.score(answer, concept)})  # fmt: skip
-        return pd.DataFrame(rows, columns=["concept", "category", "protocol", "answer", "recognised"])
-
-    def _answers(self, image: Image.Image, question: str) -> list[str]:
-        """`n_samples` sampled answers in one batch: rows sample independently from one seeded generator."""
-        return describe_images(
-            self.adapter, [image] * self.n_samples, question, True, self.max_new_tokens, self.n_samples, do_sample=True, seed=self.seed
-        )
-
-
-def load_vlm_judge(model_name: str, conf_dir: str, n_samples: int, seed: int) -> Any:
-    """A VLMJudge from a conf/model/<name>.yaml, loaded through the adapters."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from xmodal.models.base import instantiate_model
-
-    if GlobalHydra.instance().is_initialized():
-        cfg = compose(config_name="config", overrides=[f"model={model_name}"])
-    else:
-        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"model={model_name}"])
-    return VLMJudge(instantiate_model(cfg.model), n_samples=n_samples, seed=seed)

@@ -25,116 +25,36 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
-
 import torch
 
 from xmodal.activations.codes import ConceptCodes, concept_codes
 from xmodal.errors import DatasetError
-from xmodal.saes.loading import FeatureSpace
-from xmodal.saes.training import train_topk_sae
 from xmodal.experiments.base import Experiment, RunContext
+from xmodal.experiments.mds.config import MDSConfig
 from xmodal.metrics.interpretability import feature_interpretability
 from xmodal.metrics.interventions import zero_mask_effects
 from xmodal.metrics.modality import GROUPS, dominance_groups, modality_dominance, swapped_modalities
-from xmodal.models.embedders import MINILM, image_embedder, text_embedder
+from xmodal.models.embedders import image_embedder, text_embedder
 from xmodal.reporting import figures
+from xmodal.saes.loading import FeatureSpace
+from xmodal.saes.training import train_topk_sae
 
 log = logging.getLogger(__name__)
 
 
 class MDSClassifier(Experiment):
     name: ClassVar[str] = "mds"
-
-    def __init__(
-        self,
-        name: str = "mds",
-        n_null: int = 200,
-        top_concepts: int = 3,
-        interpretability: bool = True,
-        top_m: int = 5,
-        text_embedder: str = MINILM,
-        image_embedder: str = "vision_tower",
-        image_embedder_path: str | None = None,
-        zero_mask: bool = True,
-        n_random_masks: int = 20,
-        msae: bool = False,
-        msae_d_sae: int = 256,
-        msae_k: int = 16,
-        msae_epochs: float = 30.0,
-    ) -> None:
-        self.n_null = n_null
-        self.top_concepts = top_concepts
-        self.interpretability = interpretability
-        self.top_m = top_m
-        self.text_embedder = text_embedder
-        self.image_embedder = image_embedder
-        self.image_embedder_path = image_embedder_path
-        self.zero_mask = zero_mask
-        self.n_random_masks = n_random_masks
-        self.msae = msae
-        self.msae_shape = (msae_d_sae, msae_k, msae_epochs)
+    config: MDSConfig
 
     def run(self, ctx: RunContext) -> dict[str, float]:
-        if self.msae:
-            self.space = self.train_msae(ctx)
-            codes = concept_codes(ctx.activations()[ctx.layer], self.space, ctx.positions)
-        else:
-            self.space = ctx.features
-            codes = ctx.codes()
-        if self.space.sae is None:
-            log.warning("sae=none: MDS needs non-negative codes, so residual dimensions enter with their positive part")
-        concept_index = {name: i for i, name in enumerate(codes.concepts)}
-        owners = np.array([concept_index[c] for c in codes.image_concepts])
-        image, text = codes.image, codes.text[owners]  # one matched pair per image
-
+        self.space, codes = self.encode(ctx)
+        image, text = self.matched_pairs(codes)
         with ctx.timed("metrics"):
             mds, n_active = modality_dominance(image, text)
             groups, mu, sigma = dominance_groups(mds)
-            rng = np.random.default_rng(ctx.seed)
-            null_sizes = {g: [] for g in GROUPS}
-            null_mds = []
-            for _ in range(self.n_null):
-                null_image, null_text = swapped_modalities(image, text, rng)
-                shuffled, _ = modality_dominance(null_image, null_text)
-                null_groups, _, _ = dominance_groups(shuffled)
-                null_mds.append(shuffled)
-                for g in GROUPS:
-                    null_sizes[g].append(int(np.sum(null_groups == g)))
-
-            names = np.array(codes.concepts)
-            per_concept = codes.image_by_concept() + codes.text  # concepts x features, both modalities
-            top = np.argsort(-per_concept, axis=0, kind="stable")[: self.top_concepts]
-            feature_table = pd.DataFrame(
-                {
-                    "feature": np.arange(len(mds)),
-                    "mds": mds,
-                    "group": groups.astype(str),
-                    "n_pairs_active": n_active,
-                    "n_image_active": (image > 0).sum(axis=0),
-                    "n_text_active": (text > 0).sum(axis=0),
-                    "mean_image": image.mean(axis=0),
-                    "mean_text": text.mean(axis=0),
-                    "top_concepts": [" ".join(names[top[:, k]]) for k in range(len(mds))],
-                }
-            )
-            feature_table = feature_table[feature_table["group"] != "inactive"].reset_index(drop=True)
-            size_rows = []
-            for g in GROUPS:
-                observed = int(np.sum(groups == g))
-                null = np.array(null_sizes[g])
-                size_rows.append(
-                    {
-                        "group": g,
-                        "n_features": observed,
-                        "null_mean": float(null.mean()),
-                        "null_q025": float(np.quantile(null, 0.025)),
-                        "null_q975": float(np.quantile(null, 0.975)),
-                        # two-sided: how unusual the observed size is under swapped modalities
-                        "p_value": float((1 + np.sum(np.abs(null - null.mean()) >= abs(observed - null.mean()))) / (1 + len(null))),
-                    }
-                )
-            size_table = pd.DataFrame(size_rows)
-
+            null_sizes, null_mds = self.swapped_null(image, text, ctx.seed)
+            feature_table = self.feature_table(codes, image, text, mds, groups, n_active)
+            size_table = self.group_sizes(groups, null_sizes)
         ctx.table("features", feature_table)
         ctx.table("group_sizes", size_table)
         with ctx.timed("figures"):
@@ -146,16 +66,15 @@ class MDSClassifier(Experiment):
             "mds_std": sigma,
             "mds_std_null_mean": float(np.mean([np.nanstd(m) for m in null_mds])),
         }
-        for row in size_rows:
+        for row in size_table.to_dict("records"):
             key = f"n_{row['group']}"
             metrics[key] = row["n_features"]
-            metrics[f"{key}_null_mean"] = row["null_mean"]
-            metrics[f"{key}_null_q025"] = row["null_q025"]
-            metrics[f"{key}_null_q975"] = row["null_q975"]
+            for stat in ("null_mean", "null_q025", "null_q975"):
+                metrics[f"{key}_{stat}"] = row[stat]
             metrics[f"{key}_p"] = row["p_value"]
-        if self.interpretability:
+        if self.config.interpretability:
             metrics |= self.interpretability_scores(ctx, codes, groups)
-        if self.zero_mask:
+        if self.config.zero_mask:
             metrics |= self.zero_mask_interventions(ctx, codes, groups)
         log.info(
             "layer %d: %d ImgD, %d CrossD, %d TextD of %d active features (MDS mean %.2f, std %.2f; null std %.2f)",
@@ -164,10 +83,88 @@ class MDSClassifier(Experiment):
         )
         return metrics
 
+    # 1. codes -------------------------------------------------------------------
+    def encode(self, ctx: RunContext) -> tuple[FeatureSpace, ConceptCodes]:
+        """The feature space (the configured SAE, or a multimodal SAE trained here) and its pooled codes."""
+        if self.config.msae:
+            space = self.train_msae(ctx)
+            codes = concept_codes(ctx.activations()[ctx.layer], space, ctx.positions)
+        else:
+            space, codes = ctx.features, ctx.codes()
+        if space.sae is None:
+            log.warning("sae=none: MDS needs non-negative codes, so residual dimensions enter with their positive part")
+        return space, codes
+
+    @staticmethod
+    def matched_pairs(codes: ConceptCodes) -> tuple[np.ndarray, np.ndarray]:
+        """(image codes, text codes): one row per image, beside its concept's text."""
+        concept_index = {name: i for i, name in enumerate(codes.concepts)}
+        owners = np.array([concept_index[c] for c in codes.image_concepts])
+        return codes.image, codes.text[owners]
+
+    # 4. null ----------------------------------------------------------------------
+    def swapped_null(self, image: np.ndarray, text: np.ndarray, seed: int) -> tuple[dict[str, list[int]], list[np.ndarray]]:
+        """Group sizes and MDS values after swapping modalities within pairs at random, `n_null` times."""
+        rng = np.random.default_rng(seed)
+        null_sizes: dict[str, list[int]] = {g: [] for g in GROUPS}
+        null_mds = []
+        for _ in range(self.config.n_null):
+            null_image, null_text = swapped_modalities(image, text, rng)
+            shuffled, _ = modality_dominance(null_image, null_text)
+            null_groups, _, _ = dominance_groups(shuffled)
+            null_mds.append(shuffled)
+            for g in GROUPS:
+                null_sizes[g].append(int(np.sum(null_groups == g)))
+        return null_sizes, null_mds
+
+    # 2-3. per feature ---------------------------------------------------------------
+    def feature_table(
+        self, codes: ConceptCodes, image: np.ndarray, text: np.ndarray, mds: np.ndarray, groups: np.ndarray, n_active: np.ndarray
+    ) -> pd.DataFrame:
+        """Every active feature: its MDS, group, activity per modality and the concepts it fires for most."""
+        names = np.array(codes.concepts)
+        per_concept = codes.image_by_concept() + codes.text  # concepts x features, both modalities
+        top = np.argsort(-per_concept, axis=0, kind="stable")[: self.config.top_concepts]
+        table = pd.DataFrame(
+            {
+                "feature": np.arange(len(mds)),
+                "mds": mds,
+                "group": groups.astype(str),
+                "n_pairs_active": n_active,
+                "n_image_active": (image > 0).sum(axis=0),
+                "n_text_active": (text > 0).sum(axis=0),
+                "mean_image": image.mean(axis=0),
+                "mean_text": text.mean(axis=0),
+                "top_concepts": [" ".join(names[top[:, k]]) for k in range(len(mds))],
+            }
+        )
+        return table[table["group"] != "inactive"].reset_index(drop=True)
+
+    @staticmethod
+    def group_sizes(groups: np.ndarray, null_sizes: dict[str, list[int]]) -> pd.DataFrame:
+        """Each group's size against its swapped-modality null, with a two-sided p-value."""
+        rows = []
+        for g in GROUPS:
+            observed = int(np.sum(groups == g))
+            null = np.array(null_sizes[g])
+            rows.append(
+                {
+                    "group": g,
+                    "n_features": observed,
+                    "null_mean": float(null.mean()),
+                    "null_q025": float(np.quantile(null, 0.025)),
+                    "null_q975": float(np.quantile(null, 0.975)),
+                    # two-sided: how unusual the observed size is under swapped modalities
+                    "p_value": float((1 + np.sum(np.abs(null - null.mean()) >= abs(observed - null.mean()))) / (1 + len(null))),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    # 5. interpretability -----------------------------------------------------------
     def interpretability_scores(self, ctx: RunContext, codes: ConceptCodes, groups: np.ndarray) -> dict[str, float]:
         """I(z) and WinRate per group and modality, each beside its random-sample null."""
-        embed_text, text_name = text_embedder(self.text_embedder)
-        embed_images, image_name = image_embedder(self.image_embedder, ctx.model, self.image_embedder_path)
+        embed_text, text_name = text_embedder(self.config.text_embedder)
+        embed_images, image_name = image_embedder(str(self.config.image_embedder), ctx.model, self.config.image_embedder_path)
         by_source = {image.source: image for image in ctx.dataset.images}
         texts = [c.text for c in ctx.dataset.concepts]
         with ctx.timed("embeddings"):
@@ -180,7 +177,7 @@ class MDSClassifier(Experiment):
             for modality, (matrix, embeddings) in samples.items():
                 for g in GROUPS:
                     features = np.flatnonzero(groups == g)
-                    scores = feature_interpretability(matrix, embeddings, features, self.top_m, ctx.seed)
+                    scores = feature_interpretability(matrix, embeddings, features, self.config.top_m, ctx.seed)
                     scored = scores.dropna(subset=["I"])
                     row = {
                         "modality": modality, "group": g, "n_features": len(features), "n_scored": len(scored),
@@ -202,6 +199,7 @@ class MDSClassifier(Experiment):
         log.info("embedders: text %s; images %s", text_name, image_name)
         return metrics
 
+    # 6. zero-mask interventions ------------------------------------------------------
     def zero_mask_interventions(self, ctx: RunContext, codes: ConceptCodes, groups: np.ndarray) -> dict[str, float]:
         """Readout accuracy per modality after removing each group (and random sets of equal size)."""
         categories = {c.name: c.category for c in ctx.dataset.concepts}
@@ -217,7 +215,7 @@ class MDSClassifier(Experiment):
                 if min(np.unique(labels, return_counts=True)[1]) < 2:
                     log.warning("zero-mask: some %s label has a single sample; its readout is left out", modality)
                     continue
-                for row in zero_mask_effects(matrix, labels, decode, feature_sets, active, self.n_random_masks, ctx.seed):
+                for row in zero_mask_effects(matrix, labels, decode, feature_sets, active, self.config.n_random_masks, ctx.seed):
                     rows.append({"modality": modality, "label": "category" if use_category else "concept", **row})
                     metrics[f"readout_{modality}_minus_{row['removed']}"] = row["accuracy"]
                     if row["removed"] != "none":
@@ -227,14 +225,14 @@ class MDSClassifier(Experiment):
             ctx.table("zero_mask", pd.DataFrame(rows))
         return metrics
 
-
+    # the paper's multimodal SAE (experiment.msae=true) -------------------------------
     def train_msae(self, ctx: RunContext) -> FeatureSpace:
         """The paper's multimodal SAE: one TopK SAE (sae-lens) on both modalities' tokens at this layer.
 
         Text tokens are resampled to as many rows as image tokens, so neither modality
         owns the dictionary by sheer count. Saved in sae-lens format under msae/.
         """
-        d_sae, k, epochs = self.msae_shape
+        d_sae, k, epochs = self.config.msae_d_sae, self.config.msae_k, self.config.msae_epochs
         acts = ctx.activations()[ctx.layer]
         image_rows = acts.image_tokens.reshape(-1, acts.image_tokens.shape[-1]).float()
         text_rows = acts.text_tokens.float()

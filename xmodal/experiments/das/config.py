@@ -1,0 +1,97 @@
+"""DASynthesis's settings (conf/experiment/das.yaml selects them).
+
+Where seed 004's text lost a number, the default is xmodal's choice (see experiments/das/README.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Optional
+
+from xmodal.config import ExperimentConfig
+from xmodal.errors import ConfigError
+from xmodal.experiments.das.synthesis import DASSettings
+
+
+class ConceptSource(StrEnum):
+    text = "text"  # seed 004: the concept word's representation
+    image = "image"  # a positive control: the concept's images minus all images
+
+
+class ConceptBaseline(StrEnum):
+    appendix_c = "appendix_c"  # seed 004: minus the mean of Appendix C's 100 baseline words
+    concept_set = "concept_set"  # also minus the mean of the concepts at hand
+
+
+class Aggregation(StrEnum):
+    weighted = "weighted"  # section 2.2: semantic weights and a Gaussian centre prior
+    mean = "mean"  # Appendix G's ablation
+
+
+class Upsample(StrEnum):
+    bicubic = "bicubic"
+    bilinear = "bilinear"
+
+
+class JudgeKind(StrEnum):
+    organism = "organism"  # the programmatic judge named by programmatic_judge (the organism's world)
+    vlm = "vlm"  # another VLM (judge_model) asked seed 004's questions
+    none = "none"
+
+
+@dataclass
+class DASConfig(ExperimentConfig):
+    _target_: str = "xmodal.experiments.das.experiment.DASynthesis"
+    name: str = "das"
+    concepts: list[str] = field(default_factory=lambda: ["red", "blue"])  # dataset concept names/texts, or bare words
+    concepts_per_pass: int = 8  # concepts optimised together in one forward pass
+    steps: int = 600
+    batch_size: int = 8  # augmented copies per concept per step
+    momentum: float = 0.9
+    max_grad_norm: float = 1.0
+    lr: Optional[float] = None  # None: layer_lr's preset
+    temperature: Optional[float] = None  # None: layer_temperature's preset
+    # Appendix E (Gemma 3 4B, 34 layers); other models use the entry at the nearest relative depth.
+    layer_lr: dict[int, float] = field(default_factory=dict)
+    layer_temperature: dict[int, float] = field(default_factory=dict)
+    preset_num_layers: int = 34
+    sigma_start: float = 0.2  # centre prior width (image sides), growing linearly ...
+    sigma_end: float = 1.0  # ... to this at the last step
+    resolutions: Optional[list[int]] = None  # component sides; None: 1, 2, 3, 4, 6, 8, 12 ... up to the image side
+    shift: Optional[int] = None  # largest random shift in pixels; None: image side / 16
+    noise_std: float = 0.1
+    aggregation: Aggregation = Aggregation.weighted
+    upsample: Upsample = Upsample.bicubic
+    prompt: str = ""  # text after the image in the user turn
+    judge: JudgeKind = JudgeKind.organism
+    programmatic_judge: str = "xmodal.organism.judge.OrganismJudge"  # the class judge=organism builds (import path)
+    judge_model: Optional[str] = None  # a conf/model name, for judge=vlm
+    judge_samples: int = 10
+    alignment_concepts: list[str] = field(default_factory=list)  # two or more dataset concepts for the apples/oranges check
+    n_permutations: int = 1000
+    concept_source: ConceptSource = ConceptSource.text
+    concept_baseline: ConceptBaseline = ConceptBaseline.appendix_c
+
+    def validate(self) -> None:
+        super().validate()
+        if self.judge == JudgeKind.vlm and not self.judge_model:
+            raise ConfigError("experiment.judge=vlm needs experiment.judge_model=<a conf/model name>, e.g. gemma3_12b")
+        if len(self.concepts) < 2:
+            raise ConfigError(f"experiment.concepts={list(self.concepts)} needs at least two concepts: each is the other's control")
+        alignment = list(self.alignment_concepts)
+        if len(alignment) == 1 or len(set(alignment)) != len(alignment):
+            raise ConfigError(f"experiment.alignment_concepts={alignment} must name two or more different concepts (or none)")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError(f"experiment.steps={self.steps} and experiment.batch_size={self.batch_size} must be at least 1")
+        if self.concepts_per_pass < 1:
+            raise ConfigError(f"experiment.concepts_per_pass={self.concepts_per_pass} must be at least 1")
+
+    def settings(self, lr: float, temperature: float) -> DASSettings:
+        """The synthesis settings at one layer, given its learning rate and temperature."""
+        return DASSettings(
+            steps=self.steps, batch_size=self.batch_size, lr=lr, momentum=self.momentum, max_grad_norm=self.max_grad_norm,
+            temperature=temperature, sigma_start=self.sigma_start, sigma_end=self.sigma_end,
+            resolutions=list(self.resolutions) if self.resolutions is not None else None, shift=self.shift,
+            noise_std=self.noise_std, aggregation=str(self.aggregation), upsample=str(self.upsample), prompt=self.prompt,
+        )  # fmt: skip

@@ -1,0 +1,75 @@
+"""Independent judges of whether a synthesised image shows its concept.
+
+- A programmatic judge (offline): where the images' world is known, a program reads
+  them. The organism ships one (`xmodal.organism.judge.OrganismJudge`); the DAS config
+  names its class in `programmatic_judge`, so this module never imports the organism.
+- `VLMJudge` (real models): another VLM, loaded through the adapters, asked seed
+  004's two questions (without and with the category) and scored by word match.
+
+Every judge has `judge(images, concepts, categories)`, returning one row per (image,
+protocol) with `recognised` in [0, 1], and `score(answer, concept)`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+import pandas as pd
+from hydra.utils import get_class
+from PIL import Image
+
+from xmodal.metrics.mentions import mentions
+from xmodal.models.base import ModelAdapter
+from xmodal.models.generation import describe_images
+from xmodal.models.named import load_named_model
+
+QUESTION = "What is in the image if you had to guess? One word."
+QUESTION_WITH_CATEGORY = "What {category} is in the image if you had to guess? One word."
+JUDGEMENT_COLUMNS = ["concept", "category", "protocol", "answer", "recognised"]
+
+
+class Judge(Protocol):
+    def judge(self, images: Sequence[Image.Image], concepts: Sequence[str], categories: Sequence[str]) -> pd.DataFrame: ...
+
+    def score(self, answer: str, concept: str) -> float: ...
+
+
+class VLMJudge:
+    """Another VLM asked seed 004's questions, `n_samples` seeded samples each, scored by word match."""
+
+    def __init__(self, adapter: ModelAdapter, n_samples: int = 10, seed: int = 0, max_new_tokens: int = 8) -> None:
+        self.adapter, self.n_samples, self.seed, self.max_new_tokens = adapter, n_samples, seed, max_new_tokens
+
+    @staticmethod
+    def score(answer: str, concept: str) -> float:
+        """Fraction of the sampled answers (joined by ' | ') that name the concept."""
+        return float(np.mean([mentions(a, [concept]) for a in answer.split(" | ")]))
+
+    def judge(self, images: Sequence[Image.Image], concepts: Sequence[str], categories: Sequence[str]) -> pd.DataFrame:
+        rows = []
+        for image, concept, category in zip(images, concepts, categories):
+            protocols = {"no_hint": QUESTION}
+            if category:
+                protocols["category_hint"] = QUESTION_WITH_CATEGORY.format(category=category)
+            for protocol, question in protocols.items():
+                answer = " | ".join(a.replace("|", "/") for a in self._answers(image, question))
+                rows.append({"concept": concept, "category": category, "protocol": protocol, "answer": answer,
+                             "recognised": self.score(answer, concept)})  # fmt: skip
+        return pd.DataFrame(rows, columns=JUDGEMENT_COLUMNS)
+
+    def _answers(self, image: Image.Image, question: str) -> list[str]:
+        """`n_samples` sampled answers in one batch: rows sample independently from one seeded generator."""
+        return describe_images(
+            self.adapter, [image] * self.n_samples, question, True, self.max_new_tokens, self.n_samples, do_sample=True, seed=self.seed
+        )
+
+
+def vlm_judge(model_name: str, n_samples: int, seed: int) -> VLMJudge:
+    """A VLMJudge from conf/model/<model_name>.yaml, loaded through the adapters."""
+    return VLMJudge(load_named_model(model_name, key="experiment.judge_model"), n_samples=n_samples, seed=seed)
+
+
+def programmatic_judge(class_path: str, seed: int) -> Judge:
+    """The programmatic judge named by its import path (a class taking `seed`)."""
+    return get_class(class_path)(seed=seed)

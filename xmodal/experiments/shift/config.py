@@ -1,0 +1,33 @@
+"""RepresentationShift's settings (conf/experiment/shift.yaml selects them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from xmodal.config import ExperimentConfig
+from xmodal.errors import ConfigError
+
+
+@dataclass
+class ShiftConfig(ExperimentConfig):
+    _target_: str = "xmodal.experiments.shift.experiment.RepresentationShift"
+    name: str = "shift"
+    base_model: Optional[str] = "${model.base_model}"  # a config name in conf/model/: the LLM the VLM's decoder came from
+    base_model_overrides: list[str] = field(default_factory=list)  # on the command line: '...=["model.revision=abc123"]'
+    text_templates: list[str] = field(default_factory=lambda: ["{concept}"])
+    top_features: int = 20
+    n_permutations: int = 1000
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.base_model:
+            raise ConfigError(
+                "experiment=shift needs a base LLM, and this model config names none (model.base_model); "
+                "set experiment.base_model to a config in conf/model/, e.g. experiment.base_model=gemma2_2b"
+            )
+        bad = [o for o in self.base_model_overrides if not o.startswith("model.")]
+        if bad:
+            raise ConfigError(f"experiment.base_model_overrides may only set model.* keys; got {bad}")
+        if self.n_permutations < 1:
+            raise ConfigError(f"experiment.n_permutations={self.n_permutations} must be at least 1")

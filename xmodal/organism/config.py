@@ -1,0 +1,51 @@
+"""The organism's config schemas, plugged into xmodal's ConfigStore like any user model's.
+
+``pyproject.toml`` names ``register_configs`` as an entry point of the ``xmodal.plugins``
+group; ``xmodal.config.register_configs`` calls it. The YAML files that select these
+schemas stay in ``conf/`` (model/organism*.yaml, sae/organism.yaml,
+dataset/organism_concepts.yaml).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+from xmodal.config import DatasetConfig, ModelConfig, SAEConfig
+
+
+@dataclass
+class OrganismModelConfig(ModelConfig):
+    """The model organism: real gemma-3-270m decoder, small trained vision tower (xmodal.organism)."""
+
+    model_cache: str = "${paths.model_cache}"
+    vision_weights: Optional[str] = None  # None: the weights shipped in xmodal/organism/weights
+
+
+@dataclass
+class OrganismBaseModelConfig(ModelConfig):
+    """The organism's decoder alone: the plain gemma-3-270m from the same cached conversion."""
+
+    model_cache: str = "${paths.model_cache}"
+
+
+@dataclass
+class OrganismSAEConfig(SAEConfig):
+    """The SAEs shipped with the organism, at layers 5, 9, 12 and 15."""
+
+
+@dataclass
+class OrganismConceptsConfig(DatasetConfig):
+    images_per_concept: int = 4
+    seed: int = 0
+    categories: list[str] = field(default_factory=lambda: ["colour", "shape", "count", "background", "word"])
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="model", name="base_organism", node=OrganismModelConfig)
+    cs.store(group="model", name="base_organism_base", node=OrganismBaseModelConfig)
+    cs.store(group="sae", name="base_organism", node=OrganismSAEConfig)
+    cs.store(group="dataset", name="base_organism_concepts", node=OrganismConceptsConfig)
