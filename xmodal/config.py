@@ -183,6 +183,13 @@ class ExperimentConfig:
                 if item not in {c.value for c in choices}:
                     raise ConfigError(f"experiment.{f.name}={item!r}; use {_one_of([c.value for c in choices])}")
 
+    def require_at_least_one(self, *names: str) -> None:
+        """Counts that must be 1 or more (permutations, features, images ...)."""
+        for name in names:
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"experiment.{name}={value} must be at least 1")
+
 
 def _enum_of(hint: Any) -> type[Enum] | None:
     """The Enum behind a field type (E, Optional[E] or list[E]), else None."""

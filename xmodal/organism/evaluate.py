@@ -25,6 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from scipy.stats import binomtest
 
+from xmodal.conf_dir import CONF_DIR
 from xmodal.models.base import ModelAdapter
 from xmodal.models.generation import describe_images
 from xmodal.organism import world
@@ -32,7 +33,6 @@ from xmodal.organism.model import organism
 from xmodal.organism.saes import SAE_LAYERS, gather_activations, organism_sae, sae_quality
 
 log = logging.getLogger("xmodal.organism.evaluate")
-CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 ATTRIBUTES = ("colour", "shape", "count", "size", "position", "background", "word")
 
 

@@ -44,12 +44,12 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from xmodal.conf_dir import CONF_DIR
 from xmodal.errors import ConfigError, XmodalError
 from xmodal.organism import world
 from xmodal.organism.model import build_organism, encode_captioned, organism, vision_state_dict
 
 log = logging.getLogger("xmodal.organism.train")
-CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 
 
 @dataclass

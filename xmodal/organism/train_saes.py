@@ -22,12 +22,12 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from xmodal.conf_dir import CONF_DIR
 from xmodal.organism.model import organism
 from xmodal.organism.saes import SAE_LAYERS, TokenActivations, gather_activations, sae_quality
 from xmodal.saes.training import train_topk_sae
 
 log = logging.getLogger("xmodal.organism.train_saes")
-CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 
 
 @dataclass

@@ -84,8 +84,7 @@ class DASConfig(ExperimentConfig):
             raise ConfigError(f"experiment.alignment_concepts={alignment} must name two or more different concepts (or none)")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError(f"experiment.steps={self.steps} and experiment.batch_size={self.batch_size} must be at least 1")
-        if self.concepts_per_pass < 1:
-            raise ConfigError(f"experiment.concepts_per_pass={self.concepts_per_pass} must be at least 1")
+        self.require_at_least_one("concepts_per_pass", "n_permutations")
 
     def settings(self, lr: float, temperature: float) -> DASSettings:
         """The synthesis settings at one layer, given its learning rate and temperature."""

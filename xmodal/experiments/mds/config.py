@@ -36,7 +36,6 @@ class MDSConfig(ExperimentConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.n_null < 1:
-            raise ConfigError(f"experiment.n_null={self.n_null} must be at least 1")
+        self.require_at_least_one("n_null", "top_m")
         if self.interpretability and self.image_embedder == ImageEmbedderKind.hf and not self.image_embedder_path:
             raise ConfigError("experiment.image_embedder=hf needs experiment.image_embedder_path (a hub id or directory)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xmodal.config import ExperimentConfig
-from xmodal.errors import ConfigError
 
 
 @dataclass
@@ -19,7 +18,4 @@ class OverlapConfig(ExperimentConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.top_k < 1:
-            raise ConfigError(f"experiment.top_k={self.top_k} must be at least 1")
-        if self.n_permutations < 1:
-            raise ConfigError(f"experiment.n_permutations={self.n_permutations} must be at least 1")
+        self.require_at_least_one("top_k", "n_permutations")

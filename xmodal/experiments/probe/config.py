@@ -41,5 +41,4 @@ class ProbeConfig(ExperimentConfig):
         bad = [t for t in self.text_templates if "{concept}" not in t]
         if bad or not self.text_templates:
             raise ConfigError(f"experiment.text_templates must each contain '{{concept}}'; these do not: {bad}")
-        if self.n_permutations < 1:
-            raise ConfigError(f"experiment.n_permutations={self.n_permutations} must be at least 1")
+        self.require_at_least_one("n_permutations")

@@ -29,5 +29,4 @@ class ShiftConfig(ExperimentConfig):
         bad = [o for o in self.base_model_overrides if not o.startswith("model.")]
         if bad:
             raise ConfigError(f"experiment.base_model_overrides may only set model.* keys; got {bad}")
-        if self.n_permutations < 1:
-            raise ConfigError(f"experiment.n_permutations={self.n_permutations} must be at least 1")
+        self.require_at_least_one("n_permutations")

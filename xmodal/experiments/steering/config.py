@@ -7,7 +7,6 @@ from enum import StrEnum
 from typing import Optional
 
 from xmodal.config import ExperimentConfig
-from xmodal.errors import ConfigError
 
 
 class FeatureSource(StrEnum):
@@ -47,8 +46,7 @@ class SteeringConfig(ExperimentConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.n_images < 1:
-            raise ConfigError(f"experiment.n_images={self.n_images} must be at least 1")
+        self.require_at_least_one("n_images", "n_bootstrap")
 
     def strengths_with_zero(self) -> list[float]:
         """The strengths in increasing order, with 0 (the unsteered reference, always measured)."""
