@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from importlib.resources import files
 from pathlib import Path
@@ -57,9 +58,17 @@ def vision_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build_organism(
-    model_cache: str | Path, vision_weights: str | Path | None, init_seed: int = 0, dtype: torch.dtype = torch.float32
+    model_cache: str | Path,
+    vision_weights: str | Path | None,
+    init_seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    lora_weights: str | Path | None = None,
 ) -> torch.nn.Module:
-    """The organism model; `vision_weights=None` gives a fresh random vision side (for training)."""
+    """The organism model; `vision_weights=None` gives a fresh random vision side (for training).
+
+    `lora_weights` (stage 2, a file written by ``python -m xmodal.organism.train stage=instruct``)
+    are merged into the decoder on load, so the model is a plain Gemma 3 again.
+    """
     from safetensors.torch import load_file
     from transformers import Gemma3ForConditionalGeneration
     from transformers.initialization import no_init_weights
@@ -86,7 +95,66 @@ def build_organism(
         wrong = [k for k in missing if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))]
         if wrong or unexpected:
             raise ModelLoadError(f"organism vision weights at {path} do not fit the organism: missing {wrong[:3]}, unexpected {unexpected[:3]}")
+    if lora_weights is not None:
+        load_lora(model.model.language_model, lora_weights)
+        merge_lora(model.model.language_model)
     return model.to(dtype)
+
+
+# ------------------------------------------------------------------ LoRA --
+def add_lora(language_model: torch.nn.Module, rank: int, alpha: float, targets: Sequence[str]) -> torch.nn.Module:
+    """LoRA adapters (peft) on the decoder's `targets` projections, in place; B starts at zero, so nothing changes yet."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
+    return inject_adapter_in_model(config, language_model)
+
+
+def lora_state_dict(language_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor for name, tensor in language_model.state_dict().items() if ".lora_" in name}
+
+
+def save_lora(language_model: torch.nn.Module, path: Path, rank: int, alpha: float, targets: Sequence[str]) -> None:
+    """The adapters alone, in fp16 safetensors, with the shape they need in the metadata; written atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in lora_state_dict(language_model).items()}
+    metadata = {"format": "pt", "what": "xmodal organism decoder LoRA", "lora": json.dumps({"rank": rank, "alpha": alpha, "targets": list(targets)})}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_lora(language_model: torch.nn.Module, path: str | Path) -> None:
+    """Add the adapters a LoRA file describes and load them; a missing or misshapen file is one ModelLoadError."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"organism LoRA weights not found at {path}; train them (python -m xmodal.organism.train stage=instruct) or reinstall xmodal")
+    with safe_open(str(path), framework="pt") as handle:
+        shape = json.loads((handle.metadata() or {}).get("lora", "null") or "null")
+    if not shape:
+        raise ModelLoadError(f"{path} is not an organism LoRA file (no 'lora' metadata); give the lora.safetensors that stage=instruct wrote")
+    add_lora(language_model, int(shape["rank"]), float(shape["alpha"]), shape["targets"])
+    expected = lora_state_dict(language_model)
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    wrong = sorted(set(expected) ^ set(state)) + [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if wrong:
+        raise ModelLoadError(f"organism LoRA weights at {path} do not fit the decoder (e.g. {wrong[0]}); they were trained for another model")
+    language_model.load_state_dict(state, strict=False)
+
+
+def merge_lora(language_model: torch.nn.Module) -> None:
+    """Fold every adapter into its base weight and put the plain projection back (peft's merge, then unwrap)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(language_model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(language_model.get_submodule(parent_name), child, module.get_base_layer())
 
 
 def init_projector(model: torch.nn.Module, language_model: torch.nn.Module) -> None:

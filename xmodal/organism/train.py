@@ -1,5 +1,8 @@
 """Train the organism's vision tower and projector, LLaVA-style: ``python -m xmodal.organism.train``.
 
+(``stage=instruct`` runs the second stage instead, projector and decoder on instruction
+data: see ``xmodal.organism.instruct``. What follows is the first.)
+
 Next-token loss on the caption given the image, in the same chat format xmodal
 uses for images (user turn: the image; model turn: the caption). The language
 model is frozen. To fit a CPU, the softmax during training runs over a candidate
@@ -33,7 +36,8 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +56,14 @@ from xmodal.organism.model import build_organism, encode_captioned, organism, vi
 log = logging.getLogger("xmodal.organism.train")
 
 
+class Stage(StrEnum):
+    vision = "vision"  # stage 1: vision tower and projector, the decoder frozen (this module)
+    instruct = "instruct"  # stage 2: projector and decoder (LoRA) on the instruction mix (xmodal.organism.instruct)
+
+
 @dataclass
 class TrainConfig:
+    stage: Stage = Stage.vision
     seed: int = 0
     steps: int = 1500
     batch_size: int = 16
@@ -76,6 +86,15 @@ class TrainConfig:
     # Start stage 2 from these vision weights (e.g. the shipped ones) and skip stage 1: a second round
     # of caption training. The attribute heads start fresh (they are not shipped).
     init_vision: str | None = None
+    # Stage 2 (stage=instruct): init_vision defaults to the shipped stage-1 weights.
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_lr_scale: float = 1.0  # the adapters' learning rate as a fraction of lr
+    kind_weights: list[float] = field(default_factory=lambda: [0.3, 0.35, 0.35])  # caption, image question, text question
+    # The planted positive control (model=organism_planted only): pull image tokens towards the colour word at align_layer.
+    align_weight: float = 0.0
+    align_layer: int | None = None
     device: str = "auto"
     out_dir: str = "outputs/organism_train"
     model_cache: str = "~/.cache/xmodal/models"
@@ -176,7 +195,7 @@ def pretrain_vision(model: torch.nn.Module, heads: AttributeHeads, processor: An
 
     tower = model.model.vision_tower
     optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.pretrain_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.pretrain_steps))
     start_step, rows, device = 0, [], next(tower.parameters()).device
     checkpoint = out_dir / "pretrain_checkpoint.pt"
     if cfg.resume and checkpoint.exists():
@@ -296,7 +315,7 @@ def train(cfg: TrainConfig) -> Path:
         [{"params": projector + list(heads.parameters())}, {"params": tower, "lr": cfg.lr * cfg.tower_lr_scale}],
         lr=cfg.lr, weight_decay=cfg.weight_decay,
     )  # fmt: skip
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
     log.info("Training %d parameters; %d caption tokens", sum(p.numel() for p in trained), len(candidates.caption_tokens))
 
     start_step, rows = 0, []
@@ -355,12 +374,12 @@ def train(cfg: TrainConfig) -> Path:
             state = {"vision": vision_state_dict(model), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step + 1, "competitors": candidates.competitors, "heads": heads.state_dict()}
             torch.save(state, out_dir / "checkpoint.pt.tmp")
             (out_dir / "checkpoint.pt.tmp").replace(checkpoint)
-    _save_vision(model, out_dir / "vision.safetensors")
+    save_vision(model, out_dir / "vision.safetensors")
     plot_training(out_dir)
     return out_dir / "vision.safetensors"
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
+def lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))) * 0.95 + 0.05
@@ -372,7 +391,7 @@ def _write_log(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(out_dir / "train_log.csv")
 
 
-def _save_vision(model: torch.nn.Module, path: Path) -> None:
+def save_vision(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in vision_state_dict(model).items()}
@@ -420,7 +439,12 @@ def main(cfg: DictConfig) -> None:
     train_cfg = OmegaConf.to_object(cfg)
     torch.manual_seed(train_cfg.seed)
     try:
-        train(train_cfg)
+        if train_cfg.stage == Stage.instruct:
+            from xmodal.organism.instruct import train_instruct
+
+            train_instruct(train_cfg)
+        else:
+            train(train_cfg)
     except XmodalError as err:  # a user's mistake: one line and exit 2, as `python -m xmodal.run` does
         log.error("%s", err)
         raise SystemExit(2) from None
