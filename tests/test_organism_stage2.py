@@ -153,3 +153,27 @@ def test_stage_two_resumes_after_a_kill_with_the_same_adapters(tmp_path, monkeyp
     assert any(v.abs().max() > 0 for k, v in reference.items() if "lora_B" in k)  # trained, not the zero start
     log = pd.read_csv(tmp_path / "killed" / "instruct_log.csv")
     assert log["step"].tolist() == [1, 2, 3] and {"loss_caption", "loss_image_question", "loss_text_question"} <= set(log)
+
+
+def test_question_accuracy_scores_first_words_with_an_interval_and_a_shuffled_null():
+    from xmodal.organism.evaluate import question_accuracy
+
+    samples = [s for s in instruction_mix(seed=5, n=400, kind_weights=(0, 1, 1)) if s.question_type == "colour"]
+    answers = [f"{s.answer.capitalize()}." for s in samples]
+    answers[0] = "purple" if samples[0].answer != "purple" else "red"
+    table = question_accuracy(answers, samples, seed=0).set_index(["kind", "question_type"])
+    image = table.loc[("image_question", "colour")]
+    assert image["accuracy"] == pytest.approx(1 - 1 / image["n"]) and image["accuracy_ci_low"] < image["accuracy"] <= image["accuracy_ci_high"]
+    assert table.loc[("text_question", "colour"), "accuracy"] == 1.0
+    assert (table["shuffled_answer_accuracy"] < 0.4).all()  # nine colours: a shuffled sample's answer rarely matches
+
+
+def test_a_frozen_decoder_has_zero_kl_from_gemma_3_270m():
+    from xmodal.organism.evaluate import decoder_kl, english_prompts
+    from xmodal.organism.language_model import load_language_model
+    from xmodal.organism.model import organism
+
+    prompts = english_prompts()
+    assert len(prompts) == 50 and len(set(prompts)) == 50
+    table = decoder_kl(organism(device="cpu"), load_language_model(MODEL_CACHE).eval(), prompts[:4])
+    assert (table["kl_base_to_organism"].abs() < 1e-5).all() and (table["base_top"] == table["organism_top"]).all()

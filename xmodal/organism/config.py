@@ -22,6 +22,7 @@ class OrganismModelConfig(ModelConfig):
 
     model_cache: str = "${paths.model_cache}"
     vision_weights: Optional[str] = None  # None: the weights shipped in xmodal/organism/weights
+    lora_weights: Optional[str] = None  # a stage-2 lora.safetensors, merged into the decoder on load; None: the frozen decoder
 
 
 @dataclass

@@ -6,9 +6,13 @@
    saying the commonest words).
 2. SAEs: the shipped SAEs on held-out residuals, image tokens and text tokens
    apart: fraction of variance explained, L0 and dead features.
+3. Questions (stage 2): greedy one-word answers to held-out questions about images and
+   about text descriptions, per question type, beside a shuffled-answer null.
+4. The decoder: KL of its next-token distribution from gemma-3-270m's on 50 fixed
+   English prompts (zero for a frozen decoder).
 
-Writes ``captions.csv``, ``caption_accuracy.csv``, ``sae_quality.csv`` and
-``organism_eval.png`` to ``out_dir``.
+Writes ``captions.csv``, ``caption_accuracy.csv``, ``answers.csv``, ``question_accuracy.csv``,
+``english_kl.csv``, ``sae_quality.csv`` and ``organism_eval.png`` to ``out_dir``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import hydra
 import numpy as np
 import pandas as pd
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from scipy.stats import binomtest
@@ -29,6 +34,8 @@ from xmodal.conf_dir import CONF_DIR
 from xmodal.models.base import ModelAdapter
 from xmodal.models.generation import describe_images
 from xmodal.organism import world
+from xmodal.organism.instructions import QUESTION_TYPES, Instruction, instruction_mix
+from xmodal.organism.language_model import load_language_model
 from xmodal.organism.model import organism
 from xmodal.organism.saes import SAE_LAYERS, gather_activations, organism_sae, sae_quality
 
@@ -45,6 +52,9 @@ class EvalConfig:
     sae_seed: int = 424242
     n_sae_images: int = 400
     vision_weights: str | None = None
+    lora_weights: str | None = None  # a stage-2 lora.safetensors
+    n_questions: int = 600  # held-out instruction samples (half image, half text questions); 0: none
+    english_kl: bool = True  # the decoder against gemma-3-270m on 50 English prompts
     device: str = "auto"
     out_dir: str = "outputs/organism_eval"
     model_cache: str = "~/.cache/xmodal/models"
@@ -114,16 +124,104 @@ def caption_accuracy(captions: list[str], scenes: list[world.Scene], seed: int) 
     return pd.DataFrame(rows)
 
 
+@torch.inference_mode()
+def answer_questions(adapter: ModelAdapter, samples: list[Instruction], batch_size: int = 16, max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers (full vocabulary) to instruction samples, in their order; image and text questions alike."""
+    answers: dict[int, str] = {}
+    by_prompt: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        if sample.image is not None:
+            by_prompt.setdefault(sample.prompt, []).append(i)
+    for prompt, rows in by_prompt.items():  # describe_images takes one prompt per call
+        said = describe_images(adapter, [samples[i].image for i in rows], prompt, True, max_new_tokens, batch_size)
+        answers |= dict(zip(rows, said))
+    text_rows = [i for i, s in enumerate(samples) if s.image is None]
+    tokenizer = adapter.tokenizer
+    tokenizer.padding_side = "left"  # generation continues from the last position of every row
+    for start in range(0, len(text_rows), batch_size):
+        rows = text_rows[start : start + batch_size]
+        prompts = [adapter.render_prompt(samples[i].prompt, False, use_chat_template=True) for i in rows]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(adapter.device)
+        out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        said = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers |= dict(zip(rows, (s.strip() for s in said)))
+    return [answers[i] for i in range(len(samples))]
+
+
+def first_word(answer: str) -> str:
+    words = answer.lower().replace(".", " ").replace(",", " ").split()
+    return words[0] if words else ""
+
+
+def question_accuracy(answers: list[str], samples: list[Instruction], seed: int) -> pd.DataFrame:
+    """Accuracy per (kind, question type) with a Wilson 95% interval, beside the accuracy against a shuffled sample's answer (the null)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for kind in ("image_question", "text_question"):
+        for question_type in QUESTION_TYPES:
+            chosen = [i for i, s in enumerate(samples) if s.kind == kind and s.question_type == question_type]
+            if not chosen:
+                continue
+            said = [first_word(answers[i]) for i in chosen]
+            hits = [w == samples[i].answer for w, i in zip(said, chosen)]
+            shuffled = rng.permutation(chosen)
+            null_hits = [w == samples[j].answer for w, j in zip(said, shuffled)]
+            interval = binomtest(int(np.sum(hits)), len(hits)).proportion_ci(method="wilson")
+            rows.append({
+                "kind": kind, "question_type": question_type, "n": len(hits), "accuracy": float(np.mean(hits)),
+                "accuracy_ci_low": interval.low, "accuracy_ci_high": interval.high, "shuffled_answer_accuracy": float(np.mean(null_hits)),
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def english_prompts() -> list[str]:
+    """The 50 fixed general-English prompts (xmodal/organism/data/english_prompts.txt)."""
+    text = (Path(__file__).parent / "data" / "english_prompts.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@torch.inference_mode()
+def decoder_kl(adapter: ModelAdapter, base: torch.nn.Module, prompts: list[str]) -> pd.DataFrame:
+    """Per prompt: KL(base || organism) of the next-token distribution after the plain prompt, and both top tokens.
+
+    `base` is the plain gemma-3-270m (a causal LM); the organism is read text-only.
+    """
+    tokenizer = adapter.tokenizer
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(adapter.device)  # with <bos>
+        organism_logp = torch.log_softmax(adapter.model(input_ids=ids).logits[0, -1].float(), dim=-1)
+        base_logp = torch.log_softmax(base(input_ids=ids.to(next(base.parameters()).device)).logits[0, -1].float(), dim=-1).to(organism_logp.device)
+        kl = float((base_logp.exp() * (base_logp - organism_logp)).sum())
+        rows.append({"prompt": prompt, "kl_base_to_organism": kl, "base_top": tokenizer.decode(int(base_logp.argmax())),
+                     "organism_top": tokenizer.decode(int(organism_logp.argmax()))})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def evaluate(cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapter = organism(model_cache=cfg.model_cache, vision_weights=cfg.vision_weights, device=cfg.device)
+    adapter = organism(model_cache=cfg.model_cache, vision_weights=cfg.vision_weights, device=cfg.device, lora_weights=cfg.lora_weights)
     pairs = list(world.captioned_images(cfg.seed, cfg.n_images))
     images, scenes = [p[0] for p in pairs], [p[1] for p in pairs]
     captions = generate_captions(adapter, images, cfg.batch_size, cfg.max_new_tokens)
     pd.DataFrame({"truth": [s.caption for s in scenes], "generated": captions}).to_csv(out_dir / "captions.csv", index=False)
     accuracy = caption_accuracy(captions, scenes, cfg.seed)
     accuracy.to_csv(out_dir / "caption_accuracy.csv", index=False)
+    if cfg.n_questions > 0:
+        samples = [s for s in instruction_mix(cfg.seed, cfg.n_questions, (0.0, 0.5, 0.5)) if s.kind != "caption"]
+        answers = answer_questions(adapter, samples, cfg.batch_size)
+        pd.DataFrame({"kind": [s.kind for s in samples], "question_type": [s.question_type for s in samples],
+                      "prompt": [s.prompt for s in samples], "truth": [s.answer for s in samples], "said": answers}).to_csv(
+            out_dir / "answers.csv", index=False)  # fmt: skip
+        questions = question_accuracy(answers, samples, cfg.seed)
+        questions.to_csv(out_dir / "question_accuracy.csv", index=False)
+        print(questions.to_string(index=False))
+    if cfg.english_kl:
+        kl = decoder_kl(adapter, load_language_model(cfg.model_cache).to(adapter.device).eval(), english_prompts())
+        kl.to_csv(out_dir / "english_kl.csv", index=False)
+        print(f"mean KL(gemma-3-270m || organism) over {len(kl)} English prompts: {kl['kl_base_to_organism'].mean():.4f} nats; "
+              f"same top token in {int((kl['base_top'] == kl['organism_top']).sum())} of {len(kl)}")  # fmt: skip
 
     held_out = gather_activations(adapter, SAE_LAYERS, cfg.sae_seed, cfg.n_sae_images)
     quality = pd.DataFrame([row for layer in SAE_LAYERS for row in sae_quality(organism_sae("organism", layer).sae, held_out, layer)])

@@ -176,20 +176,29 @@ def organism(
     device: str = "auto",
     layer_presets: Sequence[int] = (5, 9, 12, 15),
     sae_release: str | None = None,
+    lora_weights: str | None = None,
 ) -> Gemma3Adapter:
-    """The organism as an ordinary Gemma 3 adapter: the same code path as Gemma 3 4B."""
+    """The organism as an ordinary Gemma 3 adapter: the same code path as Gemma 3 4B.
+
+    `lora_weights` (a stage-2 lora.safetensors) are merged into the decoder when the weights load.
+    """
     weights = Path(vision_weights).expanduser() if vision_weights else shipped_weights_dir() / SHIPPED_VISION_WEIGHTS
+    lora = Path(lora_weights).expanduser() if lora_weights else None
+    if lora is not None and not lora.is_file():
+        raise ModelLoadError(f"organism LoRA weights not found at {lora}; train them (python -m xmodal.organism.train stage=instruct) or reinstall xmodal")
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     hf_config = organism_config(model_cache)
 
     def load_model() -> torch.nn.Module:
-        log.info("Loading the organism (gemma-3-270m + vision weights %s)", weights)
-        return build_organism(model_cache, weights, dtype=torch_dtype).to(torch_device).eval()
+        log.info("Loading the organism (gemma-3-270m + vision weights %s%s)", weights, f" + LoRA {lora}" if lora else "")
+        return build_organism(model_cache, weights, dtype=torch_dtype, lora_weights=lora).to(torch_device).eval()
 
     def load_processor() -> Any:
         return gemma3_processor(gemma3_tokenizer(model_cache), VISION["image_size"], MM_TOKENS_PER_IMAGE)
 
     identity = {"family": "gemma3", "name_or_path": "xmodal-organism", "vision_weights": _file_digest(weights), "dtype": dtype}
+    if lora is not None:  # the activation cache keys on it: another decoder, other activations
+        identity["lora_weights"] = _file_digest(lora)
     return Gemma3Adapter(name, hf_config, load_model, load_processor, identity, torch_device, layer_presets, sae_release)
 
 
