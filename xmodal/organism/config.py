@@ -14,6 +14,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 
 from xmodal.config import DatasetConfig, ModelConfig, SAEConfig
+from xmodal.organism.model import Variant
 
 
 @dataclass
@@ -22,7 +23,8 @@ class OrganismModelConfig(ModelConfig):
 
     model_cache: str = "${paths.model_cache}"
     vision_weights: Optional[str] = None  # None: the weights shipped in xmodal/organism/weights
-    lora_weights: Optional[str] = None  # a stage-2 lora.safetensors, merged into the decoder on load; None: the frozen decoder
+    lora_weights: Optional[str] = None  # a stage-2 lora.safetensors, merged into the decoder on load; None: the variant's
+    variant: Variant = Variant.frozen  # frozen (stage 1: decoder untouched) | instruct (stage 2: projector + decoder LoRA)
 
 
 @dataclass

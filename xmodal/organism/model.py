@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from enum import StrEnum
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,8 +36,18 @@ SHIPPED_VISION_WEIGHTS = "vision.safetensors"
 END_OF_TURN_ID = 106  # <end_of_turn> in the Gemma 3 vocabulary
 
 
-def shipped_weights_dir() -> Path:
-    return Path(str(files("xmodal.organism").joinpath("weights")))
+SHIPPED_LORA_WEIGHTS = "lora.safetensors"
+
+
+class Variant(StrEnum):
+    frozen = "frozen"  # stage 1 only: the decoder is the untouched gemma-3-270m
+    instruct = "instruct"  # stage 2: projector and decoder (LoRA) trained on the instruction mix
+
+
+def shipped_weights_dir(variant: str = "frozen") -> Path:
+    """Where a variant's shipped weights live: weights/ (stage 1) or weights/instruct/ (stage 2)."""
+    root = Path(str(files("xmodal.organism").joinpath("weights")))
+    return root if variant == "frozen" else root / variant
 
 
 def organism_config(model_cache: str | Path) -> Any:
@@ -177,15 +188,21 @@ def organism(
     layer_presets: Sequence[int] = (5, 9, 12, 15),
     sae_release: str | None = None,
     lora_weights: str | None = None,
+    variant: str = "frozen",
 ) -> Gemma3Adapter:
     """The organism as an ordinary Gemma 3 adapter: the same code path as Gemma 3 4B.
 
-    `lora_weights` (a stage-2 lora.safetensors) are merged into the decoder when the weights load.
+    `variant` picks the shipped weights (frozen: stage 1; instruct: stage 2, whose LoRA is
+    merged into the decoder when the weights load); `vision_weights` and `lora_weights` replace them.
     """
-    weights = Path(vision_weights).expanduser() if vision_weights else shipped_weights_dir() / SHIPPED_VISION_WEIGHTS
-    lora = Path(lora_weights).expanduser() if lora_weights else None
-    if lora is not None and not lora.is_file():
-        raise ModelLoadError(f"organism LoRA weights not found at {lora}; train them (python -m xmodal.organism.train stage=instruct) or reinstall xmodal")
+    if variant not in {v.value for v in Variant}:
+        raise ModelLoadError(f"organism variant {variant!r} is not shipped; the variants are {', '.join(Variant)}")
+    shipped = shipped_weights_dir(variant)
+    weights = Path(vision_weights).expanduser() if vision_weights else shipped / SHIPPED_VISION_WEIGHTS
+    lora = Path(lora_weights).expanduser() if lora_weights else (shipped / SHIPPED_LORA_WEIGHTS if variant != "frozen" else None)
+    for path, stage in ((weights, ""), (lora, " stage=instruct")):
+        if path is not None and not path.is_file():
+            raise ModelLoadError(f"organism weights not found at {path}; train them (python -m xmodal.organism.train{stage}) or reinstall xmodal")
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     hf_config = organism_config(model_cache)
 

@@ -45,6 +45,7 @@ class SAETrainConfig:
     batch_size: int = 1024
     lr: float = 4e-4
     vision_weights: str | None = None  # None: the shipped organism
+    lora_weights: str | None = None  # a stage-2 lora.safetensors; None: the frozen decoder
     device: str = "auto"
     out_dir: str = "outputs/organism_saes"
     model_cache: str = "~/.cache/xmodal/models"
@@ -55,7 +56,7 @@ def train_saes(cfg: SAETrainConfig) -> pd.DataFrame:
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapter = organism(model_cache=cfg.model_cache, vision_weights=cfg.vision_weights, device=cfg.device)
+    adapter = organism(model_cache=cfg.model_cache, vision_weights=cfg.vision_weights, device=cfg.device, lora_weights=cfg.lora_weights)
     train_acts = _cached(out_dir, adapter, cfg.layers, cfg.seed, cfg.n_images)
     held_out = _cached(out_dir, adapter, cfg.layers, cfg.eval_seed, cfg.n_eval_images)
     rows = []
@@ -84,7 +85,8 @@ def train_saes(cfg: SAETrainConfig) -> pd.DataFrame:
 
 def _cached(out_dir: Path, adapter: Any, layers: list[int], seed: int, n_images: int) -> TokenActivations:
     """Gathered activations, kept in out_dir so a rerun with other SAE settings skips the model."""
-    path = out_dir / f"activations_{adapter.identity['vision_weights']}_seed{seed}_n{n_images}_l{'-'.join(map(str, layers))}.pt"
+    weights = "_".join(adapter.identity[k] for k in ("vision_weights", "lora_weights") if k in adapter.identity)
+    path = out_dir / f"activations_{weights}_seed{seed}_n{n_images}_l{'-'.join(map(str, layers))}.pt"
     if path.exists():
         saved = torch.load(path, weights_only=True)
         return TokenActivations({int(k): v for k, v in saved["by_layer"].items()}, np.array(saved["kind"]))
