@@ -177,3 +177,37 @@ def test_a_frozen_decoder_has_zero_kl_from_gemma_3_270m():
     assert len(prompts) == 50 and len(set(prompts)) == 50
     table = decoder_kl(organism(device="cpu"), load_language_model(MODEL_CACHE).eval(), prompts[:4])
     assert (table["kl_base_to_organism"].abs() < 1e-5).all() and (table["base_top"] == table["organism_top"]).all()
+
+
+def test_an_unshipped_sae_width_names_the_widths_there_are():
+    from xmodal.errors import SAEError
+    from xmodal.organism.saes import organism_sae, shipped_widths
+
+    assert shipped_widths("frozen") == [256]
+    with pytest.raises(SAEError, match="sae.width=1000 is not shipped for the frozen organism; the widths are 256"):
+        organism_sae("organism", 9, width=1000)
+
+
+def wrong_shape_lora(path):
+    from xmodal.organism.model import add_lora, save_lora
+
+    other = torch.nn.Module()
+    other.layers = torch.nn.ModuleList([torch.nn.Module()])
+    other.layers[0].q_proj = torch.nn.Linear(32, 48, bias=False)
+    add_lora(other, 4, 8.0, ["q_proj"])
+    save_lora(other, path, 4, 8.0, ["q_proj"])
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing", "wrong_shape"])
+def test_a_bad_lora_file_through_the_cli_is_one_line_and_no_result(tmp_path, case):
+    from conftest import run_cli
+
+    path = tmp_path / "nope.safetensors" if case == "missing" else wrong_shape_lora(tmp_path / "other.safetensors")
+    message = "organism weights not found at" if case == "missing" else "do not fit the decoder"
+    proc = run_cli("model=organism", "sae=organism", "dataset=organism_concepts", "layer=9", f"model.lora_weights={path}",
+                   "dataset.images_per_concept=1", f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path)  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and sum(message in line for line in output.splitlines()) == 1, output[-2000:]
+    assert "Traceback" not in output and not list(tmp_path.rglob("result.json"))

@@ -31,12 +31,25 @@ SAE_LAYERS = (5, 9, 12, 15)
 IMAGE, TEXT = "image", "text"
 
 
-def shipped_sae_dir(layer: int) -> Path:
-    return shipped_weights_dir() / "saes" / f"layer_{layer}"
+def shipped_widths(variant: str = "frozen") -> list[int]:
+    """The SAE widths shipped for a variant: the frozen organism has 256; later variants one folder per width."""
+    root = shipped_weights_dir(variant) / "saes"
+    if variant == "frozen":
+        return [256]
+    return sorted(int(d.name.removeprefix("width_")) for d in root.glob("width_*") if d.is_dir())
 
 
-def organism_sae(name: str, layer: int, device: str = "auto", dtype: str = "float32") -> FeatureSpace:
-    """The shipped SAE for `layer` (one of 5, 9, 12, 15)."""
+def shipped_sae_dir(layer: int, variant: str = "frozen", width: int | None = None) -> Path:
+    root = shipped_weights_dir(variant) / "saes"
+    if variant == "frozen":
+        return root / f"layer_{layer}"
+    return root / f"width_{width}" / f"layer_{layer}"
+
+
+def organism_sae(
+    name: str, layer: int, device: str = "auto", dtype: str = "float32", variant: str = "frozen", width: int | None = None
+) -> FeatureSpace:
+    """The shipped SAE of an organism variant for `layer` (one of 5, 9, 12, 15) at `width` (None: the narrowest)."""
     from xmodal.saes.loading import local_sae
 
     if layer not in SAE_LAYERS:
@@ -44,7 +57,13 @@ def organism_sae(name: str, layer: int, device: str = "auto", dtype: str = "floa
             f"sae={name} has SAEs at layers {', '.join(map(str, SAE_LAYERS))}, not layer={layer}; "
             "pick one of those layers or use sae=none"
         )
-    return local_sae(name, str(shipped_sae_dir(layer)), layer, device=device, dtype=dtype)
+    widths = shipped_widths(str(variant))
+    if not widths:
+        raise SAEError(f"no SAEs are shipped for the {variant} organism; train them (python -m xmodal.organism.train_saes) or use sae=none")
+    chosen = widths[0] if width is None else int(width)
+    if chosen not in widths:
+        raise SAEError(f"sae.width={width} is not shipped for the {variant} organism; the widths are {', '.join(map(str, widths))}")
+    return local_sae(name, str(shipped_sae_dir(layer, str(variant), chosen)), layer, device=device, dtype=dtype)
 
 
 @dataclass
