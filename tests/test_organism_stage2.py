@@ -202,7 +202,7 @@ def wrong_shape_lora(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "wrong_shape"])
 def test_a_bad_lora_file_through_the_cli_is_one_line_and_no_result(tmp_path, case):
-    from conftest import run_cli
+    from tests.conftest import run_cli
 
     path = tmp_path / "nope.safetensors" if case == "missing" else wrong_shape_lora(tmp_path / "other.safetensors")
     message = "organism weights not found at" if case == "missing" else "do not fit the decoder"
