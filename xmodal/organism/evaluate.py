@@ -37,7 +37,7 @@ from xmodal.organism import world
 from xmodal.organism.instructions import QUESTION_TYPES, Instruction, instruction_mix
 from xmodal.organism.language_model import load_language_model
 from xmodal.organism.model import organism
-from xmodal.organism.saes import SAE_LAYERS, gather_activations, organism_sae, sae_quality
+from xmodal.organism.saes import SAE_LAYERS, gather_activations, organism_sae, sae_quality, shipped_widths
 
 log = logging.getLogger("xmodal.organism.evaluate")
 ATTRIBUTES = ("colour", "shape", "count", "size", "position", "background", "word")
@@ -51,8 +51,9 @@ class EvalConfig:
     max_new_tokens: int = 16
     sae_seed: int = 424242
     n_sae_images: int = 400
-    vision_weights: str | None = None
-    lora_weights: str | None = None  # a stage-2 lora.safetensors
+    variant: str = "frozen"  # the shipped organism to score: frozen (stage 1) | instruct (stage 2)
+    vision_weights: str | None = None  # replace the variant's vision weights (e.g. a training run's)
+    lora_weights: str | None = None  # replace the variant's decoder LoRA (a stage-2 lora.safetensors)
     n_questions: int = 600  # held-out instruction samples (half image, half text questions); 0: none
     english_kl: bool = True  # the decoder against gemma-3-270m on 50 English prompts
     device: str = "auto"
@@ -201,7 +202,8 @@ def decoder_kl(adapter: ModelAdapter, base: torch.nn.Module, prompts: list[str])
 def evaluate(cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapter = organism(model_cache=cfg.model_cache, vision_weights=cfg.vision_weights, device=cfg.device, lora_weights=cfg.lora_weights)
+    adapter = organism(model_cache=cfg.model_cache, vision_weights=cfg.vision_weights, device=cfg.device,
+                       lora_weights=cfg.lora_weights, variant=cfg.variant)  # fmt: skip
     pairs = list(world.captioned_images(cfg.seed, cfg.n_images))
     images, scenes = [p[0] for p in pairs], [p[1] for p in pairs]
     captions = generate_captions(adapter, images, cfg.batch_size, cfg.max_new_tokens)
@@ -224,7 +226,9 @@ def evaluate(cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
               f"same top token in {int((kl['base_top'] == kl['organism_top']).sum())} of {len(kl)}")  # fmt: skip
 
     held_out = gather_activations(adapter, SAE_LAYERS, cfg.sae_seed, cfg.n_sae_images)
-    quality = pd.DataFrame([row for layer in SAE_LAYERS for row in sae_quality(organism_sae("organism", layer).sae, held_out, layer)])
+    rows = [row for width in shipped_widths(cfg.variant) for layer in SAE_LAYERS  # the variant's SAEs, every shipped width
+            for row in sae_quality(organism_sae("organism", layer, variant=cfg.variant, width=width).sae, held_out, layer)]  # fmt: skip
+    quality = pd.DataFrame(rows, columns=["layer", "tokens", "n_tokens", "fve", "l0", "dead_fraction", "d_sae"])
     quality.to_csv(out_dir / "sae_quality.csv", index=False)
     _plot(accuracy, quality, out_dir / "organism_eval.png")
     _caption_sheet(images[:16], scenes[:16], captions[:16], out_dir / "captions_sample.png")
@@ -267,9 +271,8 @@ def _plot(accuracy: pd.DataFrame, quality: pd.DataFrame, path: Path) -> None:
     ax1.axhline(0.9, color="k", ls=":", lw=1)
     ax1.set(xticks=x, xticklabels=accuracy["attribute"], ylim=(0, 1.05), ylabel="caption accuracy", title="greedy captions, held-out images")
     ax1.legend(loc="lower left", fontsize=8)
-    for kind, marker in (("image", "o"), ("text", "s")):
-        part = quality[quality["tokens"] == kind]
-        ax2.plot(part["layer"], part["fve"], marker=marker, label=f"FVE, {kind} tokens")
+    for (width, kind), part in quality.groupby(["d_sae", "tokens"]):
+        ax2.plot(part["layer"], part["fve"], marker="o" if kind == "image" else "s", label=f"FVE, {kind} tokens, {width} features")
     ax2.axhline(0.8, color="k", ls=":", lw=1)
     ax2.set(xlabel="layer", ylabel="fraction of variance explained", ylim=(0, 1.02), xticks=list(SAE_LAYERS), title="shipped SAEs, held-out residuals")
     ax2.legend(loc="lower left", fontsize=8)
