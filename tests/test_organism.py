@@ -76,7 +76,7 @@ def test_shipped_weights_are_small_enough_for_git():
     from xmodal.organism.model import shipped_weights_dir
 
     total = sum(f.stat().st_size for f in Path(shipped_weights_dir()).rglob("*") if f.is_file())
-    assert 0 < total < 40 * 2**20
+    assert 0 < total < 60 * 2**20  # issue 15: the whole organism (vision, adapters, SAEs) under 60 MB
 
 
 def test_world_is_seeded():

@@ -225,9 +225,12 @@ def evaluate(cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         print(f"mean KL(gemma-3-270m || organism) over {len(kl)} English prompts: {kl['kl_base_to_organism'].mean():.4f} nats; "
               f"same top token in {int((kl['base_top'] == kl['organism_top']).sum())} of {len(kl)}")  # fmt: skip
 
-    held_out = gather_activations(adapter, SAE_LAYERS, cfg.sae_seed, cfg.n_sae_images)
-    rows = [row for width in shipped_widths(cfg.variant) for layer in SAE_LAYERS  # the variant's SAEs, every shipped width
+    widths = shipped_widths(cfg.variant)  # the variant's SAEs, every shipped width
+    held_out = gather_activations(adapter, SAE_LAYERS, cfg.sae_seed, cfg.n_sae_images) if widths else None
+    rows = [row for width in widths for layer in SAE_LAYERS
             for row in sae_quality(organism_sae("organism", layer, variant=cfg.variant, width=width).sae, held_out, layer)]  # fmt: skip
+    if not widths:
+        log.info("No SAEs are shipped for the %s organism: SAE quality left out", cfg.variant)
     quality = pd.DataFrame(rows, columns=["layer", "tokens", "n_tokens", "fve", "l0", "dead_fraction", "d_sae"])
     quality.to_csv(out_dir / "sae_quality.csv", index=False)
     _plot(accuracy, quality, out_dir / "organism_eval.png")
@@ -275,7 +278,8 @@ def _plot(accuracy: pd.DataFrame, quality: pd.DataFrame, path: Path) -> None:
         ax2.plot(part["layer"], part["fve"], marker="o" if kind == "image" else "s", label=f"FVE, {kind} tokens, {width} features")
     ax2.axhline(0.8, color="k", ls=":", lw=1)
     ax2.set(xlabel="layer", ylabel="fraction of variance explained", ylim=(0, 1.02), xticks=list(SAE_LAYERS), title="shipped SAEs, held-out residuals")
-    ax2.legend(loc="lower left", fontsize=8)
+    if len(quality):
+        ax2.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -44,8 +44,9 @@ class SAETrainConfig:
     epochs: float = 20.0
     batch_size: int = 1024
     lr: float = 4e-4
-    vision_weights: str | None = None  # None: the shipped organism
-    lora_weights: str | None = None  # a stage-2 lora.safetensors; None: the frozen decoder
+    variant: str = "frozen"  # the shipped organism whose residuals the SAEs read: frozen | instruct
+    vision_weights: str | None = None  # replace the variant's vision weights
+    lora_weights: str | None = None  # replace the variant's decoder LoRA (a stage-2 lora.safetensors)
     device: str = "auto"
     out_dir: str = "outputs/organism_saes"
     model_cache: str = "~/.cache/xmodal/models"
@@ -56,7 +57,8 @@ def train_saes(cfg: SAETrainConfig) -> pd.DataFrame:
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapter = organism(model_cache=cfg.model_cache, vision_weights=cfg.vision_weights, device=cfg.device, lora_weights=cfg.lora_weights)
+    adapter = organism(model_cache=cfg.model_cache, vision_weights=cfg.vision_weights, device=cfg.device,
+                       lora_weights=cfg.lora_weights, variant=cfg.variant)  # fmt: skip
     train_acts = _cached(out_dir, adapter, cfg.layers, cfg.seed, cfg.n_images)
     held_out = _cached(out_dir, adapter, cfg.layers, cfg.eval_seed, cfg.n_eval_images)
     rows = []
