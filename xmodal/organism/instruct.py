@@ -48,7 +48,7 @@ from xmodal.organism.model import (
     save_lora,
     shipped_weights_dir,
 )
-from xmodal.organism.train import CandidateVocabulary, TrainConfig, caption_vocabulary, lr_factor, save_vision
+from xmodal.organism.train import CandidateVocabulary, TrainConfig, caption_vocabulary, lr_factor, save_png, save_vision
 
 log = logging.getLogger("xmodal.organism.instruct")
 STEP_SEED_OFFSET = 70_000_000  # stage-2 batches never repeat stage-1 ones
@@ -224,8 +224,4 @@ def plot_instruct(out_dir: str | Path) -> Path:
     ax.set(xlabel="step", ylabel="nats per answer token (candidate vocabulary)", yscale="log",
            title="organism stage 2: instruction tuning")  # fmt: skip
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "instruct_curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, out_dir / "instruct_curves.png")

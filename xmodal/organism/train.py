@@ -423,8 +423,14 @@ def plot_training(out_dir: str | Path) -> Path:
         ax2.plot(curve["step"], curve["attribute_loss"], label="attribute loss")
     ax2.set(xlabel="step", ylabel="nats per token", yscale="log", title="stage 2: caption training (LLaVA objective)")
     ax2.legend(fontsize=7)
+    return save_png(fig, out_dir / "training_curves.png")
+
+
+def save_png(fig: Any, path: Path) -> Path:
+    """A training figure to `path` (tight layout, 120 dpi), then closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = out_dir / "training_curves.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
