@@ -183,7 +183,9 @@ def test_an_unshipped_sae_width_names_the_widths_there_are():
     from xmodal.errors import SAEError
     from xmodal.organism.saes import organism_sae, shipped_widths
 
-    assert shipped_widths("frozen") == [256]
+    assert shipped_widths("frozen") == [256] and 512 in shipped_widths("instruct")
+    instruct = organism_sae("organism", 9, device="cpu", variant="instruct", width=512)
+    assert (instruct.d_sae, instruct.sae.cfg.d_in) == (512, 640)
     with pytest.raises(SAEError, match="sae.width=1000 is not shipped for the frozen organism; the widths are 256"):
         organism_sae("organism", 9, width=1000)
 
