@@ -63,8 +63,6 @@ def train_instruct(cfg: TrainConfig) -> Path:
         raise ConfigError(f"init_vision={str(init_vision)!r} is not a file; give the stage-1 vision.safetensors to start from")
     if cfg.align_weight > 0 and cfg.align_layer is None:
         raise ConfigError("align_weight > 0 needs align_layer, the decoder layer the planted alignment goes to")
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     adapter = organism(model_cache=cfg.model_cache, device=cfg.device)  # the processor and tokenizer
     device = adapter.device
     model = build_organism(cfg.model_cache, init_vision).to(device)
@@ -72,6 +70,8 @@ def train_instruct(cfg: TrainConfig) -> Path:
     language_model = model.model.language_model
     if cfg.align_layer is not None and not 0 <= cfg.align_layer < len(language_model.layers):
         raise ConfigError(f"align_layer={cfg.align_layer} is outside the decoder's layers 0..{len(language_model.layers) - 1}")
+    out_dir = Path(cfg.out_dir)  # made only once the settings are known to be good
+    out_dir.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         add_lora(language_model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
