@@ -110,6 +110,8 @@ class DASynthesis(Experiment):
         ctx.table("final_cosines", pd.DataFrame(cosines, index=[t.name for t in targets], columns=[t.name for t in targets])
                   .rename_axis("image").reset_index().melt(id_vars="image", var_name="concept", value_name="cosine"))  # fmt: skip
         pil_images = [to_pil(img) for img in images]
+        for target, image in zip(targets, pil_images):
+            ctx.image("das_" + re.sub(r"[^\w-]+", "_", target.name), image)  # a bare word may hold spaces
         ctx.figure("images", figures.das_sheet(pil_images, [t.name for t in targets], ctx.layer))
         if self.config.judge != JudgeKind.none:
             with ctx.timed("judge"):
@@ -134,7 +136,7 @@ class DASynthesis(Experiment):
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(images (n, 3, S, S), the grey image's mean patch, seconds per step of all concepts), `concepts_per_pass` at a time.
 
-        Writes each image, the trajectory table and figure.
+        Writes the trajectory table and figure.
         """
         images, trajectories, step_seconds = [], [], []
         per_pass = self.config.concepts_per_pass
@@ -147,8 +149,6 @@ class DASynthesis(Experiment):
         images_t = torch.cat(images)
         trajectory = pd.concat(trajectories, ignore_index=True)
         trajectory["concept"] = [targets[i].name for i in trajectory["concept_index"]]
-        for target, image in zip(targets, images_t):
-            ctx.image("das_" + re.sub(r"[^\w-]+", "_", target.name), to_pil(image))  # a bare word may hold spaces
         ctx.table("trajectory", trajectory)
         ctx.figure("trajectory", figures.das_trajectory(trajectory, ctx.layer))
         return images_t, result.grey_mean, float(np.sum(step_seconds))
