@@ -36,6 +36,16 @@ def test_second_run_reads_the_cache_without_loading_the_model(tmp_path, tiny, sy
     assert not list(tmp_path.rglob("*.tmp")), "temporary files left behind"
 
 
+def test_preset_layers_ride_along_so_a_layer_sweep_extracts_once(tmp_path, tiny, synthetic, positions):
+    cache = ActivationCache(tmp_path)
+    first = get_activations(tiny, synthetic, [1], positions, cache, progress=False, also_cache=[1, 2, 3])
+    assert list(first) == [1] and (cache.hits, cache.misses) == (0, 1)
+    rest = get_activations(unloadable_tiny(), synthetic, [2, 3], positions, cache, progress=False, also_cache=[1, 2, 3])
+    assert list(rest) == [2, 3] and cache.hits == 2
+    alone = get_activations(tiny, synthetic, [3], positions, None, progress=False)
+    assert torch.equal(rest[3].image_tokens, alone[3].image_tokens)  # the same numbers as extracting layer 3 alone
+
+
 @pytest.mark.parametrize("change", ["layer", "text_prompt", "image_prompt", "dataset", "model"])
 def test_any_key_part_change_misses(tmp_path, tiny, synthetic, positions, change):
     cache = ActivationCache(tmp_path)

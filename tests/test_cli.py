@@ -114,10 +114,12 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str, dict]]:
         "embedder_offline": (["experiment=mds", "experiment.text_embedder=sentence-transformers/no-such-embedder", "experiment.zero_mask=false"],
                              "text embedder 'sentence-transformers/no-such-embedder' cannot be loaded", offline),
         "organism_sae_layer": (["model=organism", "sae=organism", "dataset=organism_concepts", "layer=7"], "not layer=7", {}),
+        "organism_sae_width": (["model=organism", "sae=organism", "dataset=organism_concepts", "layer=9", "sae.width=2048"],
+                               "sae.width=2048 is not shipped for the instruct organism; the widths are 512", {}),
     }
 
 
-@pytest.mark.parametrize("case", ["layer_out_of_range", "layer_not_int", "missing_root", "concept_without_image", "corrupt_image", "sae_width", "unknown_model_offline", "embedder_offline", "organism_sae_layer"])
+@pytest.mark.parametrize("case", ["layer_out_of_range", "layer_not_int", "missing_root", "concept_without_image", "corrupt_image", "sae_width", "unknown_model_offline", "embedder_offline", "organism_sae_layer", "organism_sae_width"])
 def test_bad_input_gives_one_clear_error_and_no_result(case, tmp_path):
     overrides, message, env = bad_inputs(tmp_path)[case]
     proc = run_cli(*overrides, f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path, env_extra=env, timeout=300)

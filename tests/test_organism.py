@@ -1,4 +1,8 @@
-"""The model organism: an ordinary Gemma 3 model that captions its world, with SAEs that fit it."""
+"""The model organism: an ordinary Gemma 3 model that captions its world, with SAEs that fit it.
+
+Most of these check the stage-1 model (model=organism_frozen), whose decoder is the untouched
+gemma-3-270m; tests/test_organism_stage2.py checks the default (stage 2) and the planted control.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from xmodal.organism import world
 def organism_model():
     from xmodal.organism.model import organism
 
-    adapter = organism(device="cpu")
+    adapter = organism(device="cpu", variant="frozen")
     adapter.model  # load once for the session
     return adapter
 
@@ -53,16 +57,17 @@ def test_organism_captions_of_fixed_seeded_images_are_right(organism_model):
         assert caption.split()[0] in ("a", "two", "three"), caption  # the world's caption grammar
 
 
+@pytest.mark.parametrize("variant", ["instruct", "frozen"])
 @pytest.mark.parametrize("layer", [5, 9, 12, 15])
-def test_shipped_saes_load_and_match_the_model(organism_model, layer):
+def test_shipped_saes_load_and_match_the_model(organism_model, layer, variant):
     from sae_lens import SAE
 
     from xmodal.organism.saes import organism_sae, shipped_sae_dir
 
-    features = organism_sae("organism", layer, device="cpu")
+    features = organism_sae("organism", layer, device="cpu", variant=variant)
     assert features.d_in == organism_model.hidden_size == 640
     features.check_model(organism_model.name, organism_model.hidden_size, layer)  # raises on a mismatch
-    assert SAE.load_from_disk(shipped_sae_dir(layer)).cfg.architecture() == "topk"
+    assert SAE.load_from_disk(shipped_sae_dir(layer, variant)).cfg.architecture() == "topk"
 
 
 def test_organism_sae_at_another_layer_is_refused():
@@ -75,7 +80,8 @@ def test_organism_sae_at_another_layer_is_refused():
 def test_shipped_weights_are_small_enough_for_git():
     from xmodal.organism.model import shipped_weights_dir
 
-    total = sum(f.stat().st_size for f in Path(shipped_weights_dir()).rglob("*") if f.is_file())
+    every_variant = Path(shipped_weights_dir()).parent
+    total = sum(f.stat().st_size for f in every_variant.rglob("*") if f.is_file())
     assert 0 < total < 60 * 2**20  # issue 15: the whole organism (vision, adapters, SAEs) under 60 MB
 
 
@@ -181,7 +187,7 @@ def test_a_second_round_of_caption_training_starts_from_the_given_weights(organi
     from xmodal.organism.model import SHIPPED_VISION_WEIGHTS, shipped_weights_dir
 
     cfg = train.TrainConfig(
-        init_vision=str(shipped_weights_dir() / SHIPPED_VISION_WEIGHTS), steps=1, batch_size=4, log_every=1,
+        init_vision=str(shipped_weights_dir("frozen") / SHIPPED_VISION_WEIGHTS), steps=1, batch_size=4, log_every=1,
         warmup_steps=1, device="cpu", out_dir=str(tmp_path), model_cache="~/.cache/xmodal/models",
     )  # fmt: skip
     written = train.train(cfg)

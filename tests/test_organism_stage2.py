@@ -175,7 +175,7 @@ def test_a_frozen_decoder_has_zero_kl_from_gemma_3_270m():
 
     prompts = english_prompts()
     assert len(prompts) == 50 and len(set(prompts)) == 50
-    table = decoder_kl(organism(device="cpu"), load_language_model(MODEL_CACHE).eval(), prompts[:4])
+    table = decoder_kl(organism(device="cpu", variant="frozen"), load_language_model(MODEL_CACHE).eval(), prompts[:4])
     assert (table["kl_base_to_organism"].abs() < 1e-5).all() and (table["base_top"] == table["organism_top"]).all()
 
 
@@ -186,7 +186,7 @@ def test_an_unshipped_sae_width_names_the_widths_there_are():
     assert shipped_widths("frozen") == [256] and 512 in shipped_widths("instruct")
     instruct = organism_sae("organism", 9, device="cpu", variant="instruct", width=512)
     assert (instruct.d_sae, instruct.sae.cfg.d_in) == (512, 640)
-    with pytest.raises(SAEError, match="sae.width=1000 is not shipped for the frozen organism; the widths are 256"):
+    with pytest.raises(SAEError, match="sae.width=1000 is not shipped for the instruct organism; the widths are 512"):
         organism_sae("organism", 9, width=1000)
 
 
@@ -216,7 +216,7 @@ def test_a_bad_lora_file_through_the_cli_is_one_line_and_no_result(tmp_path, cas
 
 
 def test_the_instruction_tuned_organism_answers_fixed_questions_from_images_and_from_text():
-    """The shipped stage-2 weights (model=organism_instruct): a plain Gemma 3 whose decoder moved, and answers.
+    """The shipped stage-2 weights (model=organism, the default): a plain Gemma 3 whose decoder moved, and answers.
 
     Held-out accuracy is at least 0.92 for every question type (experiments/organism/README.md); these are pinned.
     """
@@ -225,7 +225,7 @@ def test_the_instruction_tuned_organism_answers_fixed_questions_from_images_and_
     from xmodal.organism.language_model import load_language_model
     from xmodal.organism.model import organism
 
-    adapter = organism(device="cpu", variant="instruct")
+    adapter = organism(device="cpu")
     assert type(adapter) is Gemma3Adapter and adapter.identity["lora_weights"] != adapter.identity["vision_weights"]
     decoder = adapter.model.model.language_model
     assert type(decoder.layers[9].mlp.down_proj) is torch.nn.Linear

@@ -235,6 +235,9 @@ class PathsConfig:
     cache_dir: str = MISSING
     model_cache: str = "${paths.cache_dir}/models"
     activation_cache: str = "${paths.cache_dir}/activations"
+    # When a job extracts activations, also extract and cache the model's preset layers in the
+    # same forward pass, so that a -m layer sweep over them pays for one extraction, not four.
+    cache_preset_layers: bool = True
 
 
 @dataclass

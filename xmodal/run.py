@@ -105,6 +105,7 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
         cache=ActivationCache(cfg.paths.activation_cache),
         writer=writer,
         logger=logger,
+        cache_also_layers=tuple(model.layer_presets) if cfg.paths.cache_preset_layers else (),
     )
     ctx.timings_s["setup"] = time.perf_counter() - setup_start
     log.info(

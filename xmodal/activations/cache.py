@@ -111,8 +111,13 @@ def get_activations(
     cache: ActivationCache | None,
     progress: bool = True,
     modalities: Sequence[str] = ("text", "image"),
+    also_cache: Sequence[int] = (),
 ) -> dict[int, LayerActivations]:
-    """Cached activations for `layers`; the missing ones are extracted together in one pass."""
+    """Cached activations for `layers`; the missing ones are extracted together in one pass.
+
+    When something must be extracted, the layers of `also_cache` that the cache lacks ride
+    along in the same pass and are cached, not returned (a later job at one of them hits).
+    """
     for layer in layers:
         adapter.check_layer(layer)
     result: dict[int, LayerActivations] = {}
@@ -127,10 +132,16 @@ def get_activations(
                 log.info("Activation cache hit for layer %d (%s)", layer, cache.path(keys[layer]))
     missing = [layer for layer in layers if layer not in result]
     if missing:
-        fresh = extract_activations(adapter, dataset, missing, positions, progress=progress, modalities=modalities)
-        for layer in missing:
+        riders = []
+        if cache is not None:
+            extra = sorted({*also_cache} - {*layers})
+            keys |= {layer: cache_key(adapter, dataset_hash, layer, positions, modalities) for layer in extra}
+            riders = [layer for layer in extra if not cache.path(keys[layer]).exists()]
+        fresh = extract_activations(adapter, dataset, missing + riders, positions, progress=progress, modalities=modalities)
+        for layer in missing + riders:
             if cache is not None:
-                cache.misses += 1
+                cache.misses += layer in missing
                 cache.save(keys[layer], fresh[layer])
-            result[layer] = fresh[layer]
+            if layer in missing:
+                result[layer] = fresh[layer]
     return result

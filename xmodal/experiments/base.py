@@ -44,6 +44,7 @@ class RunContext:
     logger: NullLogger = field(default_factory=NullLogger)
     timings_s: dict[str, float] = field(default_factory=dict)
     progress: bool = True
+    cache_also_layers: Sequence[int] = ()  # extracted and cached alongside this job's layer (paths.cache_preset_layers)
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -65,7 +66,7 @@ class RunContext:
         with self.timed("activations"):
             return get_activations(
                 model or self.model, dataset or self.dataset, list(layers or [self.layer]), positions or self.positions,
-                self.cache, self.progress, modalities,
+                self.cache, self.progress, modalities, self.cache_also_layers if model is None else (),
             )
 
     def codes(

@@ -24,7 +24,7 @@ class OrganismModelConfig(ModelConfig):
     model_cache: str = "${paths.model_cache}"
     vision_weights: Optional[str] = None  # None: the weights shipped in xmodal/organism/weights
     lora_weights: Optional[str] = None  # a stage-2 lora.safetensors, merged into the decoder on load; None: the variant's
-    variant: Variant = Variant.frozen  # frozen (stage 1: decoder untouched) | instruct (stage 2: projector + decoder LoRA)
+    variant: Variant = Variant.instruct  # instruct (stage 2) | frozen (stage 1: decoder untouched) | planted (control)
 
 
 @dataclass
@@ -38,7 +38,7 @@ class OrganismBaseModelConfig(ModelConfig):
 class OrganismSAEConfig(SAEConfig):
     """The SAEs shipped with the organism, at layers 5, 9, 12 and 15, for the model's variant."""
 
-    variant: Variant = "${oc.select:model.variant,frozen}"  # type: ignore[assignment]  # follows model=organism*
+    variant: Variant = "${oc.select:model.variant,instruct}"  # type: ignore[assignment]  # follows model=organism*
     width: Optional[int] = None  # None: the narrowest shipped; -m sae.width=512,2048 sweeps the widths
 
 

@@ -51,7 +51,7 @@ class EvalConfig:
     max_new_tokens: int = 16
     sae_seed: int = 424242
     n_sae_images: int = 400
-    variant: str = "frozen"  # the shipped organism to score: frozen (stage 1) | instruct (stage 2)
+    variant: str = "instruct"  # the shipped organism to score: instruct (stage 2) | frozen (stage 1) | planted
     vision_weights: str | None = None  # replace the variant's vision weights (e.g. a training run's)
     lora_weights: str | None = None  # replace the variant's decoder LoRA (a stage-2 lora.safetensors)
     n_questions: int = 600  # held-out instruction samples (half image, half text questions); 0: none

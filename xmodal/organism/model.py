@@ -40,14 +40,17 @@ SHIPPED_LORA_WEIGHTS = "lora.safetensors"
 
 
 class Variant(StrEnum):
+    instruct = "instruct"  # the default: stage 2, projector and decoder (LoRA) trained on the instruction mix
     frozen = "frozen"  # stage 1 only: the decoder is the untouched gemma-3-270m
-    instruct = "instruct"  # stage 2: projector and decoder (LoRA) trained on the instruction mix
+    planted = "planted"  # positive control: stage 2 plus a loss that plants text-image alignment at one layer
 
 
-def shipped_weights_dir(variant: str = "frozen") -> Path:
-    """Where a variant's shipped weights live: weights/ (stage 1) or weights/instruct/ (stage 2)."""
-    root = Path(str(files("xmodal.organism").joinpath("weights")))
-    return root if variant == "frozen" else root / variant
+DEFAULT_VARIANT = Variant.instruct
+
+
+def shipped_weights_dir(variant: str = DEFAULT_VARIANT) -> Path:
+    """Where a variant's shipped weights live: weights/<variant>/ (vision, LoRA unless frozen, saes/width_<W>/)."""
+    return Path(str(files("xmodal.organism").joinpath("weights"))) / variant
 
 
 def organism_config(model_cache: str | Path) -> Any:
@@ -188,12 +191,13 @@ def organism(
     layer_presets: Sequence[int] = (5, 9, 12, 15),
     sae_release: str | None = None,
     lora_weights: str | None = None,
-    variant: str = "frozen",
+    variant: str = DEFAULT_VARIANT,
 ) -> Gemma3Adapter:
     """The organism as an ordinary Gemma 3 adapter: the same code path as Gemma 3 4B.
 
-    `variant` picks the shipped weights (frozen: stage 1; instruct: stage 2, whose LoRA is
-    merged into the decoder when the weights load); `vision_weights` and `lora_weights` replace them.
+    `variant` picks the shipped weights (instruct: stage 2, whose LoRA is merged into the
+    decoder when the weights load; frozen: stage 1; planted: the positive control);
+    `vision_weights` and `lora_weights` replace them.
     """
     if variant not in {v.value for v in Variant}:
         raise ModelLoadError(f"organism variant {variant!r} is not shipped; the variants are {', '.join(Variant)}")

@@ -22,7 +22,7 @@ from xmodal.activations.capture import run_to_layers
 from xmodal.errors import SAEError
 from xmodal.models.base import ModelAdapter
 from xmodal.organism import world
-from xmodal.organism.model import encode_captioned, shipped_weights_dir
+from xmodal.organism.model import DEFAULT_VARIANT, encode_captioned, shipped_weights_dir
 from xmodal.saes.loading import FeatureSpace
 
 log = logging.getLogger(__name__)
@@ -31,23 +31,21 @@ SAE_LAYERS = (5, 9, 12, 15)
 IMAGE, TEXT = "image", "text"
 
 
-def shipped_widths(variant: str = "frozen") -> list[int]:
-    """The SAE widths shipped for a variant: the frozen organism has 256; later variants one folder per width."""
+def shipped_widths(variant: str = DEFAULT_VARIANT) -> list[int]:
+    """The SAE widths shipped for a variant, one folder each (weights/<variant>/saes/width_<W>/)."""
     root = shipped_weights_dir(variant) / "saes"
-    if variant == "frozen":
-        return [256]
     return sorted(int(d.name.removeprefix("width_")) for d in root.glob("width_*") if d.is_dir())
 
 
-def shipped_sae_dir(layer: int, variant: str = "frozen", width: int | None = None) -> Path:
-    root = shipped_weights_dir(variant) / "saes"
-    if variant == "frozen":
-        return root / f"layer_{layer}"
-    return root / f"width_{width}" / f"layer_{layer}"
+def shipped_sae_dir(layer: int, variant: str = DEFAULT_VARIANT, width: int | None = None) -> Path:
+    """The folder of a shipped SAE; `width` None: the narrowest shipped for the variant."""
+    if width is None:
+        width = shipped_widths(variant)[0]
+    return shipped_weights_dir(variant) / "saes" / f"width_{width}" / f"layer_{layer}"
 
 
 def organism_sae(
-    name: str, layer: int, device: str = "auto", dtype: str = "float32", variant: str = "frozen", width: int | None = None
+    name: str, layer: int, device: str = "auto", dtype: str = "float32", variant: str = DEFAULT_VARIANT, width: int | None = None
 ) -> FeatureSpace:
     """The shipped SAE of an organism variant for `layer` (one of 5, 9, 12, 15) at `width` (None: the narrowest)."""
     from xmodal.saes.loading import local_sae

@@ -3,7 +3,7 @@
 One TopK SAE per layer on image tokens and caption tokens of fresh world images
 (see `xmodal.organism.saes`), saved fp16 in sae-lens format (``SAE.load_from_disk``
 reads it) under ``out_dir/layer_<L>``, then reloaded and scored on held-out images.
-Copy ``out_dir/layer_*`` to ``xmodal/organism/weights/saes/`` to ship them.
+Copy ``out_dir/layer_*`` to ``xmodal/organism/weights/<variant>/saes/width_<d_sae>/`` to ship them.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ class SAETrainConfig:
     n_images: int = 2000
     eval_seed: int = 424242  # held-out images: never drawn in training
     n_eval_images: int = 400
-    d_sae: int = 256
+    d_sae: int = 512
     k: int = 48
     architecture: str = "topk"  # topk | batchtopk (sae-lens; saved for inference as JumpReLU)
     decoder_init: str = "data"  # data (features start on random training tokens; the shipped SAEs) | random (sae-lens's)
     epochs: float = 20.0
     batch_size: int = 1024
     lr: float = 4e-4
-    variant: str = "frozen"  # the shipped organism whose residuals the SAEs read: frozen | instruct
+    variant: str = "instruct"  # the shipped organism whose residuals the SAEs read: instruct | frozen | planted
     vision_weights: str | None = None  # replace the variant's vision weights
     lora_weights: str | None = None  # replace the variant's decoder LoRA (a stage-2 lora.safetensors)
     device: str = "auto"
@@ -70,8 +70,8 @@ def train_saes(cfg: SAETrainConfig) -> pd.DataFrame:
             activations, layer, cfg.d_sae, cfg.k, total, cfg.batch_size, cfg.lr, cfg.seed, str(adapter.device),
             model_name="xmodal-organism", architecture=cfg.architecture, decoder_init=cfg.decoder_init,
         )
-        sae = sae.to(torch.float16)
-        sae.cfg.dtype = "float16"
+        sae, saved_dtype = compact(sae)
+        log.info("Layer %d: saving in %s", layer, saved_dtype)
         target = out_dir / f"layer_{layer}"
         staging = Path(tempfile.mkdtemp(prefix=f".layer_{layer}-", dir=out_dir))
         sae.save_inference_model(staging)
@@ -83,6 +83,16 @@ def train_saes(cfg: SAETrainConfig) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table.to_csv(out_dir / "sae_quality.csv", index=False)
     return table
+
+
+def compact(sae: Any) -> tuple[Any, str]:
+    """The SAE in float16 to keep the shipped files small, or bfloat16 where a weight is beyond
+    float16's range (65,504): the planted organism's residuals reach 10^5, and so does b_dec."""
+    largest = max(float(p.detach().abs().max()) for p in sae.parameters())
+    dtype = "float16" if largest < torch.finfo(torch.float16).max else "bfloat16"
+    sae = sae.to(getattr(torch, dtype))
+    sae.cfg.dtype = dtype
+    return sae, dtype
 
 
 def _cached(out_dir: Path, adapter: Any, layers: list[int], seed: int, n_images: int) -> TokenActivations:
