@@ -57,7 +57,7 @@ def test_organism_captions_of_fixed_seeded_images_are_right(organism_model):
         assert caption.split()[0] in ("a", "two", "three"), caption  # the world's caption grammar
 
 
-@pytest.mark.parametrize("variant", ["instruct", "frozen"])
+@pytest.mark.parametrize("variant", ["instruct", "frozen", "planted"])
 @pytest.mark.parametrize("layer", [5, 9, 12, 15])
 def test_shipped_saes_load_and_match_the_model(organism_model, layer, variant):
     from sae_lens import SAE

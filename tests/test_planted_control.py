@@ -12,7 +12,7 @@ expected to fail; that is how the control shows it measures something:
 
     XMODAL_CONTROL_MODEL=organism python -m pytest tests/test_planted_control.py -m slow
 
-The criteria were fixed before the planted model was trained.
+The criteria were written before the planted model was trained.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ COLOURS = ("model=" + CONTROL_MODEL, "sae=organism", "dataset=organism_concepts"
 pytestmark = pytest.mark.slow
 
 
-def cli_results(tmp_path: Path, *overrides: str) -> dict[int, dict]:
-    """Run the CLI (a sweep when `-m` is among the overrides) and read every job's result by layer."""
-    proc = run_cli(*COLOURS, *overrides, f"paths.activation_cache={tmp_path / 'cache'}",
+def cli_results(tmp_path: Path, *overrides: str, sweep: bool = False) -> dict[int, dict]:
+    """Run the CLI (a -m sweep when `sweep`) and read every job's result by layer."""
+    proc = run_cli(*(["-m"] if sweep else []), *COLOURS, *overrides, f"paths.activation_cache={tmp_path / 'cache'}",
                    "hydra.run.dir=outputs/run", "hydra.sweep.dir=outputs/sweep", cwd=tmp_path, timeout=1200)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("result.json")]
@@ -43,7 +43,7 @@ def cli_results(tmp_path: Path, *overrides: str) -> dict[int, dict]:
 
 
 def test_overlap_finds_the_planted_alignment_at_its_layer_and_less_far_from_it(tmp_path):
-    by_layer = cli_results(tmp_path, "-m", "experiment=overlap", f"layer={','.join(map(str, (PLANTED_LAYER, *FAR_LAYERS)))}")
+    by_layer = cli_results(tmp_path, "experiment=overlap", f"layer={','.join(map(str, (PLANTED_LAYER, *FAR_LAYERS)))}", sweep=True)
     planted = by_layer[PLANTED_LAYER]
     assert planted["jaccard_topk_p"] < 0.01 and planted["jaccard_topk"] > planted["jaccard_topk_null_q975"], planted
     for far in FAR_LAYERS:
