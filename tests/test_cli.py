@@ -115,7 +115,7 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str, dict]]:
                              "text embedder 'sentence-transformers/no-such-embedder' cannot be loaded", offline),
         "organism_sae_layer": (["model=organism", "sae=organism", "dataset=organism_concepts", "layer=7"], "not layer=7", {}),
         "organism_sae_width": (["model=organism", "sae=organism", "dataset=organism_concepts", "layer=9", "sae.width=2048"],
-                               "sae.width=2048 is not shipped for the instruct organism; the widths are 512", {}),
+                               "sae.width=2048 is not shipped for the instruct organism; the widths are 512, 1024", {}),
     }
 
 

@@ -183,10 +183,10 @@ def test_an_unshipped_sae_width_names_the_widths_there_are():
     from xmodal.errors import SAEError
     from xmodal.organism.saes import organism_sae, shipped_widths
 
-    assert shipped_widths("frozen") == [256] and 512 in shipped_widths("instruct")
+    assert shipped_widths("frozen") == [256] and shipped_widths("instruct") == [512, 1024] and shipped_widths("planted") == [512]
     instruct = organism_sae("organism", 9, device="cpu", variant="instruct", width=512)
     assert (instruct.d_sae, instruct.sae.cfg.d_in) == (512, 640)
-    with pytest.raises(SAEError, match="sae.width=1000 is not shipped for the instruct organism; the widths are 512"):
+    with pytest.raises(SAEError, match="sae.width=1000 is not shipped for the instruct organism; the widths are 512, 1024"):
         organism_sae("organism", 9, width=1000)
 
 
