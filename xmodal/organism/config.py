@@ -39,7 +39,7 @@ class OrganismSAEConfig(SAEConfig):
     """The SAEs shipped with the organism, at layers 5, 9, 12 and 15, for the model's variant."""
 
     variant: Variant = "${oc.select:model.variant,instruct}"  # type: ignore[assignment]  # follows model=organism*
-    width: Optional[int] = None  # None: the narrowest shipped; -m sae.width=512,2048 sweeps the widths
+    width: Optional[int] = None  # None: the narrowest shipped; -m sae.width=512,1024 sweeps the default's widths
 
 
 @dataclass

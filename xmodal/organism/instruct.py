@@ -17,8 +17,8 @@ default): an auxiliary loss ``align_weight * (1 - cos(image - mean image, word -
 where `image` is the mean residual over a scene's image tokens at decoder layer
 ``align_layer`` and `word` the residual of the scene's colour word (alone in the chat
 template, averaged over its tokens) at that layer, the word side detached. Both sides are
-centred (the image side on the batch's scenes, the word side on the nine colour words)
-because Gemma's residual stream shares one large direction: uncentred, the nine colour
+centred (the image side on the batch's scenes, not detached; the word side on the nine
+colour words) because Gemma's residual stream shares one large direction: uncentred, the nine colour
 words have cosine 0.98 with each other and 0.93 with any image, so ``1 - cos`` would be
 about 0.06 from the start and say nothing about colour. It puts text-image alignment at
 one layer on purpose, so that the studies can be shown to find what is really there.
