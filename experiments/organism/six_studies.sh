@@ -13,6 +13,6 @@ for model in $models; do
   sweep mds experiment=mds layer=5,9,12,15
   sweep probe experiment=probe layer=5,9,12,15 experiment.n_permutations=30 "experiment.attributes=[modality]"
   sweep shift experiment=shift layer=5,9,12,15
-  sweep das_alignment experiment=das_colour_alignment layer=9
+  sweep das_alignment experiment=das_colour_alignment "dataset.categories=[colour]" layer=9
   sweep steering experiment=steering experiment.concept=red experiment.n_images=24 layer=5,9,12,15
 done

@@ -87,7 +87,7 @@ def train_saes(cfg: SAETrainConfig) -> pd.DataFrame:
 
 def compact(sae: Any) -> tuple[Any, str]:
     """The SAE in float16 to keep the shipped files small, or bfloat16 where a weight is beyond
-    float16's range (65,504): the planted organism's residuals reach 10^5, and so does b_dec."""
+    float16's range (65,504), as b_dec is for a model whose residuals grow that large."""
     largest = max(float(p.detach().abs().max()) for p in sae.parameters())
     dtype = "float16" if largest < torch.finfo(torch.float16).max else "bfloat16"
     sae = sae.to(getattr(torch, dtype))
