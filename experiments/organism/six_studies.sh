@@ -16,3 +16,10 @@ for model in $models; do
   sweep das_alignment experiment=das_colour_alignment "dataset.categories=[colour]" layer=9
   sweep steering experiment=steering experiment.concept=red experiment.n_images=24 layer=5,9,12,15
 done
+# Text-vector DAS synthesis on the default at the layers its nine-colour check picked (largest gap: 2;
+# largest surviving Bonferroni: 6); stage 1's layers 7 and 8 are in experiments/das/README.md.
+if [[ " $models " == *" organism "* ]]; then
+  python -m xmodal.run -m model=organism hydra.sweep.dir=outputs/six_studies/organism/das_text experiment=das layer=2,6 \
+    "experiment.concepts=[red,orange,yellow,green,blue,purple,pink,brown,black]" experiment.concepts_per_pass=9 \
+    experiment.steps=300 experiment.batch_size=4 dataset.images_per_concept=16 "experiment.alignment_concepts=[]"
+fi
