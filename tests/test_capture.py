@@ -80,3 +80,13 @@ def test_batched_text_extraction_equals_one_at_a_time(tiny, synthetic, positions
         inputs = {"input_ids": torch.tensor([prompt.input_ids])}
         single = run_to_layers(tiny.model, tiny.decoder_layers(), inputs, [layer])[layer][0, prompt.concept_positions]
         torch.testing.assert_close(batched.text_tokens_of(i), single, rtol=0, atol=1e-5)
+
+
+def test_the_logit_lens_on_the_last_layer_is_the_models_own_logits(tiny, synthetic):
+    """Final norm, unembedding (and soft-cap) applied to the last layer's resid_post give model(...).logits."""
+    inputs = dict(tiny.image_inputs([synthetic.images[0].load()], "What is this?", True))
+    last = tiny.num_layers - 1
+    captured = run_to_layers(tiny.model, tiny.decoder_layers(), inputs, [last])[last]
+    with torch.inference_mode():
+        logits = tiny.model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(tiny.logit_lens(captured), logits.float(), rtol=1e-4, atol=1e-4)

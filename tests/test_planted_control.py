@@ -59,3 +59,16 @@ def test_a_probe_trained_on_colour_words_reads_colour_images_at_the_planted_laye
 def test_the_apples_oranges_check_finds_colour_alignment_at_the_planted_layer(tmp_path):
     metrics = cli_results(tmp_path, "experiment=das_colour_alignment", f"layer={PLANTED_LAYER}")[PLANTED_LAYER]
     assert metrics["alignment_gap_p"] < 0.01 and metrics["alignment_gap"] > metrics["alignment_gap_null_q975"], metrics
+
+
+def test_representation_alignment_finds_the_planted_layer_without_an_sae(tmp_path):
+    """Colour words against colour images, raw residuals: unbiased CKA and mutual k-NN above their
+    re-pairing nulls at the planted layer, and unbiased CKA lower far from it."""
+    layers = ",".join(map(str, (PLANTED_LAYER, *FAR_LAYERS)))
+    by_layer = cli_results(tmp_path, "experiment=alignment", f"layer={layers}", "dataset.images_per_concept=16",
+                           "experiment.k_neighbours=3", sweep=True)  # fmt: skip
+    planted = by_layer[PLANTED_LAYER]
+    for metric in ("cka_unbiased", "mutual_knn"):
+        assert planted[f"{metric}_p"] < 0.01 and planted[metric] > planted[f"{metric}_null_q975"], (metric, planted)
+    for far in FAR_LAYERS:
+        assert by_layer[far]["cka_unbiased"] < planted["cka_unbiased"], (far, by_layer[far]["cka_unbiased"])

@@ -6,6 +6,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from xmodal.experiments.alignment.config import AlignmentConfig
 from xmodal.experiments.base import Experiment
 from xmodal.experiments.das.config import DASConfig
 from xmodal.experiments.mds.config import MDSConfig
@@ -21,6 +22,7 @@ STUDY_CONFIGS = {
     "shift": ShiftConfig,
     "steering": SteeringConfig,
     "das": DASConfig,
+    "alignment": AlignmentConfig,
 }
 
 

@@ -73,6 +73,7 @@ class ModelAdapter:
 
     family: ClassVar[str] = "base"
     decoder_layers_path: ClassVar[str] = "model.language_model.layers"
+    final_norm_path: ClassVar[str] = "model.language_model.norm"  # the norm before the unembedding
     supports_images: ClassVar[bool] = True
 
     def __init__(
@@ -177,6 +178,24 @@ class ModelAdapter:
 
     def decoder_layers(self) -> nn.ModuleList:
         return operator.attrgetter(self.decoder_layers_path)(self.model)
+
+    @torch.inference_mode()
+    def logit_lens(self, resid: torch.Tensor) -> torch.Tensor:
+        """Read resid_post of any layer as the last layer would be read: final norm, unembedding and
+        (Gemma 2) the final logit soft-cap. (..., d_model) -> (..., vocab) float32 logits on the CPU."""
+        unembed = self.model.get_output_embeddings()
+        if unembed is None:
+            raise ConfigError(
+                f"model {self.name!r} has no unembedding (LM head), so its residual stream cannot be read as "
+                "next-token logits; the logit lens needs a decoder model"
+            )
+        norm = operator.attrgetter(self.final_norm_path)(self.model)
+        weight = unembed.weight
+        logits = unembed(norm(resid.to(device=weight.device, dtype=weight.dtype))).float()
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.cpu()
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:

@@ -10,6 +10,7 @@ from xmodal.models.base import ModelAdapter
 class TextOnlyAdapter(ModelAdapter):
     family: ClassVar[str] = "text_only"
     decoder_layers_path: ClassVar[str] = "model.layers"
+    final_norm_path: ClassVar[str] = "model.norm"
     supports_images: ClassVar[bool] = False
 
     @classmethod

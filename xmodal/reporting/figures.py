@@ -63,6 +63,26 @@ def null_distributions(null_table: pd.DataFrame, nulls: dict[str, np.ndarray], l
     return fig
 
 
+def concept_kernels(side_a: np.ndarray, side_b: np.ndarray, concepts: list[str], labels: tuple[str, str], layer: int) -> plt.Figure:
+    """Concept-by-concept cosine similarity on each side, after removing the mean over concepts (what
+    linear CKA compares; raw residuals share one large direction that would put every cosine near 1)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
+    for ax, side, label in zip(axes, (side_a, side_b), labels):
+        centred = side - side.mean(axis=0, keepdims=True)
+        norm = np.linalg.norm(centred, axis=1, keepdims=True)
+        unit = centred / np.where(norm > 0, norm, 1)
+        kernel = unit @ unit.T
+        np.fill_diagonal(kernel, np.nan)  # the diagonal (1) would set the colour scale
+        im = ax.imshow(kernel, cmap="viridis")
+        ax.set_xticks(range(len(concepts)), concepts, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(concepts)), concepts, fontsize=6)
+        ax.set_title(label, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
+    fig.suptitle(f"Cosine similarity between concepts, centred over concepts, layer {layer}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def mds_histogram(mds: np.ndarray, mu: float, sigma: float, null_mds: np.ndarray, layer: int) -> plt.Figure:
     """Distribution of the Modality Dominance Score with the ImgD / TextD split lines."""
     fig, ax = plt.subplots(figsize=(6, 3.6))

@@ -1,0 +1,57 @@
+"""RepresentationAlignment's settings (conf/experiment/alignment.yaml selects them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Optional
+
+from xmodal.config import ExperimentConfig
+from xmodal.errors import ConfigError
+
+
+class Comparison(StrEnum):
+    modalities = "modalities"  # one model: each concept as text against its images
+    models = "models"  # the same inputs through this model and experiment.other_model
+
+
+class Representation(StrEnum):
+    residual = "residual"  # resid_post pooled over the concept's tokens / the image's soft tokens
+    sae = "sae"  # the same, through this job's SAE (sae=...)
+
+
+class NullPairing(StrEnum):
+    all = "all"  # re-pair any concept with any other
+    within_category = "within_category"  # re-pair only inside a category: alignment finer than categories
+
+
+class Modality(StrEnum):
+    text = "text"
+    image = "image"
+
+
+@dataclass
+class AlignmentConfig(ExperimentConfig):
+    _target_: str = "xmodal.experiments.alignment.experiment.RepresentationAlignment"
+    name: str = "alignment"
+    compare: Comparison = Comparison.modalities
+    other_model: Optional[str] = "${model.base_model}"  # compare=models: a config in conf/model/
+    other_model_overrides: list[str] = field(default_factory=list)  # '...=["model.revision=abc123"]'
+    modality: Modality = Modality.text  # compare=models: which inputs both models read
+    representation: Representation = Representation.residual
+    k_neighbours: int = 5  # mutual k-NN and CKNNA; must be below the number of concepts
+    n_permutations: int = 1000  # concept re-pairings for every null
+    null: NullPairing = NullPairing.all
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_at_least_one("k_neighbours", "n_permutations")
+        if self.compare == Comparison.models:
+            if not self.other_model:
+                raise ConfigError(
+                    "experiment.compare=models needs experiment.other_model (a config in conf/model/), "
+                    "and this model config names no base_model to default to; e.g. experiment.other_model=organism_frozen"
+                )
+        bad = [o for o in self.other_model_overrides if not o.startswith("model.")]
+        if bad:
+            raise ConfigError(f"experiment.other_model_overrides may only set model.* keys; got {bad}")
