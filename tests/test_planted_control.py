@@ -72,3 +72,10 @@ def test_representation_alignment_finds_the_planted_layer_without_an_sae(tmp_pat
         assert planted[f"{metric}_p"] < 0.01 and planted[metric] > planted[f"{metric}_null_q975"], (metric, planted)
     for far in FAR_LAYERS:
         assert by_layer[far]["cka_unbiased"] < planted["cka_unbiased"], (far, by_layer[far]["cka_unbiased"])
+
+
+def test_the_lens_finds_colour_images_nearest_their_colour_words_at_the_planted_layer(tmp_path):
+    """LatentLens read-out: each colour image's nearest colour word, against shuffled image labels."""
+    metrics = cli_results(tmp_path, "experiment=lens", f"layer={PLANTED_LAYER}")[PLANTED_LAYER]
+    assert metrics["image_nearest_word_p"] < 0.01, metrics
+    assert metrics["image_nearest_word"] > metrics["image_nearest_word_null_q975"], metrics

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from xmodal.experiments.alignment.config import AlignmentConfig
 from xmodal.experiments.base import Experiment
 from xmodal.experiments.das.config import DASConfig
+from xmodal.experiments.lens.config import LensConfig
 from xmodal.experiments.mds.config import MDSConfig
 from xmodal.experiments.overlap.config import OverlapConfig
 from xmodal.experiments.probe.config import ProbeConfig
@@ -23,6 +24,7 @@ STUDY_CONFIGS = {
     "steering": SteeringConfig,
     "das": DASConfig,
     "alignment": AlignmentConfig,
+    "lens": LensConfig,
 }
 
 

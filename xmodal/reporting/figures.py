@@ -83,6 +83,24 @@ def concept_kernels(side_a: np.ndarray, side_b: np.ndarray, concepts: list[str],
     return fig
 
 
+def lens_rates(summary: pd.DataFrame, layer: int) -> plt.Figure:
+    """Each lens measure's hit rate (bar) against its shuffled-label null (mean and 95% range) and chance."""
+    y = np.arange(len(summary))
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(summary) + 1.4))
+    ax.barh(y, summary["rate"], color="tab:blue", label="own concept")
+    spread = np.clip([summary["null_mean"] - summary["null_q025"], summary["null_q975"] - summary["null_mean"]], 0, None)  # rounding
+    ax.errorbar(summary["null_mean"], y, xerr=spread,
+                fmt="|", color="black", ms=14, capsize=3, label="shuffled labels (mean, 95%)")  # fmt: skip
+    ax.scatter(summary["chance"], y, marker="x", color="tab:red", zorder=3, label="chance (k / concepts)")
+    ax.set_yticks(y, [f"{m} (k={k}; p={p:.2g})" for m, k, p in zip(summary["measure"], summary["k"], summary["p"])], fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("fraction of images (or words) whose own concept is read out")
+    ax.set_title(f"Logit lens and nearest words, layer {layer}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def mds_histogram(mds: np.ndarray, mu: float, sigma: float, null_mds: np.ndarray, layer: int) -> plt.Figure:
     """Distribution of the Modality Dominance Score with the ImgD / TextD split lines."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
