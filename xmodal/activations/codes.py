@@ -101,3 +101,10 @@ def concept_codes(acts: LayerActivations, space: FeatureSpace, positions: Positi
         image_sources=acts.image_sources,
         image=torch.stack(image).numpy() if image else np.zeros((0, n_features), np.float32),
     )
+
+
+def image_token_activations(acts: LayerActivations, space: FeatureSpace, chosen: list[int]) -> list[np.ndarray]:
+    """Per chosen feature, (n_images, n_tokens): its activation at every image soft token."""
+    per_image = [space.encode(tokens)[:, chosen].numpy() for tokens in acts.image_tokens]  # (n_tokens, n_chosen) each
+    stacked = np.stack(per_image)  # (n_images, n_tokens, n_chosen)
+    return [stacked[:, :, n] for n in range(len(chosen))]

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from xmodal.experiments.alignment.config import AlignmentConfig
 from xmodal.experiments.base import Experiment
 from xmodal.experiments.das.config import DASConfig
+from xmodal.experiments.features.config import FeaturesConfig
 from xmodal.experiments.lens.config import LensConfig
 from xmodal.experiments.mds.config import MDSConfig
 from xmodal.experiments.overlap.config import OverlapConfig
@@ -25,6 +26,7 @@ STUDY_CONFIGS = {
     "das": DASConfig,
     "alignment": AlignmentConfig,
     "lens": LensConfig,
+    "features": FeaturesConfig,
 }
 
 

@@ -18,14 +18,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 
 from xmodal.activations.cache import ActivationCache, get_activations
-from xmodal.activations.codes import ConceptCodes, concept_codes
+from xmodal.activations.codes import ConceptCodes, concept_codes, image_token_activations
 from xmodal.activations.extract import LayerActivations
 from xmodal.config import ExperimentConfig, PositionsConfig
 from xmodal.data.concepts import ConceptDataset
 from xmodal.models.base import ModelAdapter
+from xmodal.reporting import figures
 from xmodal.reporting.loggers import NullLogger
 from xmodal.reporting.results import ResultWriter
 from xmodal.saes.loading import FeatureSpace
@@ -89,6 +91,27 @@ class RunContext:
     def figure(self, name: str, fig: Any) -> None:
         path = self.writer.figure(name, fig)
         self.logger.log_figure(name, path)
+
+    def patch_heatmaps(self, name: str, features: Sequence[int], labels: Sequence[str], top_images: int = 4) -> None:
+        """Figure `name`: per feature (row), its most activating images with its activation at every
+        image token drawn over them (the token grid from the model's adapter)."""
+        features = [int(f) for f in features]
+        if not features:
+            return
+        acts = self.activations()[self.layer]
+        maps = image_token_activations(acts, self.features, features)
+        grid = self.model.image_token_grid(acts.image_tokens.shape[1])
+        rows = []
+        for feature_maps, label in zip(maps, labels):
+            pooled = feature_maps.mean(axis=1)
+            order = [i for i in np.argsort(-pooled, kind="stable")[:top_images] if pooled[i] > 0]
+            # activation row i is dataset image i (extraction keeps the order; sources can repeat)
+            rows.append((label, [self.dataset.images[i].load() for i in order],
+                         [feature_maps[i].reshape(grid) for i in order], [acts.image_concepts[i] for i in order]))  # fmt: skip
+        self.figure(name, figures.patch_heatmap_rows(rows, self.layer))
+
+    def export(self, name: str, payload: Any) -> None:
+        self.writer.export(name, payload)
 
     def image(self, name: str, image: Any) -> None:
         path = self.writer.image(name, image)

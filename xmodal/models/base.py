@@ -197,6 +197,14 @@ class ModelAdapter:
             logits = torch.tanh(logits / cap) * cap
         return logits.cpu()
 
+    def image_token_grid(self, n_tokens: int) -> tuple[int, int]:
+        """(rows, columns) of an image's soft tokens, row-major: 4x4 on the organism, 16x16 on Gemma 3,
+        the patch grid on PaliGemma and LLaVA. A family whose layout is not a square overrides this."""
+        side = int(round(n_tokens**0.5))
+        if side * side != n_tokens:
+            raise ConfigError(f"model {self.name!r} gives {n_tokens} image tokens, not a square grid; its adapter must say how they lie")
+        return side, side
+
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
             raise ConfigError(

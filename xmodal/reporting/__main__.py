@@ -1,7 +1,9 @@
-"""Summarise a sweep on demand: ``python -m xmodal.reporting <sweep_dir>``.
+"""Summarise a sweep on demand: ``python -m xmodal.report <sweep_dir>`` (or ``xmodal.reporting``).
 
-Writes summary.parquet/.csv, layer-curve figures and report.md into the sweep
-directory; safe to run while jobs are still going (unfinished ones are listed).
+Writes summary.parquet/.csv, layer-curve figures, report.md and report.html (one
+self-contained page) into the sweep directory; safe to run while jobs are still
+going (unfinished ones are listed). A directory with no job in it is an error and
+gets no files.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ import logging
 import sys
 from pathlib import Path
 
-from xmodal.reporting.sweep import write_sweep_report
+from xmodal.reporting.sweep import job_dirs, write_sweep_report
 
-USAGE = "usage: python -m xmodal.reporting <sweep_dir>"
+USAGE = "usage: python -m xmodal.report <sweep_dir>"
 
 
 def main(argv: list[str]) -> int:
@@ -22,14 +24,15 @@ def main(argv: list[str]) -> int:
         return 2
     sweep_dir = Path(argv[0])
     if not sweep_dir.is_dir():
-        print(f"xmodal.reporting: error: sweep directory {str(sweep_dir)!r} does not exist", file=sys.stderr)
+        print(f"xmodal.report: error: sweep directory {str(sweep_dir)!r} does not exist", file=sys.stderr)
+        return 2
+    if not job_dirs(sweep_dir):  # before writing anything: an empty directory gets no report
+        print(f"xmodal.report: error: no job folders (.hydra/overrides.yaml) under {str(sweep_dir)!r}; "
+              "give the sweep directory of a -m run (hydra.sweep.dir)", file=sys.stderr)  # fmt: skip
         return 2
     summary = write_sweep_report(sweep_dir, sequential=False)  # per-job estimate; the wall time is unknown here
-    if summary.empty:
-        print(f"xmodal.reporting: error: no job folders (.hydra/overrides.yaml) under {str(sweep_dir)!r}", file=sys.stderr)
-        return 2
     counts = summary["status"].value_counts().to_dict()
-    print(f"{len(summary)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}): {sweep_dir / 'report.md'}")
+    print(f"{len(summary)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}): {sweep_dir / 'report.md'}, {sweep_dir / 'report.html'}")
     return 0
 
 

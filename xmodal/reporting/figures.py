@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import matplotlib
 
 matplotlib.use("Agg")  # jobs run headless, on clusters too
@@ -97,6 +99,77 @@ def lens_rates(summary: pd.DataFrame, layer: int) -> plt.Figure:
     ax.set_xlabel("fraction of images (or words) whose own concept is read out")
     ax.set_title(f"Logit lens and nearest words, layer {layer}", fontsize=10)
     ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def patch_heatmap(ax: plt.Axes, image: Any, token_map: np.ndarray, vmax: float, title: str) -> None:
+    """An image with one feature's activation at each image token drawn over it, one block per token."""
+    array = np.asarray(image)
+    height, width = array.shape[:2]
+    ax.imshow(array)
+    shown = np.ma.masked_where(token_map <= 0, token_map)  # inactive tokens leave the image visible
+    ax.imshow(shown, cmap="inferno", alpha=0.6, vmin=0, vmax=vmax if vmax > 0 else 1, extent=(0, width, height, 0), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=7)
+
+
+def patch_heatmap_rows(rows: list[tuple[str, list, list[np.ndarray], list[str]]], layer: int) -> plt.Figure:
+    """One row per feature (label, images, token maps, image concepts): where on each image it fires."""
+    cols = max((len(images) for _, images, _, _ in rows), default=1) or 1
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols + 1.2, 2.0 * len(rows) + 0.4), squeeze=False)
+    for ax_row, (label, images, maps, concepts) in zip(axes, rows):
+        vmax = max((float(m.max()) for m in maps), default=0.0)
+        for c, ax in enumerate(ax_row):
+            if c < len(images):
+                patch_heatmap(ax, images[c], maps[c], vmax, f"{concepts[c]} (peak {maps[c].max():.3g})")
+            else:
+                ax.axis("off")
+        ax_row[0].set_ylabel(label, fontsize=8)
+        if not images:
+            ax_row[0].text(0.5, 0.5, "inactive on every image", ha="center", va="center", fontsize=8)
+    fig.suptitle(f"Where each feature fires on its top images, layer {layer}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def feature_card(feature: int, layer: int, images: list, token_maps: list[np.ndarray], image_concepts: list[str],
+                 words: pd.DataFrame, text_pooled: np.ndarray, image_pooled: np.ndarray, stats: dict) -> plt.Figure:  # fmt: skip
+    """One SAE feature: top images with patch heat maps, top concept words, activation histograms per modality."""
+    n = max(len(images), 1)
+    fig = plt.figure(figsize=(max(2.0 * n, 9), 6.2))
+    grid = fig.add_gridspec(2, max(n, 3), height_ratios=[1, 1.15])
+    vmax = max((float(m.max()) for m in token_maps), default=0.0)
+    for i, (image, token_map, concept) in enumerate(zip(images, token_maps, image_concepts)):
+        patch_heatmap(fig.add_subplot(grid[0, i]), image, token_map, vmax, f"{concept}\npeak {token_map.max():.3g}")
+    third = max(n, 3) // 3
+    words_ax = fig.add_subplot(grid[1, :third])
+    ranked = words.sort_values("rank")
+    words_ax.barh(np.arange(len(ranked)), ranked["activation"], color="tab:orange")
+    words_ax.set_yticks(np.arange(len(ranked)), [f"{c} [{t.strip()}]" for c, t in zip(ranked["concept"], ranked["peak_token"])], fontsize=7)
+    words_ax.invert_yaxis()
+    words_ax.set_title("top concept words [peak token]", fontsize=8)
+    words_ax.tick_params(axis="x", labelsize=7)
+    hist_ax = fig.add_subplot(grid[1, third : 2 * third])
+    top = max(float(np.max(text_pooled, initial=0)), float(np.max(image_pooled, initial=0)), 1e-9)
+    bins = np.linspace(0, top, 21)
+    hist_ax.hist(image_pooled, bins=bins, alpha=0.6, label=f"images ({(image_pooled > 0).mean():.0%} active)", color="tab:blue")
+    hist_ax.hist(text_pooled, bins=bins, alpha=0.6, label=f"words ({(text_pooled > 0).mean():.0%} active)", color="tab:orange")
+    hist_ax.set_yscale("log")
+    hist_ax.legend(fontsize=7)
+    hist_ax.set_title("pooled activation per modality", fontsize=8)
+    hist_ax.tick_params(labelsize=7)
+    text_ax = fig.add_subplot(grid[1, 2 * third :])
+    text_ax.axis("off")
+    text_ax.text(0, 0.95, "\n".join([
+        f"cross-modal r {stats['crossmodal_r']:.3f}",
+        f"  re-paired 97.5% {stats['crossmodal_r_null_q975']:.3f}, p = {stats['crossmodal_r_p']:.3g}",
+        f"MDS {stats['mds']:.3f} (1 = images only)",
+        f"  modality-swap 95% {stats['mds_null_q025']:.3f} to {stats['mds_null_q975']:.3f}",
+        f"mean activation: words {stats['mean_text']:.3g}, images {stats['mean_image']:.3g}",
+    ]), va="top", fontsize=8, family="monospace")  # fmt: skip
+    fig.suptitle(f"Feature {feature}, layer {layer}", fontsize=10)
     fig.tight_layout()
     return fig
 

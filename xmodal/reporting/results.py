@@ -52,6 +52,7 @@ class ResultWriter:
         self.tables: list[str] = []
         self.figures: list[str] = []
         self.images: list[str] = []
+        self.exports: list[str] = []
         # Stale outcomes from an earlier run in this directory must not outlive this one.
         (self.output_dir / RESULT_FILE).unlink(missing_ok=True)
         (self.output_dir / FAILURE_FILE).unlink(missing_ok=True)
@@ -77,6 +78,13 @@ class ResultWriter:
         self.images.append(str(path.relative_to(self.output_dir)))
         return path
 
+    def export(self, name: str, payload: Any) -> Path:
+        """exports/<name>.json: data in another tool's format (e.g. a Neuronpedia feature batch)."""
+        text = json.dumps(payload, indent=1, allow_nan=False)
+        path = atomic_write(self.output_dir / "exports" / f"{name}.json", lambda p: Path(p).write_text(text))
+        self.exports.append(str(path.relative_to(self.output_dir)))
+        return path
+
     def finish(self, experiment: str, metrics: dict[str, Any], timings_s: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
         """Write result.json last: its presence is what marks the job finished."""
         payload = {
@@ -86,6 +94,7 @@ class ResultWriter:
             "tables": self.tables,
             "figures": self.figures,
             "images": self.images,
+            **({"exports": self.exports} if self.exports else {}),
             "timings_s": {k: round(float(v), 4) for k, v in timings_s.items()},
             **(extra or {}),
         }

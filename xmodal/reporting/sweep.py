@@ -23,6 +23,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
+from xmodal.reporting.html import report_html
 from xmodal.reporting.results import FAILURE_FILE, RESULT_FILE, atomic_write
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def das_contact_sheets(summary: pd.DataFrame, sweep_dir: Path) -> list[Path]:
 
 
 def write_sweep_report(sweep_dir: str | Path, wall_s: float | None = None, sequential: bool = True) -> pd.DataFrame:
-    """Write summary.parquet/.csv, figures/ and report.md into the sweep directory."""
+    """Write summary.parquet/.csv, figures/, report.md and report.html into the sweep directory."""
     sweep_dir = Path(sweep_dir)
     summary = collect(sweep_dir)
     atomic_write(sweep_dir / "summary.parquet", lambda p: summary.to_parquet(p, index=False))
@@ -186,5 +187,8 @@ def write_sweep_report(sweep_dir: str | Path, wall_s: float | None = None, seque
     figures = layer_curves(summary, sweep_dir / "figures") + das_contact_sheets(summary, sweep_dir) if len(summary) else []
     text = report_markdown(sweep_dir, summary, figures, wall_s, sequential)
     atomic_write(sweep_dir / "report.md", lambda p: Path(p).write_text(text))
-    log.info("Sweep report: %s (%d jobs)", sweep_dir / "report.md", len(summary))
+    done = summary[summary["status"] == "ok"] if len(summary) else summary
+    page = report_html(sweep_dir, summary, figures, metrics_with_null(done)[:4], overhead_line(summary, wall_s, sequential))
+    atomic_write(sweep_dir / "report.html", lambda p: Path(p).write_text(page, encoding="utf-8"))
+    log.info("Sweep report: %s and report.html (%d jobs)", sweep_dir / "report.md", len(summary))
     return summary

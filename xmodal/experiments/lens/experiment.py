@@ -169,8 +169,7 @@ class LogitLens(Experiment):
         """The first image of each concept, up to n_example_images: its top 3 lens tokens and its nearest word."""
         first_of_concept = list(dict.fromkeys(acts.image_concepts))[: self.config.n_example_images]
         chosen = [acts.image_concepts.index(c) for c in first_of_concept]
-        by_source = {image.source: image for image in ctx.dataset.images}
-        pictures = [by_source[acts.image_sources[i]].load() for i in chosen]
+        pictures = [ctx.dataset.images[i].load() for i in chosen]  # activation row i is dataset image i
         tops = top_tokens(ctx.model, logprobs[chosen], 3)
         titles = [f"{acts.image_concepts[i]}\nlens: {tops[n]}\nnearest word: {acts.concepts[nearest[i].argmax()]}" for n, i in enumerate(chosen)]
         return figures.image_grid([pictures], [f"layer {ctx.layer}"], titles, "What the image tokens say")

@@ -59,6 +59,10 @@ class MDSClassifier(Experiment):
         ctx.table("group_sizes", size_table)
         with ctx.timed("figures"):
             ctx.figure("mds_histogram", figures.mds_histogram(mds, mu, sigma, np.concatenate(null_mds), ctx.layer))
+            if self.space is ctx.features and ctx.features.sae is not None:  # not the on-the-fly MSAE: its codes are not per token here
+                examples = feature_table.sort_values("n_pairs_active", ascending=False, kind="stable").groupby("group").head(1)
+                ctx.patch_heatmaps("group_examples", examples["feature"],
+                                   [f"{g}: feature {f} (MDS {m:.2f})" for g, f, m in zip(examples["group"], examples["feature"], examples["mds"])])  # fmt: skip
 
         metrics: dict[str, float] = {
             "n_active_features": int(np.isfinite(mds).sum()),
@@ -165,12 +169,12 @@ class MDSClassifier(Experiment):
         """I(z) and WinRate per group and modality, each beside its random-sample null."""
         embed_text, text_name = text_embedder(self.config.text_embedder)
         embed_images, image_name = image_embedder(str(self.config.image_embedder), ctx.model, self.config.image_embedder_path)
-        by_source = {image.source: image for image in ctx.dataset.images}
         texts = [c.text for c in ctx.dataset.concepts]
         with ctx.timed("embeddings"):
             samples = {
                 "text": (codes.text, embed_text(texts)),
-                "image": (codes.image, _batched(embed_images, [by_source[s].load() for s in codes.image_sources])),
+                # code row i is dataset image i; sources can repeat (the organism's rendered words), so not by source
+                "image": (codes.image, _batched(embed_images, [image.load() for image in ctx.dataset.images])),
             }
         rows, metrics = [], {}
         with ctx.timed("interpretability"):

@@ -192,6 +192,9 @@ class CrossModalOverlap(Experiment):
             if len(top_features):
                 names = [c.name for c in ctx.dataset.concepts]
                 ctx.figure("crossmodal_heatmap", figures.crossmodal_heatmap(text, image, names, top_features, ctx.layer))
+                if ctx.features.sae is not None:  # where the top cross-modal SAE features fire on their images
+                    r = feature_table.set_index("feature")["r"]
+                    ctx.patch_heatmaps("crossmodal_patches", top_features[:3], [f"feature {f} (r={r[f]:.2f})" for f in top_features[:3]])
             ctx.figure("null_distributions", figures.null_distributions(null_table, nulls, ctx.layer))
 
     def summarise(self, layer: int, codes: ConceptCodes, concept_table: pd.DataFrame, null_table: pd.DataFrame) -> dict[str, float]:

@@ -166,6 +166,7 @@ class SteeringEval(Experiment):
         ctx.table("dose_response", summary)
         with ctx.timed("figures"):
             ctx.figure("dose_response", figures.dose_response(summary, concept.name, ctx.layer))
+            ctx.patch_heatmaps("feature_patches", [feature, random_feature], [f"steered: feature {feature}", f"random: feature {random_feature}"])
 
         top = summary[summary["strength"] == max(self.strengths)].set_index("condition")
         metrics = {
