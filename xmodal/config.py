@@ -183,6 +183,12 @@ class ExperimentConfig:
                 if item not in {c.value for c in choices}:
                     raise ConfigError(f"experiment.{f.name}={item!r}; use {_one_of([c.value for c in choices])}")
 
+    def require_model_overrides(self, name: str) -> None:
+        """A list of overrides for a second model (experiment.<name>) may only set model.* keys."""
+        bad = [o for o in getattr(self, name) if not str(o).startswith("model.")]
+        if bad:
+            raise ConfigError(f"experiment.{name} may only set model.* keys; got {bad}")
+
     def require_at_least_one(self, *names: str) -> None:
         """Counts that must be 1 or more (permutations, features, images ...)."""
         for name in names:

@@ -52,6 +52,4 @@ class AlignmentConfig(ExperimentConfig):
                     "experiment.compare=models needs experiment.other_model (a config in conf/model/), "
                     "and this model config names no base_model to default to; e.g. experiment.other_model=organism_frozen"
                 )
-        bad = [o for o in self.other_model_overrides if not o.startswith("model.")]
-        if bad:
-            raise ConfigError(f"experiment.other_model_overrides may only set model.* keys; got {bad}")
+        self.require_model_overrides("other_model_overrides")

@@ -26,7 +26,5 @@ class ShiftConfig(ExperimentConfig):
                 "experiment=shift needs a base LLM, and this model config names none (model.base_model); "
                 "set experiment.base_model to a config in conf/model/, e.g. experiment.base_model=gemma2_2b"
             )
-        bad = [o for o in self.base_model_overrides if not o.startswith("model.")]
-        if bad:
-            raise ConfigError(f"experiment.base_model_overrides may only set model.* keys; got {bad}")
+        self.require_model_overrides("base_model_overrides")
         self.require_at_least_one("n_permutations")
