@@ -50,12 +50,12 @@ def test_overlap_writes_result_tables_and_figures_and_is_deterministic(workdir):
     assert result["status"] == "ok" and result["experiment"] == "overlap" and result["layer"] == 1
     for table in ("codes", "concepts", "null", "feature_correlations", "crossmodal_features"):
         assert (run / "tables" / f"{table}.parquet").exists() and (run / "tables" / f"{table}.csv").exists()
-    for figure in ("jaccard_vs_baseline", "crossmodal_heatmap", "null_distributions"):
+    for figure in ("jaccard_vs_baseline", "crossmodal_heatmap", "null_distributions", "concept_geometry"):
         assert (run / "figures" / f"{figure}.png").stat().st_size > 10_000
     assert (run / ".hydra" / "config.yaml").exists()
 
     metrics = result["metrics"]
-    for stat in ("jaccard_topk", "pearson", "spearman", "mutual_information", "n_crossmodal_features"):
+    for stat in ("jaccard_topk", "jaccard_active", "pearson", "spearman", "mutual_information", "n_crossmodal_features"):
         assert f"{stat}_null_mean" in metrics and 0 < metrics[f"{stat}_p"] <= 1
     null = pd.read_parquet(run / "tables" / "null.parquet")
     assert (null["n_permutations"] == 1000).all()
@@ -197,6 +197,14 @@ def test_probe_study_writes_every_probe_next_to_its_null(workdir):
     metrics = json.loads((run_dir / "result.json").read_text())["metrics"]
     assert {"text_to_image_accuracy", "text_to_image_accuracy_null_mean", "text_to_image_p", "text_to_image_chance"} <= set(metrics)
     assert (run_dir / "figures" / "probe_accuracy.png").exists()
+    from safetensors import safe_open
+
+    record = json.loads((run_dir / "result.json").read_text())
+    assert record["weights"] == [f"weights/probe_{name}.safetensors" for name in probes.index]
+    with safe_open(run_dir / "weights" / "probe_text_to_image.safetensors", framework="numpy") as weights:
+        classes = json.loads(weights.metadata()["classes"])
+        coef, ids = weights.get_tensor("coef"), weights.get_tensor("feature_ids")
+    assert len(classes) == 12 and coef.shape == (12, len(ids)) and ids.max() < metrics["n_features"]
 
 
 def test_probe_with_a_single_class_is_refused(tmp_path):

@@ -86,3 +86,18 @@ def test_permutation_pvalue_random_case_is_seeded():
 def test_off_diagonal_mean():
     m = np.array([[1.0, 2.0, 4.0], [0.0, 5.0, 1.0], [3.0, 3.0, 9.0]])
     assert M.off_diagonal_mean(m).tolist() == [3.0, 0.5, 3.0]
+
+
+@pytest.mark.parametrize("budget", [None, 5])
+def test_saved_probe_weights_reproduce_the_probes_predictions(budget):
+    from xmodal.metrics.probes import fitted_weights, make_probe
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 12)), np.repeat(["a", "b", "c"], 20)
+    x[y == "b", 2] += 3.0
+    probe = make_probe(0, budget).fit(x, y)
+    weights, classes = fitted_weights(probe)
+    z = (x[:, weights["columns"]] - weights["scale_mean"]) / weights["scale_std"]
+    predicted = np.asarray(classes)[np.argmax(z @ weights["coef"].T + weights["intercept"], axis=1)]
+    assert (predicted == probe.predict(x)).all()
+    assert len(weights["columns"]) == (budget or 12)

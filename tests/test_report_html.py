@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -36,6 +37,8 @@ def test_a_four_layer_sweep_report_renders_its_table_and_figures_in_chromium(tmp
     browser = chromium()
     result = run_cli("-m", "experiment=alignment", "layer=0,1,2,3", "experiment.n_permutations=50", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    gradient = pd.read_csv(tmp_path / "sweep" / "layer_gradient.csv")
+    assert set(gradient["metric"]) == {"cka", "cka_unbiased", "mutual_knn", "cknna"} and (gradient["n_layers"] == 4).all()
     page = tmp_path / "sweep" / "report.html"
     text = page.read_text()
     assert "http://" not in text and "https://" not in text, "the page must not fetch anything"

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -175,3 +176,18 @@ def test_submitit_interrupted_job_is_requeued_and_resumes_from_the_cache(workdir
     assert "Calling checkpoint method" in log and "Requeued job" in log
     assert log.count("Starting with JobEnvironment") == 2
     assert "Activation cache hit for layer 2" in log  # the second attempt resumed from the cache
+
+
+def test_the_layer_gradient_is_a_rank_correlation_with_its_permutation_p():
+    from xmodal.reporting.sweep import layer_gradient
+
+    depth = np.linspace(0.1, 0.9, 6)
+    rising = pd.DataFrame({"status": "ok", "experiment": "overlap", "model": "m", "sae": "s", "relative_depth": depth,
+                           "rises": depth * 2, "rises_null_mean": 0.0,
+                           "noise": [0.3, 0.1, 0.5, 0.2, 0.4, 0.35], "noise_null_mean": 0.0})  # fmt: skip
+    table = layer_gradient(rising).set_index("metric")
+    assert table.loc["rises", "spearman_rho"] == pytest.approx(1.0)
+    assert table.loc["rises", "p"] == pytest.approx(2 / 720)  # exact: the one ordering, in both directions, of 6! orderings
+    assert table.loc["noise", "p"] > 0.2
+    assert table.loc["rises", "n_layers"] == 6
+    assert layer_gradient(rising.iloc[:2]).empty  # two layers make no gradient

@@ -110,6 +110,9 @@ class RunContext:
                          [feature_maps[i].reshape(grid) for i in order], [acts.image_concepts[i] for i in order]))  # fmt: skip
         self.figure(name, figures.patch_heatmap_rows(rows, self.layer))
 
+    def tensors(self, name: str, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+        self.writer.tensors(name, tensors, metadata)
+
     def export(self, name: str, payload: Any) -> None:
         self.writer.export(name, payload)
 

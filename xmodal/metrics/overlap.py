@@ -23,6 +23,11 @@ def top_k_features(codes: np.ndarray, k: int) -> list[np.ndarray]:
     return result
 
 
+def active_features(codes: np.ndarray) -> list[np.ndarray]:
+    """Per row, the indices of every strictly positive code."""
+    return [np.flatnonzero(row > 0) for row in np.asarray(codes)]
+
+
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     """|a ∩ b| / |a ∪ b| of two index sets; nan when both are empty."""
     union = np.union1d(a, b)

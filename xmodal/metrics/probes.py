@@ -7,7 +7,7 @@ and a label-shuffled control (the same probe refit on permuted training labels,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.feature_selection import SelectKBest, f_classif
@@ -30,9 +30,28 @@ class ProbeScore:
     p_value: float
     n_train: int
     n_test: int
+    weights: dict[str, np.ndarray] | None = field(default=None, repr=False)  # the probe fitted on all its training data
+    classes: list[str] = field(default_factory=list)
 
     def as_row(self) -> dict[str, float]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k not in ("weights", "classes")}
+
+
+def fitted_weights(probe: Pipeline) -> tuple[dict[str, np.ndarray], list[str]]:
+    """A fitted probe's parameters, enough to reproduce its predictions: the input columns it kept
+    (``columns``), the standardisation (``scale_mean``, ``scale_std``), then the logistic regression
+    (``coef``: classes x kept columns, or 1 x kept columns for two classes; ``intercept``)."""
+    n_inputs = probe.named_steps["scale"].n_features_in_ if "select" not in probe.named_steps else probe.named_steps["select"].n_features_in_
+    columns = probe.named_steps["select"].get_support(indices=True) if "select" in probe.named_steps else np.arange(n_inputs)
+    scale, clf = probe.named_steps["scale"], probe.named_steps["clf"]
+    weights = {
+        "columns": np.asarray(columns, dtype=np.int64),
+        "scale_mean": np.asarray(scale.mean_, dtype=np.float32),
+        "scale_std": np.asarray(scale.scale_, dtype=np.float32),
+        "coef": np.asarray(clf.coef_, dtype=np.float32),
+        "intercept": np.asarray(clf.intercept_, dtype=np.float32),
+    }
+    return weights, [str(c) for c in clf.classes_]
 
 
 def make_probe(seed: int, budget: int | None = None) -> Pipeline:
@@ -104,7 +123,9 @@ def within_modality(
         macro_f1 = float(np.mean(scores))
     chance = float(counts.max() / counts.sum())
     n_train = int(len(y) * (1 - 1 / cv.get_n_splits())) if train_per_class is None else train_per_class * len(classes)
-    return ProbeScore(float(score), float(macro_f1), chance, float(null.mean()), float(np.quantile(null, 0.975)), float(p_value), n_train, len(y) - n_train)
+    weights, names = fitted_weights(probe.fit(x, y))  # the probe to keep: fitted on every sample once scored
+    return ProbeScore(float(score), float(macro_f1), chance, float(null.mean()), float(np.quantile(null, 0.975)), float(p_value),
+                      n_train, len(y) - n_train, weights, names)  # fmt: skip
 
 
 def transfer(
@@ -119,11 +140,12 @@ def transfer(
     probe = make_probe(seed, _budget(budget, x_train.shape[1]))
     predicted = probe.fit(x_train, y_train).predict(x_test)
     accuracy = accuracy_score(y_test, predicted)
+    weights, names = fitted_weights(probe)  # before the null refits the same pipeline
     rng = np.random.default_rng(seed)
     null = np.array([accuracy_score(y_test, probe.fit(x_train, rng.permutation(y_train)).predict(x_test)) for _ in range(n_permutations)])
     _, counts = np.unique(y_test, return_counts=True)
     return ProbeScore(
         float(accuracy), float(f1_score(y_test, predicted, average="macro")), float(counts.max() / counts.sum()),
         float(null.mean()), float(np.quantile(null, 0.975)), float((1 + np.sum(null >= accuracy)) / (1 + len(null))),
-        len(y_train), len(y_test),
+        len(y_train), len(y_test), weights, names,
     )

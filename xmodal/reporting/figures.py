@@ -103,6 +103,35 @@ def lens_rates(summary: pd.DataFrame, layer: int) -> plt.Figure:
     return fig
 
 
+def concept_geometry(text: np.ndarray, image: np.ndarray, concepts: list[str], categories: list[str], layer: int) -> plt.Figure:
+    """Text (circles) and image (squares) codes of every concept in one 2-D PCA embedding, each pair joined.
+
+    One PCA is fitted on both modalities together, so distances between the two point clouds mean
+    something; a short line is a concept whose text and image codes lie close.
+    """
+    from sklearn.decomposition import PCA
+
+    both = np.vstack([text, image])
+    points = PCA(n_components=2, random_state=0).fit_transform(both) if both.shape[1] >= 2 and len(both) >= 2 else np.zeros((len(both), 2))
+    text_xy, image_xy = points[: len(text)], points[len(text) :]
+    palette = plt.get_cmap("tab10")
+    colour = {c: palette(i % 10) for i, c in enumerate(dict.fromkeys(categories))}
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    for (tx, ty), (ix, iy), name, category in zip(text_xy, image_xy, concepts, categories):
+        ax.plot([tx, ix], [ty, iy], color=colour[category], lw=0.7, alpha=0.6)
+        ax.scatter([tx], [ty], marker="o", color=colour[category], s=28)
+        ax.scatter([ix], [iy], marker="s", color=colour[category], s=28)
+        ax.annotate(name, (tx, ty), fontsize=6, alpha=0.8)
+    handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=k or "(none)") for k, c in colour.items()]
+    handles += [plt.Line2D([], [], color="grey", marker="o", ls="", label="text"), plt.Line2D([], [], color="grey", marker="s", ls="", label="image")]
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(f"Concept geometry: text and image codes in one PCA, pairs joined, layer {layer}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def patch_heatmap(ax: plt.Axes, image: Any, token_map: np.ndarray, vmax: float, title: str) -> None:
     """An image with one feature's activation at each image token drawn over it, one block per token."""
     array = np.asarray(image)

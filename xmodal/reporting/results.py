@@ -53,6 +53,7 @@ class ResultWriter:
         self.figures: list[str] = []
         self.images: list[str] = []
         self.exports: list[str] = []
+        self.weights: list[str] = []
         # Stale outcomes from an earlier run in this directory must not outlive this one.
         (self.output_dir / RESULT_FILE).unlink(missing_ok=True)
         (self.output_dir / FAILURE_FILE).unlink(missing_ok=True)
@@ -85,6 +86,14 @@ class ResultWriter:
         self.exports.append(str(path.relative_to(self.output_dir)))
         return path
 
+    def tensors(self, name: str, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> Path:
+        """weights/<name>.safetensors: arrays a result was computed with (e.g. a probe's weights)."""
+        from safetensors.numpy import save_file
+
+        path = atomic_write(self.output_dir / "weights" / f"{name}.safetensors", lambda p: save_file(tensors, p, metadata=metadata))
+        self.weights.append(str(path.relative_to(self.output_dir)))
+        return path
+
     def finish(self, experiment: str, metrics: dict[str, Any], timings_s: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
         """Write result.json last: its presence is what marks the job finished."""
         payload = {
@@ -95,6 +104,7 @@ class ResultWriter:
             "figures": self.figures,
             "images": self.images,
             **({"exports": self.exports} if self.exports else {}),
+            **({"weights": self.weights} if self.weights else {}),
             "timings_s": {k: round(float(v), 4) for k, v in timings_s.items()},
             **(extra or {}),
         }

@@ -5,7 +5,9 @@ Every job folder (one holding ``.hydra/overrides.yaml``) becomes a row of
 unfinished: killed or still running) and, when it finished, its metrics. Metrics
 that come with a null (``<m>_null_mean``) get a layer curve per experiment: the
 metric against layer (relative depth when the sweep spans models of different
-depths), one line per model and SAE, the null as a band.
+depths), one line per model and SAE, the null as a band. The layer gradient is
+tested too, not only drawn: per model and SAE, each such metric's Spearman rank
+correlation with relative depth and its permutation p-value (``layer_gradient``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
+from scipy import stats
 
 from xmodal.reporting.html import report_html
 from xmodal.reporting.results import FAILURE_FILE, RESULT_FILE, atomic_write
@@ -75,6 +79,35 @@ def metrics_with_null(frame: pd.DataFrame) -> list[str]:
     return [c[: -len("_null_mean")] for c in frame.columns if c.endswith("_null_mean") and c[: -len("_null_mean")] in frame.columns]
 
 
+def layer_gradient(summary: pd.DataFrame, n_permutations: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Per experiment, model and SAE with three or more layers: each metric's Spearman rho with relative
+    depth and a two-sided permutation p (exact over every ordering when the layers are few: 4 layers
+    give 24 orderings, so p is at least 1/12)."""
+    columns = ["experiment", "model", "sae", "metric", "n_layers", "spearman_rho", "p"]
+    needed = {"status", "experiment", "model", "sae", "relative_depth"}
+    if not needed <= set(summary.columns):
+        return pd.DataFrame(columns=columns)
+    done = summary[summary["status"] == "ok"]
+    rows = []
+    for (experiment, model, sae), frame in done.groupby(["experiment", "model", "sae"], dropna=False):
+        frame = frame.dropna(subset=["relative_depth"]).drop_duplicates("relative_depth")
+        if len(frame) < 3:
+            continue
+        depth = frame["relative_depth"].to_numpy(float)
+        for metric in metrics_with_null(frame):
+            values = frame[metric].to_numpy(float)
+            keep = np.isfinite(values)
+            if keep.sum() < 3 or np.ptp(values[keep]) == 0:
+                continue
+            test = stats.permutation_test(
+                (values[keep],), lambda v: stats.spearmanr(depth[keep], v).statistic, permutation_type="pairings",
+                n_resamples=n_permutations, alternative="two-sided", rng=np.random.default_rng(seed),
+            )  # fmt: skip
+            rows.append({"experiment": experiment, "model": model, "sae": sae, "metric": metric, "n_layers": int(keep.sum()),
+                         "spearman_rho": float(test.statistic), "p": float(test.pvalue)})  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
 def layer_curves(summary: pd.DataFrame, figure_dir: Path) -> list[Path]:
     paths: list[Path] = []
     done = summary[summary["status"] == "ok"] if "status" in summary else summary.iloc[0:0]
@@ -120,7 +153,8 @@ def overhead_line(summary: pd.DataFrame, wall_s: float | None, sequential: bool)
     return None
 
 
-def report_markdown(sweep_dir: Path, summary: pd.DataFrame, figures: list[Path], wall_s: float | None, sequential: bool = True) -> str:
+def report_markdown(sweep_dir: Path, summary: pd.DataFrame, figures: list[Path], wall_s: float | None, sequential: bool = True,
+                    gradient: pd.DataFrame | None = None) -> str:  # fmt: skip
     counts = summary["status"].value_counts().to_dict() if len(summary) else {}
     lines = [
         f"# Sweep report: `{sweep_dir.name}`",
@@ -145,6 +179,9 @@ def report_markdown(sweep_dir: Path, summary: pd.DataFrame, figures: list[Path],
             c for m in key_metrics for c in (m, f"{m}_null_mean", f"{m}_p") if c in done
         ]
         lines += ["", "## Results", "", done[cols].sort_values(cols[:3]).to_markdown(index=False, floatfmt=".3g")]
+    if gradient is not None and len(gradient):
+        lines += ["", "## Layer gradient (Spearman rho with relative depth, permutation p)", "",
+                  gradient.to_markdown(index=False, floatfmt=".3g")]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -185,10 +222,12 @@ def write_sweep_report(sweep_dir: str | Path, wall_s: float | None = None, seque
     atomic_write(sweep_dir / "summary.parquet", lambda p: summary.to_parquet(p, index=False))
     atomic_write(sweep_dir / "summary.csv", lambda p: summary.to_csv(p, index=False))
     figures = layer_curves(summary, sweep_dir / "figures") + das_contact_sheets(summary, sweep_dir) if len(summary) else []
-    text = report_markdown(sweep_dir, summary, figures, wall_s, sequential)
+    gradient = layer_gradient(summary)
+    atomic_write(sweep_dir / "layer_gradient.csv", lambda p: gradient.to_csv(p, index=False))
+    text = report_markdown(sweep_dir, summary, figures, wall_s, sequential, gradient)
     atomic_write(sweep_dir / "report.md", lambda p: Path(p).write_text(text))
     done = summary[summary["status"] == "ok"] if len(summary) else summary
-    page = report_html(sweep_dir, summary, figures, metrics_with_null(done)[:4], overhead_line(summary, wall_s, sequential))
+    page = report_html(sweep_dir, summary, figures, metrics_with_null(done)[:4], overhead_line(summary, wall_s, sequential), gradient)
     atomic_write(sweep_dir / "report.html", lambda p: Path(p).write_text(page, encoding="utf-8"))
     log.info("Sweep report: %s and report.html (%d jobs)", sweep_dir / "report.md", len(summary))
     return summary

@@ -4,15 +4,17 @@ Method (seed 000, the Gemma Scope 2 cross-modal plan), at one decoder layer:
 1. Encode the concept's text tokens (inside the chat template) and its images' soft
    tokens through the SAE; pool per concept (text) and per image, then average the
    images of a concept.
-2. Per concept: Jaccard overlap of the top-k features of text and image, and the
-   Pearson and Spearman correlation of the two code vectors; mutual information
-   between which features are active in each.
+2. Per concept: Jaccard overlap of the top-k features of text and image, and of all
+   their active features; the Pearson and Spearman correlation of the two code vectors;
+   mutual information between which features are active in each.
 3. Per feature: correlation across concepts between its text and its image
    activation. Features above the threshold (0.6) are cross-modal candidates.
 4. Specificity: for the features a concept shares across modalities, the ratio
    a(concept) / (a(concept) + a(partner)) against its confusable partner.
 5. Null: every statistic again for mismatched text-image pairs (image rows shuffled),
    with a permutation p-value.
+6. Figures: the concepts' text and image codes in one 2-D PCA embedding, each pair joined
+   (the concept geometry), and where the top cross-modal features fire on their images.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class CrossModalOverlap(Experiment):
         """Concept-by-concept matrices (text row i, image column j): the diagonal is matched, the rest the null."""
         return {
             "jaccard_topk": M.jaccard_matrix(text_top, image_top),
+            "jaccard_active": M.jaccard_matrix(M.active_features(text), M.active_features(image)),  # seed 000: all active, not only top k
             "pearson": M.pearson_matrix(text, image),
             "spearman": M.spearman_matrix(text, image),
             "mutual_information": M.mutual_information_matrix(text, image),
@@ -196,6 +199,8 @@ class CrossModalOverlap(Experiment):
                     r = feature_table.set_index("feature")["r"]
                     ctx.patch_heatmaps("crossmodal_patches", top_features[:3], [f"feature {f} (r={r[f]:.2f})" for f in top_features[:3]])
             ctx.figure("null_distributions", figures.null_distributions(null_table, nulls, ctx.layer))
+            concepts = ctx.dataset.concepts
+            ctx.figure("concept_geometry", figures.concept_geometry(text, image, [c.name for c in concepts], [c.category for c in concepts], ctx.layer))
 
     def summarise(self, layer: int, codes: ConceptCodes, concept_table: pd.DataFrame, null_table: pd.DataFrame) -> dict[str, float]:
         metrics: dict[str, float] = {

@@ -17,6 +17,7 @@ Method (seeds 001 and 003), at one decoder layer, on SAE codes (or raw residuals
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import ClassVar
 
@@ -43,6 +44,7 @@ class LinearProbeTransfer(Experiment):
         with ctx.timed("metrics"):
             scores = self.concept_probes(text_x, text_y, image_x, image_y, ctx.seed)
             scores |= self.attribute_probes(ctx, text_x, image_x, keep)
+        self.save_weights(ctx, scores, keep, int(text_x.shape[1]))
         return self.report(ctx, scores, len(text_y), len(image_y), int(text_x.shape[1]))
 
     # 1. samples --------------------------------------------------------------------
@@ -93,6 +95,17 @@ class LinearProbeTransfer(Experiment):
             scores[attribute] = within_modality(x, labels, ctx.seed, c.n_permutations, c.budget, groups=groups,
                                                 what=f"{attribute} probe", n_jobs=c.n_jobs)  # fmt: skip
         return scores
+
+    def save_weights(self, ctx: RunContext, scores: dict[str, ProbeScore], keep: np.ndarray | None, n_columns: int) -> None:
+        """weights/probe_<name>.safetensors per probe: its parameters, with the SAE feature id of every column."""
+        ids = np.flatnonzero(keep) if keep is not None else np.arange(n_columns)
+        for name, score in scores.items():
+            if score.weights is None:
+                continue
+            tensors = {**score.weights, "feature_ids": ids[score.weights["columns"]].astype(np.int64)}
+            metadata = {"probe": name, "classes": json.dumps(score.classes), "layer": str(ctx.layer), "sae": ctx.features.name,
+                        "binarise": str(self.config.binarise)}  # fmt: skip
+            ctx.tensors(f"probe_{name}", tensors, metadata)
 
     # report --------------------------------------------------------------------------------
     def report(self, ctx: RunContext, scores: dict[str, ProbeScore], n_text: int, n_image: int, n_features: int) -> dict[str, float]:
