@@ -81,7 +81,8 @@ def test_generated_tokens_count_as_text_positions():
 def test_steering_experiment_writes_dose_response_and_controls(tmp_path):
     save_jumprelu_sae(tmp_path / "sae", d_in=64, layer=3)
     proc = run_cli(
-        "experiment=steering", "experiment.concept=red_circle", "experiment.n_images=4", "experiment.strengths=[0,4]", "experiment.where=both",
+        "experiment=steering", "experiment.concept=red_circle", "experiment.images=[blue_circle,green_square]",
+        "experiment.n_images=4", "experiment.strengths=[0,4]", "experiment.where=both",
         "experiment.max_new_tokens=4", "experiment.n_bootstrap=200", "layer=3", "sae=local", f"sae.path={tmp_path / 'sae'}",
         f"paths.activation_cache={tmp_path / 'cache'}", "hydra.run.dir=outputs/steer", cwd=tmp_path,
     )  # fmt: skip
@@ -97,7 +98,10 @@ def test_steering_experiment_writes_dose_response_and_controls(tmp_path):
     assert (summary[summary["strength"] == 0]["kl"].abs() < 1e-6).all()  # strength 0 is the unsteered run
     assert (summary[summary["strength"] == 4]["kl"] > 0).all()
     assert (run / "figures" / "dose_response.png").stat().st_size > 10_000
-    assert len(pd.read_parquet(run / "tables" / "descriptions.parquet")) == 3 * 2 * 4
+    descriptions = pd.read_parquet(run / "tables" / "descriptions.parquet")
+    assert len(descriptions) == 3 * 2 * 4
+    assert set(descriptions["image"].str.split("/").str[0]) <= {"synthetic:blue_circle", "synthetic:green_square"}  # the chosen scenes
+    assert set(descriptions["mode"]) == {"clamp", "add"}  # clamp by default; the other-layer control adds
 
 
 @pytest.mark.slow
@@ -106,6 +110,8 @@ def test_steering_experiment_writes_dose_response_and_controls(tmp_path):
     (["experiment.concept=unicorn"], "experiment.concept='unicorn' is not in dataset"),
     (["experiment.concept=red_circle", "+experiment.concept_words.red_circle=[' ']"], "concept words [' '] of 'red_circle' give no tokens"),
     (["experiment.concept=red_circle", "experiment.feature_source=pixels"], "Invalid value 'pixels', expected one of [text, image]"),
+    (["experiment.concept=red_circle", "experiment.images=[ocean]"], "experiment.images names ['ocean'], not concepts of dataset 'synthetic'"),
+    (["experiment.concept=red_circle", "experiment.images=[red_circle]"], "includes the steered concept 'red_circle'"),
 ])  # fmt: skip
 def test_steering_bad_input_is_one_clear_error(tmp_path, overrides, message):
     save_jumprelu_sae(tmp_path / "sae", d_in=64, layer=3)

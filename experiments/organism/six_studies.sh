@@ -14,7 +14,7 @@ for model in $models; do
   sweep probe experiment=probe layer=5,9,12,15 experiment.n_permutations=30 "experiment.attributes=[modality]"
   sweep shift experiment=shift layer=5,9,12,15
   sweep das_alignment experiment=das_colour_alignment "dataset.categories=[colour]" layer=9
-  sweep steering experiment=steering experiment.concept=red experiment.n_images=24 layer=5,9,12,15
+  sweep steering experiment=steering experiment.concept=red experiment.mode=add "experiment.images=[]" experiment.n_images=24 layer=5,9,12,15
 done
 # Text-vector DAS synthesis on the default at the layers its nine-colour check picked (largest gap: 2;
 # largest surviving Bonferroni: 6); stage 1's layers 7 and 8 are in experiments/das/README.md.

@@ -7,6 +7,7 @@ from enum import StrEnum
 from typing import Optional
 
 from xmodal.config import ExperimentConfig
+from xmodal.errors import ConfigError
 
 
 class FeatureSource(StrEnum):
@@ -35,7 +36,8 @@ class SteeringConfig(ExperimentConfig):
     mode: SteeringMode = SteeringMode.add
     where: SteeringSite = SteeringSite.image
     strengths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0])  # x the feature's largest activation
-    n_images: int = 12  # images of other concepts to describe
+    images: list[str] = field(default_factory=list)  # describe images of these concepts (e.g. [sea, grass]); empty: of other concepts at random
+    n_images: int = 12  # at most this many images to describe (seeded choice when there are more)
     control_layer: Optional[int] = None  # None: layer - 4 (or layer + 4 near the bottom)
     concept_words: dict[str, list[str]] = field(default_factory=dict)  # concept -> words that count as naming it
     prompt: str = ""  # text after the image in the user turn
@@ -47,6 +49,11 @@ class SteeringConfig(ExperimentConfig):
     def validate(self) -> None:
         super().validate()
         self.require_at_least_one("n_images", "n_bootstrap")
+        if self.concept in self.images:
+            raise ConfigError(
+                f"experiment.images={list(self.images)} includes the steered concept {self.concept!r}; "
+                "describe images of other concepts (the test is whether steering adds the concept)"
+            )
 
     def strengths_with_zero(self) -> list[float]:
         """The strengths in increasing order, with 0 (the unsteered reference, always measured)."""

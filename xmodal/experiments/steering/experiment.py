@@ -5,8 +5,10 @@ Method (seed 000, cross-modal steering), at one decoder layer:
    (its text activation minus the mean over the other concepts' texts). With
    `feature_source=image` the choice uses the concept's images instead: a positive
    control showing what steering a feature the images really use does.
-2. Describe images of other concepts while steering that feature at layer L (add its
-   decoder direction times strength x scale, or clamp it to strength x scale; scale is
+2. Describe images of other concepts (those named in `images`, by default sea and grass
+   scenes for "snow", else any other concept's) while steering that feature at layer L
+   (clamp it to strength x scale, the default, or add its decoder direction times
+   strength x scale; scale is
    the feature's largest pooled activation on the dataset), at image tokens, text
    tokens or both, for every strength in `strengths` (a dose-response curve).
 3. Measure per image: whether the description names the concept (a word list), the
@@ -76,9 +78,19 @@ class SteeringEval(Experiment):
         return layer
 
     def images_to_describe(self, ctx: RunContext, concept: Concept) -> tuple[list, list[str]]:
-        """`n_images` images of other concepts (seeded), and their sources."""
+        """Up to `n_images` images (seeded choice) of the concepts in `images`, or of any other concept, and their sources."""
         rng = np.random.default_rng(ctx.seed)
-        candidates = [img for img in ctx.dataset.images if img.concept != concept.name]
+        if self.config.images:
+            names = {c.name for c in ctx.dataset.concepts}
+            unknown = [name for name in self.config.images if name not in names]
+            if unknown:
+                raise ConfigError(
+                    f"experiment.images names {unknown}, not concepts of dataset {ctx.dataset.name!r} "
+                    f"(it has {sorted(names)[:12]}{' ...' if len(names) > 12 else ''}); use its concepts or experiment.images=[]"
+                )
+            candidates = [img for img in ctx.dataset.images if img.concept in self.config.images]
+        else:
+            candidates = [img for img in ctx.dataset.images if img.concept != concept.name]
         chosen = sorted(rng.choice(len(candidates), size=min(self.config.n_images, len(candidates)), replace=False))
         return [candidates[i].load() for i in chosen], [candidates[i].source for i in chosen]
 
