@@ -24,6 +24,7 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom
 table { border-collapse: collapse; font-size: 0.8em; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; } th { background: #f0f0f0; }
 td.text { text-align: left; }
+.scroll { overflow-x: auto; }
 .figures { display: flex; flex-wrap: wrap; gap: 12px; }
 .figures figure { margin: 0; } .figures img { max-width: 560px; border: 1px solid #ddd; }
 figcaption { font-size: 0.75em; color: #555; }
@@ -53,7 +54,8 @@ def summary_table(done: pd.DataFrame, key_metrics: list[str]) -> str:
     cols = [c for c in ["experiment", "model", "sae", "layer", "relative_depth"] if c in done]
     cols += [c for m in key_metrics for c in (m, f"{m}_null_mean", f"{m}_p") if c in done]
     frame = done[cols].sort_values([c for c in ["model", "layer"] if c in cols])
-    return frame.to_html(index=False, classes="summary", float_format=lambda v: f"{v:.3g}", border=0)
+    table = frame.to_html(index=False, classes="summary", float_format=lambda v: f"{v:.3g}", border=0)
+    return f'<div class="scroll">{table}</div>'  # wide sweeps scroll instead of overflowing the page
 
 
 def report_html(sweep_dir: Path, summary: pd.DataFrame, curves: list[Path], key_metrics: list[str], overhead: str | None,
