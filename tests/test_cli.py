@@ -240,6 +240,25 @@ def test_shift_between_a_vlm_and_its_own_decoder_is_zero(workdir):
     assert (run_dir / "figures" / "coefficient_differences.png").exists()
 
 
+def test_shift_on_whole_sentences(workdir, tmp_path):
+    """experiment.prompts=sentences: the shipped set by default, or a file of one 'category<TAB>sentence' per line."""
+    run_dir = workdir / "outputs" / "shift_sentences"
+    proc = run_cli("experiment=shift", "experiment.prompts=sentences", "experiment.n_permutations=50", cache_override(workdir),
+                   f"hydra.run.dir={run_dir}", cwd=workdir)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prompts = pd.read_parquet(run_dir / "tables" / "prompts.parquet")
+    assert len(prompts) == 24 and "The quick brown fox jumps over the lazy dog." in set(prompts["prompt"])
+    assert json.loads((run_dir / "result.json").read_text())["metrics"]["n_prompts"] == 24
+
+    mine = tmp_path / "mine.txt"
+    mine.write_text("# two of my own\nvisual\tA red square.\nabstract\tTime flies.\nbroken line without a tab\n")
+    proc = run_cli("experiment=shift", "experiment.prompts=sentences", f"experiment.sentences_file={mine}", cache_override(workdir),
+                   f"hydra.run.dir={tmp_path / 'bad'}", cwd=workdir)  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "mine.txt, line 4: expected 'category<TAB>sentence'" in output, output[-2000:]
+    assert not (tmp_path / "bad" / "result.json").exists()
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -1,7 +1,8 @@
 """RepresentationShift: how far did multimodal training move the decoder's text representations?
 
 Method (seed 001: Gemma 2 2B against PaliGemma 2 3B's decoder), at one decoder layer:
-1. The same text prompts (each concept in each template) go through the base LLM
+1. The same text prompts (each concept in each template, or with `prompts=sentences` whole
+   sentences, the code pooled over all their tokens) go through the base LLM
    (`experiment.base_model`, a config in conf/model/) and through the VLM.
 2. Both are encoded through the same SAE and pooled per prompt.
 3. Per prompt: cosine similarity and L2 distance of the two code vectors.
@@ -21,9 +22,11 @@ from typing import ClassVar, Sequence
 import numpy as np
 import pandas as pd
 
+from xmodal.data.concepts import ConceptDataset
+from xmodal.data.sentences import sentence_dataset
 from xmodal.errors import ConfigError
 from xmodal.experiments.base import Experiment, RunContext
-from xmodal.experiments.shift.config import ShiftConfig
+from xmodal.experiments.shift.config import PromptSet, ShiftConfig
 from xmodal.metrics import overlap as M
 from xmodal.models.base import ModelAdapter
 from xmodal.models.named import load_named_model
@@ -54,15 +57,17 @@ class RepresentationShift(Experiment):
     config: ShiftConfig
 
     def run(self, ctx: RunContext) -> dict[str, float]:
-        base = self.load_base(ctx)
-        base_codes, prompts = self.prompt_codes(ctx, base)
-        vlm_codes, _ = self.prompt_codes(ctx, ctx.model)
+        dataset = self.prompt_dataset(ctx)
+        base = self.load_base(ctx, dataset)
+        base_codes, prompts = self.prompt_codes(ctx, base, dataset)
+        vlm_codes, _ = self.prompt_codes(ctx, ctx.model, dataset)
         with ctx.timed("metrics"):
             cosine = _cosine_matrix(base_codes, vlm_codes)
             observed, p_value, null = M.permutation_pvalue(
                 lambda order: float(np.nanmean(cosine[np.arange(len(prompts)), order])), len(prompts), self.config.n_permutations, ctx.seed
             )
             prompt_table = self.prompt_table(prompts, base_codes, vlm_codes, cosine)
+            prompt_table.insert(1, "category", [c.category for c in dataset.concepts] * (len(prompts) // len(dataset.concepts)))
             feature_table = self.feature_shift(base_codes, vlm_codes)
         delta = vlm_codes - base_codes
         ctx.table("prompts", prompt_table)
@@ -92,19 +97,24 @@ class RepresentationShift(Experiment):
         return metrics
 
     # 1. the two models --------------------------------------------------------------
-    def load_base(self, ctx: RunContext) -> ModelAdapter:
+    def prompt_dataset(self, ctx: RunContext) -> ConceptDataset:
+        """The job's concepts, or whole sentences (each one a text-only "concept" made of all its tokens)."""
+        return ctx.dataset if self.config.prompts == PromptSet.concepts else sentence_dataset(self.config.sentences_file)
+
+    def load_base(self, ctx: RunContext, dataset: ConceptDataset) -> ModelAdapter:
         """The base LLM (a conf/model name), checked against the VLM: residual width, layer, tokenisation."""
         base = load_named_model(str(self.config.base_model), self.config.base_model_overrides, key="experiment.base_model")
-        check_compatible(base, ctx.model, [c.text for c in ctx.dataset.concepts], ctx.layer)
+        check_compatible(base, ctx.model, [c.text for c in dataset.concepts], ctx.layer)
         return base
 
     # 2. codes per prompt ---------------------------------------------------------------
-    def prompt_codes(self, ctx: RunContext, model: ModelAdapter) -> tuple[np.ndarray, list[str]]:
+    def prompt_codes(self, ctx: RunContext, model: ModelAdapter, dataset: ConceptDataset) -> tuple[np.ndarray, list[str]]:
+        templates = self.config.text_templates if self.config.prompts == PromptSet.concepts else ["{concept}"]
         rows, prompts = [], []
-        for template in self.config.text_templates:
+        for template in templates:
             positions = dataclasses.replace(ctx.positions, text_prompt=template)
-            rows.append(ctx.codes(positions=positions, modalities=("text",), model=model).text)
-            prompts += [template.replace("{concept}", c.text) for c in ctx.dataset.concepts]
+            rows.append(ctx.codes(positions=positions, dataset=dataset, modalities=("text",), model=model).text)
+            prompts += [template.replace("{concept}", c.text) for c in dataset.concepts]
         return np.vstack(rows), prompts
 
     # 3-4. per prompt, with its mismatched-prompt null -------------------------------------
