@@ -61,6 +61,10 @@ def test_overlap_writes_result_tables_and_figures_and_is_deterministic(workdir):
     assert (null["n_permutations"] == 1000).all()
     concepts = pd.read_parquet(run / "tables" / "concepts.parquet")
     assert len(concepts) == metrics["n_concepts"] == 12
+    for term in ("text", "image", "text_vs_image_partner", "image_vs_text_partner"):  # seed 000's four ratios, each with its null
+        assert {f"specificity_{term}", f"specificity_{term}_null"} <= set(concepts.columns)
+        assert f"specificity_{term}_mean" in metrics and f"specificity_{term}_null_mean" in metrics
+    assert {"concept", "partner", "specificity_text_vs_image_partner"} <= set(pd.read_parquet(run / "tables" / "crossmodal_features.parquet").columns)
     codes = pd.read_parquet(run / "tables" / "codes.parquet")
     assert set(codes["modality"]) == {"text", "image"} and (codes["value"] != 0).all()  # sparse: non-zeros only
 

@@ -61,6 +61,16 @@ def test_specificity_is_the_plans_ratio():
     assert math.isnan(M.specificity(codes, 0, 1, np.array([2])))
 
 
+def test_specificity_cross_terms_compare_one_modality_with_the_partners_other():
+    text = np.array([[3.0, 1.0], [0.0, 5.0]])  # concept 0 (cat), concept 1 (dog)
+    image = np.array([[2.0, 0.0], [1.0, 1.0]])
+    features = np.array([0, 1])
+    # text-cat against image-dog: 3/(3+1) on feature 0, 1/(1+1) on feature 1
+    assert M.specificity(text, 0, 1, features, partner_codes=image) == pytest.approx((0.75 + 0.5) / 2)
+    # image-cat against text-dog: 2/(2+0) on feature 0; feature 1 is 0/(0+5)
+    assert M.specificity(image, 0, 1, features, partner_codes=text) == pytest.approx((1.0 + 0.0) / 2)
+
+
 def test_permutation_pvalue_exact_case():
     # Statistic = number of fixed points of the pairing. For n = 4 there are 24 pairings;
     # only the identity has 4 fixed points, so P(stat >= 4) = 1/24 exactly.

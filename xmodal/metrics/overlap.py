@@ -75,14 +75,16 @@ def count_above(values: np.ndarray, threshold: float) -> int:
     return int(np.sum(np.nan_to_num(values, nan=-np.inf) > threshold))
 
 
-def specificity(codes: np.ndarray, concept: int, partner: int, features: np.ndarray) -> float:
+def specificity(codes: np.ndarray, concept: int, partner: int, features: np.ndarray, partner_codes: np.ndarray | None = None) -> float:
     """The plan's ratio a(concept) / (a(concept) + a(partner)), averaged over `features`.
 
+    `partner_codes` (default: `codes`) gives the plan's cross terms: text codes for the
+    concept against image codes for its partner (text-cat vs image-dog), and the reverse.
     Codes are clipped at 0 so the ratio stays in [0, 1]; features silent for both
     concepts are left out. nan when no feature remains.
     """
     a = np.clip(codes[concept, features], 0, None)
-    b = np.clip(codes[partner, features], 0, None)
+    b = np.clip((codes if partner_codes is None else partner_codes)[partner, features], 0, None)
     keep = (a + b) > 0
     if not keep.any():
         return float("nan")

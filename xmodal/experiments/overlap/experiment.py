@@ -10,7 +10,9 @@ Method (seed 000, the Gemma Scope 2 cross-modal plan), at one decoder layer:
 3. Per feature: correlation across concepts between its text and its image
    activation. Features above the threshold (0.6) are cross-modal candidates.
 4. Specificity: for the features a concept shares across modalities, the ratio
-   a(concept) / (a(concept) + a(partner)) against its confusable partner.
+   a(concept) / (a(concept) + a(partner)) against its confusable partner, within each
+   modality and across them (text-cat against image-dog, image-cat against text-dog);
+   per concept, and per cross-modal feature for the concept it fires for most.
 5. Null: every statistic again for mismatched text-image pairs (image rows shuffled),
    with a permutation p-value.
 6. Figures: the concepts' text and image codes in one 2-D PCA embedding, each pair joined
@@ -41,6 +43,11 @@ def _ids(indices: np.ndarray) -> str:
     return " ".join(str(int(i)) for i in indices)
 
 
+def specificity_terms(text: np.ndarray, image: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, the concept's codes, the partner's codes) for each specificity ratio the plan names."""
+    return [("text", text, text), ("image", image, image), ("text_vs_image_partner", text, image), ("image_vs_text_partner", image, text)]
+
+
 class CrossModalOverlap(Experiment):
     name: ClassVar[str] = "overlap"
     config: OverlapConfig
@@ -54,7 +61,7 @@ class CrossModalOverlap(Experiment):
             feature_table = self.feature_correlations(text, image)
             null_table, nulls = self.null_distributions(text, image, pair_matrices, ctx.seed)
             concept_table = self.concept_table(ctx.dataset.concepts, codes, pair_matrices, text_top, image_top)
-            crossmodal_table = self.crossmodal_features(text, image, feature_table, [c.name for c in ctx.dataset.concepts])
+            crossmodal_table = self.crossmodal_features(text, image, feature_table, ctx.dataset.concepts)
         ctx.table("concepts", concept_table)
         ctx.table("null", null_table)
         ctx.table("feature_correlations", feature_table)
@@ -91,25 +98,32 @@ class CrossModalOverlap(Experiment):
         finite = np.flatnonzero(np.isfinite(feature_r))
         return pd.DataFrame({"feature": finite, "r": feature_r[finite]}).sort_values("r", ascending=False)
 
-    def crossmodal_features(self, text: np.ndarray, image: np.ndarray, feature_table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
-        """The features above the correlation threshold, with their p-value, MI and top concepts."""
+    def crossmodal_features(self, text: np.ndarray, image: np.ndarray, feature_table: pd.DataFrame, concepts: list[Concept]) -> pd.DataFrame:
+        """The features above the correlation threshold, with their p-value, MI, top concepts and, for the
+        concept they fire for most in both modalities, the plan's four specificity ratios against its partner."""
         crossmodal = feature_table[feature_table["r"] > self.config.corr_threshold]
+        names = [c.name for c in concepts]
         rows = []
         for f, r in zip(crossmodal["feature"], crossmodal["r"]):
             both = np.minimum(text[:, f], image[:, f])
-            rows.append(
-                {
-                    "feature": int(f),
-                    "r": float(r),
-                    "p_value": float(stats.pearsonr(text[:, f], image[:, f]).pvalue),
-                    "mutual_information": float(mutual_info_score(text[:, f] > 0, image[:, f] > 0)),
-                    "n_concepts_text": int((text[:, f] > 0).sum()),
-                    "n_concepts_image": int((image[:, f] > 0).sum()),
-                    "top_concepts": " ".join(np.array(names)[np.argsort(-both, kind="stable")[:3]]),
-                }
-            )
-        columns = ["feature", "r", "p_value", "mutual_information", "n_concepts_text", "n_concepts_image", "top_concepts"]
-        return pd.DataFrame(rows, columns=columns)
+            owner = int(np.argmax(both))
+            partner = names.index(concepts[owner].partner) if concepts[owner].partner in names else None
+            row = {
+                "feature": int(f),
+                "r": float(r),
+                "p_value": float(stats.pearsonr(text[:, f], image[:, f]).pvalue),
+                "mutual_information": float(mutual_info_score(text[:, f] > 0, image[:, f] > 0)),
+                "n_concepts_text": int((text[:, f] > 0).sum()),
+                "n_concepts_image": int((image[:, f] > 0).sum()),
+                "top_concepts": " ".join(np.array(names)[np.argsort(-both, kind="stable")[:3]]),
+                "concept": names[owner],
+                "partner": names[partner] if partner is not None else "",
+            }
+            for name, mine, theirs in specificity_terms(text, image):
+                row[f"specificity_{name}"] = M.specificity(mine, owner, partner, np.array([f]), theirs) if partner is not None else np.nan
+            rows.append(row)
+        columns = ["feature", "r", "p_value", "mutual_information", "n_concepts_text", "n_concepts_image", "top_concepts", "concept", "partner"]
+        return pd.DataFrame(rows, columns=columns + [f"specificity_{name}" for name, _, _ in specificity_terms(text, image)])
 
     # 4. specificity, with 2 per concept ----------------------------------------
     @staticmethod
@@ -139,11 +153,12 @@ class CrossModalOverlap(Experiment):
             for stat_name, matrix in pair_matrices.items():
                 row[stat_name] = matrix[i, i]
                 row[f"{stat_name}_null"] = mismatched[stat_name][i]
-            for modality, matrix in [("text", text), ("image", image)]:
-                row[f"specificity_{modality}"] = M.specificity(matrix, i, partner, shared) if partner is not None else np.nan
+            # text-cat vs text-dog, image-cat vs image-dog, and the plan's cross terms text-cat vs image-dog, image-cat vs text-dog
+            for name, mine, theirs in specificity_terms(text, image):
+                row[f"specificity_{name}"] = M.specificity(mine, i, partner, shared, theirs) if partner is not None else np.nan
                 # Null: the same ratio against concepts that are not the partner.
-                row[f"specificity_{modality}_null"] = (
-                    np.nanmean([M.specificity(matrix, i, j, shared) for j in others]) if len(shared) and others else np.nan
+                row[f"specificity_{name}_null"] = (
+                    np.nanmean([M.specificity(mine, i, j, shared, theirs) for j in others]) if len(shared) and others else np.nan
                 )
             row["top_text_features"] = _ids(text_top[i])
             row["top_image_features"] = _ids(image_top[i])
@@ -215,8 +230,8 @@ class CrossModalOverlap(Experiment):
             for key in ("null_mean", "null_q025", "null_q975"):
                 metrics[f"{row['statistic']}_{key}"] = row[key]
             metrics[f"{row['statistic']}_p"] = row["p_value"]
-        for modality in ("text", "image"):
-            for column in (f"specificity_{modality}", f"specificity_{modality}_null"):
+        for name, _, _ in specificity_terms(codes.text, codes.text):
+            for column in (f"specificity_{name}", f"specificity_{name}_null"):
                 values = concept_table[column]
                 metrics[f"{column}_mean"] = float(np.nanmean(values)) if values.notna().any() else float("nan")
         log.info(
