@@ -130,6 +130,23 @@ def test_apples_oranges_finds_planted_alignment_among_several_concepts():
     assert pair_gap(two, np.array([0, 0, 1])) == pytest.approx(np.mean([0.5, 0.4, 0.3]) - np.mean([0.1, 0.0, 0.2]))
 
 
+def test_the_white_noise_control_separates_matched_images_from_noise_only_where_they_align():
+    """Appendix A/D: at layer 1 the images lean towards their vectors and noise does not; at layer 0 neither does."""
+    rng = np.random.default_rng(0)
+    d, per_concept = 32, 6
+    vectors = torch.from_numpy(rng.normal(size=(2, d))).float()
+    labels = np.repeat(np.arange(2), per_concept)
+    base = torch.from_numpy(rng.normal(size=(len(labels), 4, d))).float()
+    images = {0: base, 1: base + 2 * vectors[labels].unsqueeze(1)}
+    noise = torch.from_numpy(rng.normal(size=(10, 4, d))).float()
+    grey = {layer: torch.zeros(d) for layer in images}
+    pairs, summary = apples_oranges({0: vectors, 1: vectors}, images, grey, labels, ("a", "b"), 200, seed=0, noise_tokens={0: noise, 1: noise})
+    summary = summary.set_index("layer")
+    assert summary.loc[1, "matched_minus_noise"] > 0.3 and summary.loc[1, "matched_minus_noise_p"] < 0.01
+    assert summary.loc[0, "matched_minus_noise_p"] > 0.01
+    assert (pairs["image_concept"] == "white noise").sum() == 2 * 2 * 10 and not pairs.loc[pairs["image_concept"] == "white noise", "matched"].any()
+
+
 def test_alignment_concepts_are_checked_against_the_dataset(synthetic):
     """Checked by run() before any synthesis, so a typo does not cost a whole DAS run."""
     subset = DASynthesis(DASConfig(alignment_concepts=["red_circle", "blue_square"])).alignment_dataset(synthetic)
@@ -184,7 +201,7 @@ def test_das_sweep_writes_images_tables_and_a_contact_sheet(tmp_path):
         assert len(result["images"]) == 3 and all((path.parent / i).stat().st_size > 100 for i in result["images"])
         metrics = result["metrics"]
         assert metrics["grey_cosine"] == 0 and 0 < metrics["final_cosine_p"] <= 1
-        assert {"alignment_gap", "alignment_gap_p", "seconds_per_step"} <= set(metrics)
+        assert {"alignment_gap", "alignment_gap_p", "alignment_matched_minus_noise_p", "seconds_per_step"} <= set(metrics)
         trajectory = pd.read_parquet(path.parent / "tables" / "trajectory.parquet")
         assert len(trajectory) == 4 * 3
         alignment = pd.read_parquet(path.parent / "tables" / "alignment.parquet")

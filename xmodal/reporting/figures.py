@@ -314,6 +314,11 @@ def das_sheet(images: list, concepts: list[str], layer: int) -> plt.Figure:
 def apples_oranges(pairs: pd.DataFrame, summary: pd.DataFrame, names: tuple[str, ...], layer: int) -> plt.Figure:
     """Appendix A: cosine of each concept vector with matched and mismatched images, by layer."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    noise = pairs["image_concept"] == "white noise"  # the appendix's control images, drawn on their own
+    if noise.any():
+        means = pairs[noise].groupby("layer")["cosine"].mean()
+        ax1.plot(means.index, means.values, marker=".", ls=":", color="grey", label="white-noise images (control)")
+    pairs = pairs[~noise]
     if len(names) == 2:  # every concept-images pair
         means = pairs.groupby(["layer", "concept", "image_concept"])["cosine"].mean().reset_index()
         for (concept, image_concept), group in means.groupby(["concept", "image_concept"], sort=False):

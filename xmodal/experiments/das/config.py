@@ -69,6 +69,7 @@ class DASConfig(ExperimentConfig):
     judge_model: Optional[str] = None  # a conf/model name, for judge=vlm
     judge_samples: int = 10
     alignment_concepts: list[str] = field(default_factory=list)  # two or more dataset concepts for the apples/oranges check
+    alignment_noise_images: int = 16  # Appendix A/D's white-noise control images for that check (0: none)
     n_permutations: int = 1000
     concept_source: ConceptSource = ConceptSource.text
     concept_baseline: ConceptBaseline = ConceptBaseline.appendix_c
@@ -85,6 +86,8 @@ class DASConfig(ExperimentConfig):
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError(f"experiment.steps={self.steps} and experiment.batch_size={self.batch_size} must be at least 1")
         self.require_at_least_one("concepts_per_pass", "n_permutations")
+        if self.alignment_noise_images < 0:
+            raise ConfigError(f"experiment.alignment_noise_images={self.alignment_noise_images} must be 0 (no control) or more")
 
     def settings(self, lr: float, temperature: float) -> DASSettings:
         """The synthesis settings at one layer, given its learning rate and temperature."""

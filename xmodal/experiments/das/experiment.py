@@ -239,6 +239,23 @@ class DASynthesis(Experiment):
             raise DatasetError(f"experiment.alignment_concepts={names} need images of each in dataset {dataset.name!r}")
         return ConceptDataset(f"{dataset.name}_alignment", [dataset.concept(n) for n in names], images)
 
+    def white_noise_tokens(self, ctx: RunContext, layers: list[int]) -> dict[int, torch.Tensor] | None:
+        """Image-token residuals of `alignment_noise_images` uniform-noise images (seeded), per layer."""
+        n = self.config.alignment_noise_images
+        if n == 0:
+            return None
+        rng = np.random.default_rng(ctx.seed)
+        side = ctx.model.image_side()
+        rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        for _ in range(n):
+            noise = Image.fromarray(rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8))
+            inputs = ctx.model.image_inputs([noise], ctx.positions.image_prompt, ctx.positions.use_chat_template).to(ctx.model.device)
+            mask = ctx.model.image_token_mask(inputs["input_ids"])[0]
+            hidden = run_to_layers(ctx.model.model, ctx.model.decoder_layers(), inputs, layers)
+            for layer in layers:
+                rows[layer].append(hidden[layer][0, mask].float().cpu())
+        return {layer: torch.stack(rows[layer]) for layer in layers}
+
     def alignment(self, ctx: RunContext, subset: ConceptDataset) -> dict[str, float]:
         """Appendix A at every layer up to the model's last, for the alignment concepts (two or more)."""
         names = tuple(self.config.alignment_concepts)
@@ -250,14 +267,17 @@ class DASynthesis(Experiment):
         mask = ctx.model.image_token_mask(inputs["input_ids"])[0]
         hidden = run_to_layers(ctx.model.model, ctx.model.decoder_layers(), inputs, layers)
         grey_means = {layer: hidden[layer][0, mask].float().mean(dim=0).cpu() for layer in layers}
+        noise_tokens = self.white_noise_tokens(ctx, layers)
         labels = np.array([names.index(c) for c in image_acts[layers[0]].image_concepts])
         pairs, summary = apples_oranges(
-            vectors, {layer: image_acts[layer].image_tokens for layer in layers}, grey_means, labels, names, self.config.n_permutations, ctx.seed
+            vectors, {layer: image_acts[layer].image_tokens for layer in layers}, grey_means, labels, names, self.config.n_permutations, ctx.seed,
+            noise_tokens,
         )
         ctx.table("alignment_pairs", pairs)
         ctx.table("alignment", summary)
         ctx.figure("alignment", figures.apples_oranges(pairs, summary, names, ctx.layer))
         here = summary.set_index("layer").loc[ctx.layer]
-        return {f"alignment_{k}": float(here[k]) for k in ("gap", "gap_null_mean", "gap_null_q025", "gap_null_q975", "gap_p")} | {
+        noise_keys = [k for k in ("matched_minus_noise", "matched_minus_noise_null_mean", "matched_minus_noise_p") if k in here]
+        return {f"alignment_{k}": float(here[k]) for k in ("gap", "gap_null_mean", "gap_null_q025", "gap_null_q975", "gap_p", *noise_keys)} | {
             "alignment_layers_significant": int((summary["gap_p"] < 0.05).sum())
         }
