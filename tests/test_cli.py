@@ -120,10 +120,12 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str, dict]]:
         "organism_sae_layer": (["model=organism", "sae=organism", "dataset=organism_concepts", "layer=7"], "not layer=7", {}),
         "organism_sae_width": (["model=organism", "sae=organism", "dataset=organism_concepts", "layer=9", "sae.width=2048"],
                                "sae.width=2048 is not shipped for the instruct organism; the widths are 512, 1024", {}),
+        "text_only_dataset": (["experiment=overlap", "dataset=das_appendix_e"],
+                              "experiment=overlap needs images, and dataset 'das_appendix_e' has none", {}),
     }
 
 
-@pytest.mark.parametrize("case", ["layer_out_of_range", "layer_not_int", "missing_root", "concept_without_image", "corrupt_image", "sae_width", "unknown_model_offline", "embedder_offline", "organism_sae_layer", "organism_sae_width"])
+@pytest.mark.parametrize("case", ["layer_out_of_range", "layer_not_int", "missing_root", "concept_without_image", "corrupt_image", "sae_width", "unknown_model_offline", "embedder_offline", "organism_sae_layer", "organism_sae_width", "text_only_dataset"])
 def test_bad_input_gives_one_clear_error_and_no_result(case, tmp_path):
     overrides, message, env = bad_inputs(tmp_path)[case]
     proc = run_cli(*overrides, f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path, env_extra=env, timeout=300)
@@ -169,6 +171,9 @@ def test_mds_study_sweeps_over_layers(workdir):
         scores = pd.read_parquet(path.parent / "tables" / "interpretability.parquet")
         assert set(scores["embedder"]) == {"all-MiniLM-L6-v2", "tiny vision tower (mean-pooled)"}
         assert {"I_mean", "I_null_mean", "W_mean", "W_null_mean"} <= set(scores.columns)
+        overall = scores[scores["group"] == "all"].set_index("modality")  # Table 1: every active feature
+        assert overall["n_features"].tolist() == [result["metrics"]["n_active_features"]] * 2
+        assert result["metrics"]["winrate_delta_image_minus_text"] == pytest.approx(overall.loc["image", "W_mean"] - overall.loc["text", "W_mean"])
         masks = pd.read_parquet(path.parent / "tables" / "zero_mask.parquet")
         assert set(masks["removed"]) == {"none", "ImgD", "TextD", "CrossD"} and masks["accuracy"].between(0, 1).all()
         assert masks.loc[masks["removed"] != "none", "random_mean"].notna().all()
@@ -209,6 +214,36 @@ def test_probe_study_writes_every_probe_next_to_its_null(workdir):
         classes = json.loads(weights.metadata()["classes"])
         coef, ids = weights.get_tensor("coef"), weights.get_tensor("feature_ids")
     assert len(classes) == 12 and coef.shape == (12, len(ids)) and ids.max() < metrics["n_features"]
+
+
+def test_probe_seed_003_options_top_n_curve_split_ratio_and_shared_features(workdir):
+    run_dir = workdir / "outputs" / "probe_seed003"
+    proc = run_cli("experiment=probe", "experiment.n_permutations=20", "experiment.top_n_curve=[1,5]", "experiment.train_split=5:5",
+                   "experiment.attributes=[]", cache_override(workdir), f"hydra.run.dir={run_dir}", cwd=workdir)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = pd.read_parquet(run_dir / "tables" / "top_n_curve.parquet")
+    assert list(curve["top_n"]) == ["1", "5", "all"] and curve["macro_f1"].between(0, 1).all()
+    assert (curve["n_train"] == 18).all()  # 5:5 of 36 images (3 per class, 12 classes)
+    metrics = json.loads((run_dir / "result.json").read_text())["metrics"]
+    assert {"top_1_image_macro_f1", "top_all_image_macro_f1", "top_5_image_p"} <= set(metrics)
+    shared = pd.read_parquet(run_dir / "tables" / "shared_features.parquet")
+    assert shared.groupby("class")["rank"].max().eq(2).all() and (shared["occurrences"] <= shared["n_samples"]).all()
+    assert (run_dir / "figures" / "top_n_curve.png").stat().st_size > 5_000
+
+
+def test_probe_on_the_vision_tower_reads_images_only(workdir, tiny):
+    run_dir = workdir / "outputs" / "probe_tower"
+    proc = run_cli("experiment=probe", "experiment.features=vision_tower", "experiment.n_permutations=20", "experiment.attributes=[brightness]",
+                   cache_override(workdir), f"hydra.run.dir={run_dir}", cwd=workdir)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probes = pd.read_parquet(run_dir / "tables" / "probes.parquet")
+    assert list(probes["probe"]) == ["image_to_image", "brightness"]
+    metrics = json.loads((run_dir / "result.json").read_text())["metrics"]
+    assert metrics["n_features"] == tiny.model.config.vision_config.hidden_size and metrics["n_text_samples"] == 0
+    proc = run_cli("experiment=probe", "experiment.features=vision_tower", "experiment.top_n_curve=[1]", cache_override(workdir),
+                   f"hydra.run.dir={workdir / 'outputs' / 'tower_bad'}", cwd=workdir)  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "with experiment.features=vision_tower there are none" in output and "Traceback" not in output
 
 
 def test_probe_with_a_single_class_is_refused(tmp_path):

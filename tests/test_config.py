@@ -147,3 +147,22 @@ def test_whole_study_presets_set_model_sae_dataset_and_study(preset):
         default.model.name, default.sae.name, default.dataset.name, default.layer, dict(default.experiment))
     overridden = compose_with(f"experiment={preset}", "layer=3", "model=tiny")
     assert overridden.layer == 3 and overridden.model.name == "tiny"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["experiment=probe", "experiment.train_split=1:8"], "experiment.train_split='1:8'; use 1:9, 2:8, 3:7, 4:6, 5:5"),
+    (["experiment=probe", "experiment.train_split=2:8", "experiment.train_per_class=2"], "both set the training size"),
+    (["experiment=probe", "experiment.top_n_curve=[0,5]"], "must hold counts of 1 or more"),
+    (["experiment=das", "experiment.prior_placement=before"], None),  # an enum: Hydra refuses it at composition
+    (["experiment=das", "experiment.concepts=[red]"], "or \\[\\] for all the dataset's"),
+])  # fmt: skip
+def test_seed_options_fail_before_a_model_loads(overrides, message):
+    from xmodal.experiments import build_experiment
+
+    if message is None:
+        with pytest.raises(ConfigCompositionException):
+            compose_with(*overrides)
+        return
+    cfg = compose_with(*overrides)
+    with pytest.raises(ConfigError, match=message):
+        build_experiment(cfg.experiment)  # the class validates its config at once

@@ -59,6 +59,21 @@ def test_weighted_aggregation_follows_semantics_and_prior():
     assert torch.allclose(aggregate(centred, concept, 0.01, 1.0, "mean"), centred.mean(dim=1))
 
 
+def test_the_prior_sits_inside_or_outside_the_temperature():
+    """Section 2.2's ambiguity: with no semantic preference, the weights are the prior (outside) or the prior sharpened by 1/T (inside)."""
+    centred = torch.eye(10)[:9].unsqueeze(0)  # a 3x3 grid; patch i reads weight i back out
+    concept = torch.eye(10)[9:]  # orthogonal to every patch: cos 0 everywhere
+    coords = torch.tensor([[r, c] for r in (1 / 6, 1 / 2, 5 / 6) for c in (1 / 6, 1 / 2, 5 / 6)])
+    prior = torch.exp(-((coords - 0.5) ** 2).sum(dim=-1) / (2 * 0.3**2))
+    outside = aggregate(centred, concept, 0.1, 0.3, prior_placement="outside")[0, :9]
+    inside = aggregate(centred, concept, 0.1, 0.3, prior_placement="inside")[0, :9]
+    assert torch.allclose(outside, prior / prior.sum(), atol=1e-6)
+    assert torch.allclose(inside, prior**10 / (prior**10).sum(), atol=1e-6)
+    assert torch.allclose(aggregate(centred, concept, 1.0, 0.3, prior_placement="inside"), aggregate(centred, concept, 1.0, 0.3, prior_placement="outside"))
+    with pytest.raises(ConfigError, match="experiment.prior_placement='before'; use inside or outside"):
+        DASSettings(prior_placement="before")
+
+
 def manual_word_activation(tiny, word: str, layer: int) -> torch.Tensor:
     """resid_post at the word's tokens in the chat template, from output_hidden_states."""
     tokenizer = tiny.tokenizer
@@ -229,6 +244,45 @@ def test_das_bad_input_is_one_clear_error(tmp_path, overrides, message):
     assert not list(tmp_path.rglob("result.json"))
 
 
+def test_appendix_e_concepts_are_the_papers_list():
+    from xmodal.data.appendix_e import appendix_e_concepts
+
+    dataset = appendix_e_concepts()
+    counts = pd.Series([c.category for c in dataset.concepts]).value_counts().to_dict()
+    assert counts == {"animal": 10, "season": 4, "celebration": 6, "school subject": 10, "sensation": 5, "famous person": 10,
+                      "city": 5, "sport": 10, "nationality": 10, "activity": 10, "emotion": 5, "emotion adjective": 5,
+                      "LLM task": 5, "physical object": 10}  # fmt: skip
+    assert dataset.text_only and not dataset.images and len(dataset.concepts) == 105
+    autumn = dataset.concept("autumn")
+    assert autumn.synonyms == ("fall",) and autumn.category == "season"
+    seasons = appendix_e_concepts(categories=["season"])
+    assert [c.text for c in seasons.concepts] == ["spring", "summer", "autumn", "winter"]
+    targets = DASynthesis(DASConfig(concepts=[])).targets(seasons)  # [] is every concept of the dataset
+    assert [(t.name, t.category) for t in targets][:2] == [("spring", "season"), ("summer", "season")]
+    with pytest.raises(DatasetError, match=r"unknown categories \['animals'\]; Appendix E's list has"):
+        appendix_e_concepts(categories=["animals"])
+
+
+@pytest.mark.slow
+def test_das_on_appendix_e_asks_the_category_hint_and_logs_the_rubric(tmp_path):
+    """The category-hint protocol end to end: a VLM judge (the tiny model) asked 'What season ...'."""
+    out = tmp_path / "run"
+    proc = run_cli(
+        "experiment=das", "dataset=das_appendix_e", "dataset.categories=[season]", "experiment.concepts=[]", "experiment.steps=2",
+        "experiment.batch_size=2", "experiment.alignment_concepts=[]", "experiment.judge=vlm", "experiment.judge_model=tiny",
+        "experiment.judge_samples=2", "experiment.n_permutations=50", "+experiment.judge_synonyms.winter=[snow]",
+        f"paths.activation_cache={tmp_path / 'cache'}", f"hydra.run.dir={out}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    judgements = pd.read_parquet(out / "tables" / "judgements.parquet")
+    assert sorted(judgements["protocol"].unique()) == ["category_hint", "no_hint"] and set(judgements["category"]) == {"season"}
+    assert len(judgements) == 2 * 4
+    rubric = pd.read_parquet(out / "tables" / "rubric.parquet").set_index("concept")["accepted"]
+    assert "fall" in rubric["autumn"].split(" | ") and "snow" in rubric["winter"].split(" | ")
+    metrics = json.loads((out / "result.json").read_text())["metrics"]
+    assert {"recognition_season", "recognition_season_p", "recognition_season_no_hint"} <= set(metrics)
+
+
 def test_benchmark_times_whole_steps(tiny):
     from omegaconf import OmegaConf
 
@@ -241,10 +295,24 @@ def test_benchmark_times_whole_steps(tiny):
     assert table["image_side"].iloc[0] == 64
 
 
+def test_the_judge_rubric_accepts_forms_and_synonyms_and_nothing_else(tiny):
+    from xmodal.experiments.das.judges import VLMJudge, rubric
+
+    accepted = rubric({"autumn": "autumn", "swimming": "swimming", "t_rex": "T-rex"}, {"autumn": ["fall"]})
+    assert {"autumn", "fall", "falls"} <= set(accepted["autumn"]) and {"swim", "swam", "swims"} <= set(accepted["swimming"])
+    assert {"t-rex", "t rex"} <= set(accepted["t_rex"])
+    judge = VLMJudge(tiny, accepted=accepted)
+    assert judge.score("Fall | leaves | autumn.", "autumn") == pytest.approx(2 / 3)
+    assert judge.score("they swam | a pool | T rex", "swimming") == pytest.approx(1 / 3)
+    assert judge.score("a T rex!", "t_rex") == 1.0 and judge.score("rex", "t_rex") == 0.0
+    assert judge.score("red | blue | a red ball", "red") == pytest.approx(2 / 3)  # outside the rubric: the name itself
+    whole_words = VLMJudge(tiny, accepted=rubric({"swimming": "swimming"}, {}, with_forms=False))
+    assert whole_words.score("they swam", "swimming") == 0.0 and whole_words.score("swimming!", "swimming") == 1.0
+
+
 def test_vlm_judge_asks_both_questions_and_scores_by_word_match(tiny):
     from xmodal.experiments.das.judges import VLMJudge
 
-    assert VLMJudge.score("red | blue | a red ball", "red") == pytest.approx(2 / 3)
     judge = VLMJudge(tiny, n_samples=3, seed=0, max_new_tokens=2)
     images = [Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (64, 64), (30, 30, 200))]
     table = judge.judge(images, ["red", "blue"], ["colour", ""])

@@ -111,3 +111,37 @@ def test_saved_probe_weights_reproduce_the_probes_predictions(budget):
     predicted = np.asarray(classes)[np.argmax(z @ weights["coef"].T + weights["intercept"], axis=1)]
     assert (predicted == probe.predict(x)).all()
     assert len(weights["columns"]) == (budget or 12)
+
+
+def test_shared_features_count_a_class_images_and_the_other_classes_rate():
+    from xmodal.metrics.probes import shared_features
+
+    codes = np.array([[1, 0, 2], [3, 0, 0], [0, 1, 1], [0, 0, 5]], dtype=float)  # rows: a, a, b, b
+    table = shared_features(codes, np.array(["a", "a", "b", "b"]), per_class=2).set_index(["class", "rank"])
+    assert table.loc[("a", 1), ["feature", "occurrences", "fraction"]].tolist() == [0, 2, 1.0]
+    assert table.loc[("a", 2), "feature"] == 2 and table.loc[("a", 2), "other_classes_fraction"] == 1.0
+    assert table.loc[("b", 1), ["feature", "occurrences", "other_classes_fraction"]].tolist() == [2, 2, 0.5]
+
+
+def test_top_n_per_token_keeps_each_tokens_largest_features_before_summing():
+    import torch
+
+    from xmodal.activations.codes import pool_tokens
+
+    codes = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 4.0]])  # two tokens, three features
+    assert pool_tokens(codes, "topn_per_token", 1).tolist() == [3.0, 5.0, 0.0]
+    assert pool_tokens(codes, "topn_per_token", 2).tolist() == [3.0, 5.0, 6.0]
+    assert torch.equal(pool_tokens(codes, "topn_per_token", 3), codes.sum(dim=0))
+
+
+def test_a_train_split_ratio_trains_on_that_share_of_each_class():
+    from xmodal.errors import DatasetError
+    from xmodal.metrics.probes import within_modality
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b"], 10)
+    x = rng.normal(size=(20, 4)) + (y == "a")[:, None] * 3.0
+    score = within_modality(x, y, seed=0, n_permutations=20, train_fraction=0.2)
+    assert (score.n_train, score.n_test) == (4, 16) and score.accuracy > 0.9 and score.p_value < 0.1
+    with pytest.raises(DatasetError, match="a 10% training split of 8 examples in 2 classes leaves class 'a' .* without a training example"):
+        within_modality(x[:8], np.repeat(["a", "b"], 4), seed=0, n_permutations=5, train_fraction=0.1)

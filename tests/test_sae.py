@@ -75,6 +75,25 @@ def test_unknown_pretrained_id_lists_what_exists_without_downloading():
         pretrained_sae("gs2", "gemma-scope-2-4b-it-res", template, layer=17, l0="huge")
 
 
+@pytest.mark.slow
+def test_seed_003s_jb_saes_are_named_at_its_layers_without_downloading(tmp_path, monkeypatch):
+    """conf/sae/gemma_2b_res_jb.yaml: sae-lens knows an SAE at layers 0, 6, 10, 12, 17 and none at 7."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from xmodal.conf_dir import CONF_DIR
+
+    sae = OmegaConf.load(Path(CONF_DIR) / "sae" / "gemma_2b_res_jb.yaml")
+    assert (sae.release, sae.id_template) == ("gemma-2b-res-jb", "blocks.{layer}.hook_resid_post")
+    with pytest.raises(SAEError, match=r"release 'gemma-2b-res-jb' has no SAE 'blocks.7.hook_resid_post'.*its layers are \[0, 6, 10, 12, 17\]"):
+        pretrained_sae("jb", sae.release, sae.id_template, layer=7)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: the known id gets as far as the download
+    with pytest.raises(SAEError, match="could not load SAE gemma-2b-res-jb/blocks.6.hook_resid_post offline or from the hub"):
+        pretrained_sae("jb", sae.release, sae.id_template, layer=6, device="cpu")
+
+
 def test_no_sae_passes_residuals_through():
     space = no_sae()
     space.check_model("tiny", hidden_size=64, layer=1)

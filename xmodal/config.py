@@ -36,6 +36,7 @@ class ImagePooling(str, Enum):
     sum = "sum"
     max = "max"
     topn = "topn"  # per feature: mean of its N largest values over image tokens
+    topn_per_token = "topn_per_token"  # seed 003: each token keeps its N largest features, then sum over tokens
     eoi = "eoi"  # the first token after the image (Gemma 3: <end_of_image>)
 
 
@@ -59,6 +60,19 @@ class PretrainedModelConfig(ModelConfig):
     name_or_path: str = MISSING  # hub id or local directory
     revision: str = "main"
     trust_remote_code: bool = False  # never on by default: it runs code from the hub
+
+
+@dataclass
+class TinyClipModelConfig(ModelConfig):
+    """A random-weight CLIPModel with a byte-level CLIP tokenizer, built on disk once (mechanics only)."""
+
+    cache_dir: str = "${paths.model_cache}"
+    hidden_size: int = 32
+    projection_dim: int = 32
+    num_layers: int = 2
+    image_size: int = 32
+    patch_size: int = 8
+    init_seed: int = 0
 
 
 @dataclass
@@ -140,6 +154,13 @@ class BuiltinDatasetConfig(DatasetConfig):
 
 
 @dataclass
+class AppendixEDatasetConfig(DatasetConfig):
+    """Seed 004's Appendix E list: bare concepts, each with a category, no images."""
+
+    categories: list[str] = field(default_factory=list)  # [] is all 14, e.g. [animal, season]
+
+
+@dataclass
 class HubDatasetConfig(DatasetConfig):
     """A Hugging Face hub dataset through `datasets` (needs network or its cache)."""
 
@@ -180,7 +201,7 @@ class ExperimentConfig:
                 continue
             value = getattr(self, f.name)
             for item in value if isinstance(value, (list, tuple)) else [value]:
-                if item not in {c.value for c in choices}:
+                if item is not None and item not in {c.value for c in choices}:  # None: an Optional left unset
                     raise ConfigError(f"experiment.{f.name}={item!r}; use {_one_of([c.value for c in choices])}")
 
     def require_model_overrides(self, name: str) -> None:
@@ -285,6 +306,7 @@ def register_configs() -> None:
     for group, name, node in [
         ("model", "base_pretrained", PretrainedModelConfig),
         ("model", "base_tiny", TinyModelConfig),
+        ("model", "base_tiny_clip", TinyClipModelConfig),
         ("dataset", "base_hub", HubDatasetConfig),
         ("sae", "base_none", NoSAEConfig),
         ("sae", "base_pretrained", PretrainedSAEConfig),
@@ -292,6 +314,7 @@ def register_configs() -> None:
         ("dataset", "base_synthetic", SyntheticDatasetConfig),
         ("dataset", "base_image_folder", ImageFolderDatasetConfig),
         ("dataset", "base_builtin", BuiltinDatasetConfig),
+        ("dataset", "base_appendix_e", AppendixEDatasetConfig),
         ("logger", "base_none", LoggerConfig),
         ("logger", "base_wandb", WandbLoggerConfig),
     ]:

@@ -76,6 +76,10 @@ def pool_tokens(codes: torch.Tensor, how: str, top_n: int = 5) -> torch.Tensor:
     if how == "topn":
         n = min(top_n, codes.shape[-2])
         return codes.topk(n, dim=-2).values.mean(dim=-2)
+    if how == "topn_per_token":
+        n = min(top_n, codes.shape[-1])
+        values, indices = codes.topk(n, dim=-1)
+        return torch.zeros_like(codes).scatter(-1, indices, values).sum(dim=-2)
     raise ValueError(f"unknown pooling {how!r}")
 
 

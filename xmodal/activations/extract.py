@@ -50,9 +50,14 @@ def extract_activations(
     progress: bool = True,
     modalities: Sequence[str] = ("text", "image"),
 ) -> dict[int, LayerActivations]:
-    """Run the dataset through the model once per batch and keep resid_post of all `layers`."""
+    """Run the dataset through the model once per batch and keep resid_post of all `layers`.
+
+    A dual encoder (CLIP, SigLIP) has no residual stream: its one layer is the shared embedding.
+    """
     for layer in layers:
         adapter.check_layer(layer)
+    if not adapter.has_decoder:
+        return {0: embedding_activations(adapter, dataset, positions, modalities, progress)}
     model, decoder_layers, device = adapter.model, adapter.decoder_layers(), adapter.device
     pad_id = adapter.tokenizer.pad_token_id or 0
 
@@ -111,3 +116,33 @@ def extract_activations(
         )
         for layer in layers
     }
+
+
+def embedding_activations(
+    adapter: ModelAdapter, dataset: ConceptDataset, positions: PositionsConfig, modalities: Sequence[str], progress: bool = True
+) -> LayerActivations:
+    """A dual encoder's embeddings in the layout of decoder activations: one token per text and per image.
+
+    The text is `positions.text_prompt` with the concept in it (no chat template: CLIP has none).
+    """
+    concepts = dataset.concepts if "text" in modalities else []
+    texts = [positions.text_prompt.format(concept=c.text) for c in concepts]
+    images = dataset.images if "image" in modalities else []
+    text = [adapter.embed_texts(texts[i] for i in batch) for batch in _batches(len(texts), positions.batch_size)]
+    image = [
+        adapter.embed_images([images[i].load() for i in batch])
+        for batch in tqdm(_batches(len(images), positions.batch_size), desc=f"{adapter.name}: images", disable=not progress, leave=False)
+    ]
+    d = adapter.hidden_size
+    image_tokens = torch.cat(image).unsqueeze(1) if image else torch.zeros(0, 1, d)
+    return LayerActivations(
+        layer=0,
+        concepts=[c.name for c in concepts],
+        text_tokens=torch.cat(text) if text else torch.zeros(0, d),
+        text_offsets=torch.arange(len(concepts) + 1),
+        image_concepts=[img.concept for img in images],
+        image_sources=[img.source for img in images],
+        image_tokens=image_tokens,
+        image_eoi=image_tokens[:, 0].clone(),  # its own storage: the cache writes both with safetensors
+        meta={"model": adapter.name, "space": "shared embedding"},
+    )

@@ -24,19 +24,23 @@ def builtin_concept_table() -> pd.DataFrame:
         return pd.read_csv(f, dtype=str, keep_default_na=False)
 
 
+def select_categories(table: pd.DataFrame, categories: list[str] | None, listing: str) -> pd.DataFrame:
+    """The rows of `table` in `categories` (all when none are given); an unknown category is a DatasetError."""
+    known = sorted(table["category"].unique())
+    wanted = list(categories) if categories else known
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise DatasetError(f"unknown categories {unknown}; {listing} has {known}")
+    return table[table["category"].isin(wanted)]
+
+
 def builtin_concepts(
     name: str = "builtin",
     image_root: str | None = None,
     categories: list[str] | None = None,
     max_images_per_concept: int | None = None,
 ) -> ConceptDataset:
-    table = builtin_concept_table()
-    known = sorted(table["category"].unique())
-    wanted = list(categories) if categories else known
-    unknown = sorted(set(wanted) - set(known))
-    if unknown:
-        raise DatasetError(f"unknown categories {unknown}; the built-in list has {known}")
-    table = table[table["category"].isin(wanted)]
+    table = select_categories(builtin_concept_table(), categories, "the built-in list")
     if image_root is None:
         raise DatasetError(
             "dataset=builtin needs photos: set dataset.image_root=<folder> with one subfolder per concept "

@@ -18,6 +18,7 @@ class Concept:
     text: str  # what the text modality reads, e.g. "Eiffel Tower"
     category: str = ""
     partner: str | None = None  # a confusable concept, for specificity (cat / dog)
+    synonyms: tuple[str, ...] = ()  # other answers that name it (a judge's rubric): "fall" for autumn
 
 
 @dataclass

@@ -26,6 +26,7 @@ from xmodal.activations.codes import ConceptCodes, concept_codes, image_token_ac
 from xmodal.activations.extract import LayerActivations
 from xmodal.config import ExperimentConfig, PositionsConfig
 from xmodal.data.concepts import ConceptDataset
+from xmodal.errors import ConfigError, DatasetError
 from xmodal.models.base import ModelAdapter
 from xmodal.reporting import figures
 from xmodal.reporting.loggers import NullLogger
@@ -96,7 +97,7 @@ class RunContext:
         """Figure `name`: per feature (row), its most activating images with its activation at every
         image token drawn over them (the token grid from the model's adapter)."""
         features = [int(f) for f in features]
-        if not features:
+        if not features or not self.model.has_decoder:  # a dual encoder's image is one embedding: no patches to map
             return
         acts = self.activations()[self.layer]
         maps = image_token_activations(acts, self.features, features)
@@ -129,10 +130,28 @@ class Experiment(ABC):
     """
 
     name: ClassVar[str]
+    needs_images: ClassVar[bool] = True  # False where the study reads text only (shift, DAS's synthesis)
+    needs_decoder: ClassVar[bool] = True  # False where embeddings suffice, so a dual encoder (CLIP) can run it
 
     def __init__(self, config: ExperimentConfig) -> None:
         config.validate()
         self.config = config
+
+    def check_model(self, model: ModelAdapter) -> None:
+        """A study that reads or steers a decoder cannot run on a dual encoder: say so before it loads."""
+        if self.needs_decoder and not model.has_decoder:
+            raise ConfigError(
+                f"experiment={self.name} needs a decoder's residual stream, and model {model.name!r} is a dual encoder "
+                "(CLIP/SigLIP: one embedding per text and per image); on it run experiment=mds, probe or overlap"
+            )
+
+    def check_dataset(self, dataset: ConceptDataset) -> None:
+        """A study that compares modalities cannot run on a dataset without images: say so before any model loads."""
+        if self.needs_images and not dataset.images:
+            raise DatasetError(
+                f"experiment={self.name} needs images, and dataset {dataset.name!r} has none (a text-only list); "
+                "pick a dataset with images, e.g. dataset=organism_concepts"
+            )
 
     @abstractmethod
     def run(self, ctx: RunContext) -> dict[str, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 from sklearn.feature_selection import SelectKBest, f_classif
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
@@ -88,9 +89,12 @@ def _budget(budget: int | None, n_features: int) -> int | None:
 def within_modality(
     x: np.ndarray, y: np.ndarray, seed: int, n_permutations: int, budget: int | None = None,
     train_per_class: int | None = None, groups: np.ndarray | None = None, what: str = "probe", n_jobs: int | None = None,
+    train_fraction: float | None = None,
 ) -> ProbeScore:
     """Cross-validated probe inside one modality; null from scikit-learn's permutation_test_score.
 
+    Low-data splits: `train_per_class` examples per class, or `train_fraction` of each class
+    (seed 003's 1:9 ... 5:5), five stratified shuffle splits either way.
     `n_jobs` spreads the permutation refits over processes (-1: every core); results do not depend on it.
     """
     check_labels(y, what)
@@ -103,17 +107,27 @@ def within_modality(
                 f"(they have {counts.min()} examples); lower train_per_class"
             )
         cv = StratifiedShuffleSplit(n_splits=5, train_size=train_per_class * len(classes), random_state=seed)
+    elif train_fraction is not None:
+        n_train = int(np.floor(train_fraction * len(y)))  # as scikit-learn's shuffle split counts it
+        if round(counts.min() * train_fraction) < 1 or n_train < len(classes):
+            raise DatasetError(
+                f"{what}: a {train_fraction:.0%} training split of {len(y)} examples in {len(classes)} classes leaves class "
+                f"{str(classes[counts.argmin()])!r} ({counts.min()} examples) or others without a training example; "
+                "use more examples per class or a larger split"
+            )
+        cv = StratifiedShuffleSplit(n_splits=5, train_size=train_fraction, test_size=1 - train_fraction, random_state=seed)
     elif groups is not None:
         cv = GroupKFold(n_splits=min(5, len(np.unique(groups))))
     else:
         if counts.min() < 2:
-            raise DatasetError(f"{what}: class {classes[counts.argmin()]!r} has a single example; cross-validation needs 2 per class")
+            raise DatasetError(f"{what}: class {str(classes[counts.argmin()])!r} has a single example; cross-validation needs 2 per class")
         cv = StratifiedKFold(n_splits=int(min(5, counts.min())), shuffle=True, random_state=seed)
     probe = make_probe(seed, _budget(budget, x.shape[1]))
     score, null, p_value = permutation_test_score(
         probe, x, y, groups=groups, cv=cv, n_permutations=n_permutations, random_state=seed, scoring="accuracy", n_jobs=n_jobs
     )
-    if train_per_class is None:
+    shuffled_splits = train_per_class is not None or train_fraction is not None
+    if not shuffled_splits:
         predicted = cross_val_predict(probe, x, y, groups=groups, cv=cv)
         macro_f1 = f1_score(y, predicted, average="macro")
     else:  # shuffle splits do not cover every sample once; score F1 split by split
@@ -122,7 +136,12 @@ def within_modality(
             scores.append(f1_score(y[test], probe.fit(x[train], y[train]).predict(x[test]), average="macro"))
         macro_f1 = float(np.mean(scores))
     chance = float(counts.max() / counts.sum())
-    n_train = int(len(y) * (1 - 1 / cv.get_n_splits())) if train_per_class is None else train_per_class * len(classes)
+    if train_per_class is not None:
+        n_train = train_per_class * len(classes)
+    elif train_fraction is not None:
+        n_train = next(iter(cv.split(x, y)))[0].size
+    else:
+        n_train = int(len(y) * (1 - 1 / cv.get_n_splits()))
     weights, names = fitted_weights(probe.fit(x, y))  # the probe to keep: fitted on every sample once scored
     return ProbeScore(float(score), float(macro_f1), chance, float(null.mean()), float(np.quantile(null, 0.975)), float(p_value),
                       n_train, len(y) - n_train, weights, names)  # fmt: skip
@@ -149,3 +168,21 @@ def transfer(
         float(null.mean()), float(np.quantile(null, 0.975)), float((1 + np.sum(null >= accuracy)) / (1 + len(null))),
         len(y_train), len(y_test), weights, names,
     )
+
+
+def shared_features(codes: np.ndarray, labels: np.ndarray, per_class: int) -> pd.DataFrame:
+    """Per class, the `per_class` features active (> 0) in most of its samples (seed 003's "top 2
+    features shared across 100 instances"), with how often each is active in the other classes'
+    samples: the null a shared feature has to beat to say anything about its class."""
+    active = np.asarray(codes) > 0
+    rows = []
+    for label in np.unique(labels):
+        mine = labels == label
+        counts = active[mine].sum(axis=0)
+        for rank, feature in enumerate(np.argsort(-counts, kind="stable")[:per_class], start=1):
+            if counts[feature] == 0:
+                break
+            rows.append({"class": str(label), "rank": rank, "feature": int(feature), "occurrences": int(counts[feature]),
+                         "n_samples": int(mine.sum()), "fraction": float(counts[feature] / mine.sum()),
+                         "other_classes_fraction": float(active[~mine, feature].mean()) if (~mine).any() else float("nan")})  # fmt: skip
+    return pd.DataFrame(rows, columns=["class", "rank", "feature", "occurrences", "n_samples", "fraction", "other_classes_fraction"])

@@ -75,6 +75,7 @@ class ModelAdapter:
     decoder_layers_path: ClassVar[str] = "model.language_model.layers"
     final_norm_path: ClassVar[str] = "model.language_model.norm"  # the norm before the unembedding
     supports_images: ClassVar[bool] = True
+    has_decoder: ClassVar[bool] = True  # False for dual encoders (CLIP, SigLIP): no residual stream to read or steer
 
     def __init__(
         self,

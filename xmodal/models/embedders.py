@@ -55,7 +55,8 @@ def text_embedder(name: str = MINILM, device: str = "cpu") -> tuple[TextEmbedder
 
 def image_embedder(kind: str, adapter: ModelAdapter, name_or_path: str | None = None) -> tuple[ImageEmbedder, str]:
     if kind == "vision_tower":
-        return _vision_tower_embedder(adapter), f"{adapter.name} vision tower (mean-pooled)"
+        what = "vision tower (mean-pooled)" if adapter.has_decoder else "image embedding"
+        return _vision_tower_embedder(adapter), f"{adapter.name} {what}"
     if kind == "hf":
         if not name_or_path:
             raise ConfigError("experiment.image_embedder=hf needs experiment.image_embedder_path (a hub id or directory)")
@@ -64,6 +65,8 @@ def image_embedder(kind: str, adapter: ModelAdapter, name_or_path: str | None = 
 
 
 def _vision_tower_embedder(adapter: ModelAdapter) -> ImageEmbedder:
+    if not adapter.has_decoder:  # a dual encoder: its image tower's embedding
+        return lambda images: adapter.embed_images(images).numpy()
     tower = getattr(getattr(adapter.model, "model", adapter.model), "vision_tower", None)
     if tower is None:
         raise ConfigError(f"model {adapter.name!r} has no vision tower to embed images with; use experiment.image_embedder=hf")

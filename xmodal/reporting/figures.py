@@ -236,6 +236,23 @@ def probe_accuracy(table: pd.DataFrame, layer: int) -> plt.Figure:
     return fig
 
 
+def top_n_curve(table: pd.DataFrame, layer: int) -> plt.Figure:
+    """Seed 003's top-N: image-probe macro F1 and accuracy against N, with the shuffled-label control."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    x = np.arange(len(table))
+    ax.plot(x, table["macro_f1"], marker="o", color="tab:green", label="macro F1")
+    ax.plot(x, table["accuracy"], marker=".", ls="--", color="tab:olive", label="accuracy")
+    ax.fill_between(x, table["shuffled_mean"], table["shuffled_q975"], color="grey", alpha=0.3, label="shuffled labels (mean to 97.5%), accuracy")
+    ax.plot(x, table["chance"], ls=":", color="black", label="chance (majority class)")
+    ax.set_xticks(x, [f"top-{n}" if n != "all" else "all (sum)" for n in table["top_n"]])
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("SAE features kept per image token, then summed over tokens")
+    ax.set_ylabel("image probe")
+    ax.set_title(f"Top-N pooling (seed 003), layer {layer}")
+    ax.legend(fontsize=7, frameon=False)
+    return fig
+
+
 def shift_distribution(delta: np.ndarray, cosine: np.ndarray, cosine_null: np.ndarray, layer: int, base: str, vlm: str) -> plt.Figure:
     """Left: coefficient differences (VLM - base). Right: per-prompt cosine against mismatched prompts."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))

@@ -140,11 +140,12 @@ def pretrained_sae(
         raise SAEError(f"sae-lens knows no release {release!r}; see sae_lens/pretrained_saes.yaml for the names")
     known_ids = directory[release].saes_map
     if sae_id not in known_ids:
-        same_layer = sorted(i for i in known_ids if re.search(rf"layer_{layer}(?:\D|$)", i))[:8]
+        layer_of = r"(?:layer_|blocks\.)(\d+)(?:\D|$)"  # Gemma Scope's layer_9/..., SAELens's blocks.9.hook_...
+        same_layer = sorted(i for i in known_ids if [int(m) for m in re.findall(layer_of, i)][:1] == [layer])[:8]
         if same_layer:
             hint = f"ids for layer {layer}: {', '.join(same_layer)}"
         else:
-            layers = sorted({int(m) for i in known_ids for m in re.findall(r"layer_(\d+)", i)})
+            layers = sorted({int(m) for i in known_ids for m in re.findall(layer_of, i)[:1]})
             hint = f"the release has no SAE at layer {layer}; its layers are {layers}"
         raise SAEError(f"release {release!r} has no SAE {sae_id!r} (layer={layer}, width={width}, l0={l0}); {hint}")
     try:

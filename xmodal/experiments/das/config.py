@@ -29,6 +29,13 @@ class Aggregation(StrEnum):
     mean = "mean"  # Appendix G's ablation
 
 
+class PriorPlacement(StrEnum):
+    """Where section 2.2's log centre prior enters the softmax; the extracted text does not say."""
+
+    inside = "inside"  # softmax((cos + log prior) / temperature): the temperature sharpens the prior too
+    outside = "outside"  # softmax(cos / temperature + log prior): the prior keeps its width
+
+
 class Upsample(StrEnum):
     bicubic = "bicubic"
     bilinear = "bilinear"
@@ -44,7 +51,7 @@ class JudgeKind(StrEnum):
 class DASConfig(ExperimentConfig):
     _target_: str = "xmodal.experiments.das.experiment.DASynthesis"
     name: str = "das"
-    concepts: list[str] = field(default_factory=lambda: ["red", "blue"])  # dataset concept names/texts, or bare words
+    concepts: list[str] = field(default_factory=lambda: ["red", "blue"])  # dataset concept names/texts, or bare words; [] = all the dataset's
     concepts_per_pass: int = 8  # concepts optimised together in one forward pass
     steps: int = 600
     batch_size: int = 8  # augmented copies per concept per step
@@ -62,12 +69,15 @@ class DASConfig(ExperimentConfig):
     shift: Optional[int] = None  # largest random shift in pixels; None: image side / 16
     noise_std: float = 0.1
     aggregation: Aggregation = Aggregation.weighted
+    prior_placement: PriorPlacement = PriorPlacement.inside
     upsample: Upsample = Upsample.bicubic
     prompt: str = ""  # text after the image in the user turn
     judge: JudgeKind = JudgeKind.organism
     programmatic_judge: str = "xmodal.organism.judge.OrganismJudge"  # the class judge=organism builds (import path)
     judge_model: Optional[str] = None  # a conf/model name, for judge=vlm
     judge_samples: int = 10
+    judge_word_forms: bool = True  # the rubric also accepts the word's forms (swim, swam for swimming)
+    judge_synonyms: dict[str, list[str]] = field(default_factory=dict)  # concept name -> more answers that name it
     alignment_concepts: list[str] = field(default_factory=list)  # two or more dataset concepts for the apples/oranges check
     alignment_noise_images: int = 16  # Appendix A/D's white-noise control images for that check (0: none)
     n_permutations: int = 1000
@@ -78,8 +88,8 @@ class DASConfig(ExperimentConfig):
         super().validate()
         if self.judge == JudgeKind.vlm and not self.judge_model:
             raise ConfigError("experiment.judge=vlm needs experiment.judge_model=<a conf/model name>, e.g. gemma3_12b")
-        if len(self.concepts) < 2:
-            raise ConfigError(f"experiment.concepts={list(self.concepts)} needs at least two concepts: each is the other's control")
+        if len(self.concepts) == 1:
+            raise ConfigError(f"experiment.concepts={list(self.concepts)} needs at least two concepts (each is the other's control), or [] for all the dataset's")
         alignment = list(self.alignment_concepts)
         if len(alignment) == 1 or len(set(alignment)) != len(alignment):
             raise ConfigError(f"experiment.alignment_concepts={alignment} must name two or more different concepts (or none)")
@@ -95,5 +105,6 @@ class DASConfig(ExperimentConfig):
             steps=self.steps, batch_size=self.batch_size, lr=lr, momentum=self.momentum, max_grad_norm=self.max_grad_norm,
             temperature=temperature, sigma_start=self.sigma_start, sigma_end=self.sigma_end,
             resolutions=list(self.resolutions) if self.resolutions is not None else None, shift=self.shift,
-            noise_std=self.noise_std, aggregation=str(self.aggregation), upsample=str(self.upsample), prompt=self.prompt,
+            noise_std=self.noise_std, aggregation=str(self.aggregation), prior_placement=str(self.prior_placement),
+            upsample=str(self.upsample), prompt=self.prompt,
         )  # fmt: skip

@@ -59,22 +59,26 @@ class Target:
     name: str  # the dataset concept's name, or the word itself
     word: str  # what the concept vector reads
     category: str
+    synonyms: tuple[str, ...] = ()  # the dataset's other answers that name it, for the VLM judge's rubric
 
 
 class DASynthesis(Experiment):
     name: ClassVar[str] = "das"
+    needs_images: ClassVar[bool] = False
     config: DASConfig
 
     # ------------------------------------------------------------ choices --
     def targets(self, dataset: ConceptDataset) -> list[Target]:
-        """Dataset concepts by name or text; any other string is taken as a bare word."""
+        """Dataset concepts by name or text; any other string is taken as a bare word. No concepts: all the dataset's."""
+        if not self.config.concepts:
+            return [Target(c.name, c.text, c.category, c.synonyms) for c in dataset.concepts]
         by_key = {key: c for c in dataset.concepts for key in (c.name, c.text)}
         out = []
         for entry in self.config.concepts:
             if not str(entry).strip():
                 raise DatasetError(f"experiment.concepts has an empty concept {entry!r}; give every concept a word")
             concept = by_key.get(entry)
-            out.append(Target(concept.name, concept.text, concept.category) if concept else Target(entry, entry, ""))
+            out.append(Target(concept.name, concept.text, concept.category, concept.synonyms) if concept else Target(entry, entry, ""))
         return out
 
     def preset(self, layer: int, num_layers: int) -> tuple[float, float]:
@@ -195,15 +199,19 @@ class DASynthesis(Experiment):
         }  # fmt: skip
 
     # 4. recognition by an independent judge ------------------------------------------------
-    def make_judge(self, ctx: RunContext) -> judges.Judge:
+    def make_judge(self, ctx: RunContext, targets: list[Target]) -> judges.Judge:
         c = self.config
         if c.judge == JudgeKind.organism:
             return judges.programmatic_judge(c.programmatic_judge, ctx.seed)
-        return judges.vlm_judge(str(c.judge_model), c.judge_samples, ctx.seed)
+        synonyms = {t.name: [*t.synonyms, *c.judge_synonyms.get(t.name, [])] for t in targets}
+        accepted = judges.rubric({t.name: t.word for t in targets}, synonyms, c.judge_word_forms)
+        ctx.table("rubric", judges.rubric_table(accepted))
+        log.info("judge rubric (answers that name each concept): %s", "; ".join(f"{k}: {', '.join(v)}" for k, v in accepted.items()))
+        return judges.vlm_judge(str(c.judge_model), c.judge_samples, ctx.seed, accepted)
 
     def recognition(self, ctx: RunContext, targets: list[Target], images: list[Image.Image]) -> dict[str, float]:
         """Recognition rate per category and protocol, with the other-concepts null and a permutation p."""
-        judge = self.make_judge(ctx)
+        judge = self.make_judge(ctx, targets)
         table = judge.judge(images, [t.name for t in targets], [t.category for t in targets])
         metrics: dict[str, float] = {f"judge_ceiling_{k}": v for k, v in getattr(judge, "ceiling", {}).items()}
         rows = []

@@ -4,7 +4,10 @@
   them. The organism ships one (`xmodal.organism.judge.OrganismJudge`); the DAS config
   names its class in `programmatic_judge`, so this module never imports the organism.
 - `VLMJudge` (real models): another VLM, loaded through the adapters, asked seed
-  004's two questions (without and with the category) and scored by word match.
+  004's two questions (without and with the category) and scored against a rubric: the
+  answers that name each concept (its word, the word's forms, and synonyms from the
+  dataset or the config), each matched as a whole word. Seed 004 scores with GPT-5-mini
+  and a binary rubric instead; this one is offline, deterministic and written to a table.
 
 Every judge has `judge(images, concepts, categories)`, returning one row per (image,
 protocol) with `recognised` in [0, 1], and `score(answer, concept)`.
@@ -12,14 +15,14 @@ protocol) with `recognised` in [0, 1], and `score(answer, concept)`.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
 from hydra.utils import get_class
 from PIL import Image
 
-from xmodal.metrics.mentions import mentions
+from xmodal.metrics.mentions import mentions, word_forms
 from xmodal.models.base import ModelAdapter
 from xmodal.models.generation import describe_images
 from xmodal.models.named import load_named_model
@@ -35,16 +38,37 @@ class Judge(Protocol):
     def score(self, answer: str, concept: str) -> float: ...
 
 
+def rubric(words: Mapping[str, str], synonyms: Mapping[str, Sequence[str]], with_forms: bool = True) -> dict[str, list[str]]:
+    """Concept name -> the answers that name it: its word and synonyms, with their forms if `with_forms`."""
+    out = {}
+    for name, word in words.items():
+        accepted = [word, *synonyms.get(name, ())]
+        out[name] = sorted({form for a in accepted for form in (word_forms(a) if with_forms else [" ".join(a.lower().split())])})
+    return out
+
+
+def rubric_table(accepted: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    return pd.DataFrame({"concept": list(accepted), "accepted": [" | ".join(a) for a in accepted.values()]})
+
+
 class VLMJudge:
-    """Another VLM asked seed 004's questions, `n_samples` seeded samples each, scored by word match."""
+    """Another VLM asked seed 004's questions, `n_samples` seeded samples each, scored against a rubric.
 
-    def __init__(self, adapter: ModelAdapter, n_samples: int = 10, seed: int = 0, max_new_tokens: int = 8) -> None:
+    `accepted` maps a concept name to the answers that name it (`rubric()`); a concept it lacks
+    is named only by its own name.
+    """
+
+    def __init__(
+        self, adapter: ModelAdapter, n_samples: int = 10, seed: int = 0, max_new_tokens: int = 8,
+        accepted: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:  # fmt: skip
         self.adapter, self.n_samples, self.seed, self.max_new_tokens = adapter, n_samples, seed, max_new_tokens
+        self.accepted = dict(accepted or {})
 
-    @staticmethod
-    def score(answer: str, concept: str) -> float:
+    def score(self, answer: str, concept: str) -> float:
         """Fraction of the sampled answers (joined by ' | ') that name the concept."""
-        return float(np.mean([mentions(a, [concept]) for a in answer.split(" | ")]))
+        words = self.accepted.get(concept, [concept])
+        return float(np.mean([mentions(a, words) for a in answer.split(" | ")]))
 
     def judge(self, images: Sequence[Image.Image], concepts: Sequence[str], categories: Sequence[str]) -> pd.DataFrame:
         rows = []
@@ -65,9 +89,9 @@ class VLMJudge:
         )
 
 
-def vlm_judge(model_name: str, n_samples: int, seed: int) -> VLMJudge:
+def vlm_judge(model_name: str, n_samples: int, seed: int, accepted: Mapping[str, Sequence[str]]) -> VLMJudge:
     """A VLMJudge from conf/model/<model_name>.yaml, loaded through the adapters."""
-    return VLMJudge(load_named_model(model_name, key="experiment.judge_model"), n_samples=n_samples, seed=seed)
+    return VLMJudge(load_named_model(model_name, key="experiment.judge_model"), n_samples=n_samples, seed=seed, accepted=accepted)
 
 
 def programmatic_judge(class_path: str, seed: int) -> Judge:

@@ -51,12 +51,15 @@ class DASSettings:
     shift: int | None = None  # largest shift in pixels; None: side // 16
     noise_std: float = 0.1
     aggregation: str = "weighted"  # weighted (section 2.2) | mean (Appendix G ablation)
+    prior_placement: str = "inside"  # the log prior inside the temperature's division, or outside it
     upsample: str = "bicubic"
     prompt: str = ""  # text after the image in the user turn
 
     def __post_init__(self) -> None:
         if self.aggregation not in ("weighted", "mean"):
             raise ConfigError(f"experiment.aggregation={self.aggregation!r}; use weighted or mean")
+        if self.prior_placement not in ("inside", "outside"):
+            raise ConfigError(f"experiment.prior_placement={self.prior_placement!r}; use inside or outside")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError(f"experiment.steps={self.steps} and experiment.batch_size={self.batch_size} must be at least 1")
 
@@ -122,18 +125,21 @@ def patch_coordinates(n_tokens: int) -> torch.Tensor:
 
 
 def aggregate(
-    centred: torch.Tensor, concept: torch.Tensor, temperature: float, sigma: float, aggregation: str = "weighted"
-) -> torch.Tensor:
+    centred: torch.Tensor, concept: torch.Tensor, temperature: float, sigma: float, aggregation: str = "weighted",
+    prior_placement: str = "inside",
+) -> torch.Tensor:  # fmt: skip
     """(batch, tokens, d) centred patch activations -> (batch, d) image representations.
 
     `concept` is (batch, d): each row's target, which the semantic weights compare against.
+    `prior_placement` "inside": softmax((cos + log prior) / T); "outside": softmax(cos / T + log prior).
     """
     if aggregation == "mean":
         return centred.mean(dim=1)
     semantic = F.cosine_similarity(centred, concept.unsqueeze(1), dim=-1)  # (batch, tokens)
     coords = patch_coordinates(centred.shape[1]).to(centred.device)
     log_prior = -((coords - 0.5) ** 2).sum(dim=-1) / (2 * sigma**2)
-    weights = torch.softmax((semantic + log_prior) / temperature, dim=1)
+    logits = (semantic + log_prior) / temperature if prior_placement == "inside" else semantic / temperature + log_prior
+    weights = torch.softmax(logits, dim=1)
     return (weights.unsqueeze(-1) * centred).sum(dim=1)
 
 
@@ -196,7 +202,7 @@ def synthesise(
         sigma = settings.sigma_start + (settings.sigma_end - settings.sigma_start) * step / max(1, settings.steps - 1)
         views = augment(image(), settings.batch_size, shift, settings.noise_std, generator)
         centred = reader.patches(views) - grey_mean
-        representation = aggregate(centred, targets, settings.temperature, sigma, settings.aggregation)
+        representation = aggregate(centred, targets, settings.temperature, sigma, settings.aggregation, settings.prior_placement)
         cosine = F.cosine_similarity(representation, targets, dim=-1).view(n, settings.batch_size).mean(dim=1)
         loss = -cosine.sum()  # each concept's own loss; summing keeps their gradients separate
         optimiser.zero_grad(set_to_none=False)
@@ -223,7 +229,7 @@ def cosine_matrix(
     out = np.zeros((images.shape[0], concept_vectors.shape[0]))
     for j, concept in enumerate(concept_vectors.float().to(centred.device)):
         target = concept.expand(images.shape[0], -1)
-        representation = aggregate(centred, target, settings.temperature, settings.sigma_end, settings.aggregation)
+        representation = aggregate(centred, target, settings.temperature, settings.sigma_end, settings.aggregation, settings.prior_placement)
         out[:, j] = F.cosine_similarity(representation, target, dim=-1).cpu().numpy()
     return np.nan_to_num(out)  # a zero representation (the grey image itself) has cosine 0
 

@@ -13,6 +13,8 @@ Method (seed 002, Modality Dominance Score), at one decoder layer:
 5. Interpretability per group (eqs. 5-6): embedding similarity I(z) and WinRate W(z) of
    each feature's top-m images (image embedder) and top-m concept texts (text embedder,
    all-MiniLM-L6-v2), against random samples; null: random samples in place of the top m.
+   Over all active features too (group "all"): Table 1's I, W per modality and the WinRate
+   gap between them.
 6. Zero-mask interventions: remove ImgD, TextD or CrossD features from every sample's
    codes, decode through the SAE, and read the category out per modality; null: as many
    random active features removed, `n_random_masks` times.
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 class MDSClassifier(Experiment):
     name: ClassVar[str] = "mds"
+    needs_decoder: ClassVar[bool] = False  # runs on a dual encoder's embeddings too
     config: MDSConfig
 
     def run(self, ctx: RunContext) -> dict[str, float]:
@@ -179,8 +182,8 @@ class MDSClassifier(Experiment):
         rows, metrics = [], {}
         with ctx.timed("interpretability"):
             for modality, (matrix, embeddings) in samples.items():
-                for g in GROUPS:
-                    features = np.flatnonzero(groups == g)
+                for g in (*GROUPS, "all"):  # "all": every active feature, the paper's Table 1
+                    features = np.flatnonzero(groups != "inactive") if g == "all" else np.flatnonzero(groups == g)
                     scores = feature_interpretability(matrix, embeddings, features, self.config.top_m, ctx.seed)
                     scored = scores.dropna(subset=["I"])
                     row = {
@@ -200,6 +203,10 @@ class MDSClassifier(Experiment):
         # The paper's Table 2: how much better each modality's own features read on its inputs.
         metrics["visual_monosemanticity"] = float(lookup["image", "ImgD"] - lookup["image", "TextD"])
         metrics["textual_monosemanticity"] = float(lookup["text", "TextD"] - lookup["text", "ImgD"])
+        # Table 1: the overall WinRate gap between modalities (|delta| large: features lean to one modality).
+        winrate = table.set_index(["modality", "group"])
+        metrics["winrate_delta_image_minus_text"] = float(winrate.loc[("image", "all"), "W_mean"] - winrate.loc[("text", "all"), "W_mean"])
+        metrics["winrate_delta_image_minus_text_null"] = float(winrate.loc[("image", "all"), "W_null_mean"] - winrate.loc[("text", "all"), "W_null_mean"])
         log.info("embedders: text %s; images %s", text_name, image_name)
         return metrics
 

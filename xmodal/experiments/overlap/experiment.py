@@ -50,6 +50,7 @@ def specificity_terms(text: np.ndarray, image: np.ndarray) -> list[tuple[str, np
 
 class CrossModalOverlap(Experiment):
     name: ClassVar[str] = "overlap"
+    needs_decoder: ClassVar[bool] = False  # runs on a dual encoder's embeddings too
     config: OverlapConfig
 
     def run(self, ctx: RunContext) -> dict[str, float]:

@@ -10,8 +10,15 @@ Method (seeds 001 and 003), at one decoder layer, on SAE codes (or raw residuals
    with the source image as group so no image is in both train and test.
 4. Options: binarised codes, a feature budget (the k most class-separating features,
    chosen on training data), removal of features active in too many samples, and
-   low-data splits (`train_per_class` examples per class).
+   low-data splits (`train_per_class` examples per class, or `train_split` 1:9 ... 5:5).
 5. Nulls: chance (majority rate) and a label-shuffled control with a permutation p-value.
+6. Seed 003's extras: the top-N curve (each image token keeps only its N largest SAE
+   activations, then the tokens are summed; an image probe at each N and with all), and
+   per class the features active in most of its images, against their rate in other classes.
+
+With `features=vision_tower` the probes read the VLM's own vision tower instead (patch
+states mean-pooled; seed 001's MODE option, seed 003's ViT baseline): image probes only,
+as text never passes through the tower, and the layer plays no part.
 """
 
 from __future__ import annotations
@@ -23,11 +30,14 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
+from xmodal.data.concepts import ConceptDataset
 from xmodal.data.variants import ATTRIBUTES, attribute_variants
 from xmodal.experiments.base import Experiment, RunContext
-from xmodal.experiments.probe.config import ProbeAttribute, ProbeConfig
-from xmodal.metrics.probes import ProbeScore, over_represented, prepare_features, transfer, within_modality
+from xmodal.experiments.probe.config import ProbeAttribute, ProbeConfig, ProbeFeatures, TrainSplit
+from xmodal.metrics.probes import ProbeScore, over_represented, prepare_features, shared_features, transfer, within_modality
+from xmodal.models.embedders import image_embedder
 from xmodal.reporting import figures
 
 log = logging.getLogger(__name__)
@@ -35,17 +45,52 @@ log = logging.getLogger(__name__)
 
 class LinearProbeTransfer(Experiment):
     name: ClassVar[str] = "probe"
+    needs_decoder: ClassVar[bool] = False  # runs on a dual encoder's embeddings too
     config: ProbeConfig
 
     def run(self, ctx: RunContext) -> dict[str, float]:
+        if self.config.features == ProbeFeatures.vision_tower:
+            return self.run_on_vision_tower(ctx)
         (text_x, text_y), (image_x, image_y) = self.samples(ctx)
         keep = self.feature_filter(text_x, image_x)
+        self.shared_features(ctx, image_x, image_y, keep)
         text_x, image_x = (prepare_features(x, self.config.binarise, keep) for x in (text_x, image_x))
         with ctx.timed("metrics"):
             scores = self.concept_probes(text_x, text_y, image_x, image_y, ctx.seed)
             scores |= self.attribute_probes(ctx, text_x, image_x, keep)
+            curve = self.top_n_curve(ctx, image_y, keep)
         self.save_weights(ctx, scores, keep, int(text_x.shape[1]))
-        return self.report(ctx, scores, len(text_y), len(image_y), int(text_x.shape[1]))
+        return self.report(ctx, scores, len(text_y), len(image_y), int(text_x.shape[1])) | curve
+
+    def run_on_vision_tower(self, ctx: RunContext) -> dict[str, float]:
+        """Image probes (concepts, then the image attributes) on the vision tower's pooled patch states."""
+        c = self.config
+        embed, _ = image_embedder("vision_tower", ctx.model)
+        image_x = prepare_features(self.tower_features(ctx, embed, ctx.dataset), c.binarise)
+        image_y = np.array([img.concept for img in ctx.dataset.images])
+        with ctx.timed("metrics"):
+            scores = {"image_to_image": self.within(image_x, image_y, ctx.seed, what="vision-tower image probe")}
+            for attribute in [str(a) for a in c.attributes if str(a) in ATTRIBUTES]:
+                variants, labels, groups = attribute_variants(ctx.dataset, attribute)
+                x = prepare_features(self.tower_features(ctx, embed, variants), c.binarise)
+                scores[attribute] = within_modality(x, labels, ctx.seed, c.n_permutations, c.budget, groups=groups,
+                                                    what=f"vision-tower {attribute} probe", n_jobs=c.n_jobs)  # fmt: skip
+        self.save_weights(ctx, scores, None, int(image_x.shape[1]))
+        return self.report(ctx, scores, 0, len(image_y), int(image_x.shape[1]))
+
+    def tower_features(self, ctx: RunContext, embed, dataset: ConceptDataset) -> np.ndarray:
+        """(n_images, d_vision): every image of `dataset` through the vision tower, `positions.batch_size` at a time."""
+        batch = ctx.positions.batch_size
+        with ctx.timed("vision_tower"):
+            chunks = [embed([img.load() for img in dataset.images[i : i + batch]])
+                      for i in tqdm(range(0, len(dataset.images), batch), desc=f"{ctx.model.name}: vision tower", leave=False)]  # fmt: skip
+        return np.vstack(chunks)
+
+    def within(self, x: np.ndarray, y: np.ndarray, seed: int, what: str) -> ProbeScore:
+        """A cross-validated probe inside one modality, with the configured budget and low-data split."""
+        c = self.config
+        fraction = TrainSplit(c.train_split).train_fraction if c.train_split is not None else None
+        return within_modality(x, y, seed, c.n_permutations, c.budget, c.train_per_class, what=what, n_jobs=c.n_jobs, train_fraction=fraction)
 
     # 1. samples --------------------------------------------------------------------
     def samples(self, ctx: RunContext) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -75,8 +120,8 @@ class LinearProbeTransfer(Experiment):
         """Within each modality (cross-validated) and across (trained on one, tested on the other)."""
         c = self.config
         return {
-            "text_to_text": within_modality(text_x, text_y, seed, c.n_permutations, c.budget, c.train_per_class, what="text probe", n_jobs=c.n_jobs),
-            "image_to_image": within_modality(image_x, image_y, seed, c.n_permutations, c.budget, c.train_per_class, what="image probe", n_jobs=c.n_jobs),
+            "text_to_text": self.within(text_x, text_y, seed, what="text probe"),
+            "image_to_image": self.within(image_x, image_y, seed, what="image probe"),
             "text_to_image": transfer(text_x, text_y, image_x, image_y, seed, c.n_permutations, c.budget, what="text-to-image probe"),
             "image_to_text": transfer(image_x, image_y, text_x, text_y, seed, c.n_permutations, c.budget, what="image-to-text probe"),
         }  # fmt: skip
@@ -96,6 +141,34 @@ class LinearProbeTransfer(Experiment):
                                                 what=f"{attribute} probe", n_jobs=c.n_jobs)  # fmt: skip
         return scores
 
+    # 6. seed 003's top-N curve and shared features -----------------------------------------
+    def top_n_curve(self, ctx: RunContext, image_y: np.ndarray, keep: np.ndarray | None) -> dict[str, float]:
+        """Image probes on codes where each token keeps its N largest features before the tokens are summed."""
+        if not self.config.top_n_curve:
+            return {}
+        rows, metrics = [], {}
+        settings = [(n, dataclasses.replace(ctx.positions, image_pooling="topn_per_token", top_n=n)) for n in sorted(self.config.top_n_curve)]
+        settings.append((None, dataclasses.replace(ctx.positions, image_pooling="sum")))  # every feature of every token
+        for n, positions in settings:
+            x = prepare_features(ctx.codes(positions=positions, modalities=("image",)).image, self.config.binarise, keep)
+            score = self.within(x, image_y, ctx.seed, what=f"top-{n or 'all'} image probe")
+            rows.append({"top_n": n if n is not None else "all", **score.as_row()})
+            metrics |= {f"top_{n or 'all'}_image_macro_f1": score.macro_f1, f"top_{n or 'all'}_image_accuracy": score.accuracy,
+                        f"top_{n or 'all'}_image_accuracy_null_mean": score.shuffled_mean, f"top_{n or 'all'}_image_p": score.p_value}  # fmt: skip
+        table = pd.DataFrame(rows).astype({"top_n": str})
+        ctx.table("top_n_curve", table)
+        ctx.figure("top_n_curve", figures.top_n_curve(table, ctx.layer))
+        return metrics
+
+    def shared_features(self, ctx: RunContext, image_x: np.ndarray, image_y: np.ndarray, keep: np.ndarray | None) -> None:
+        """Table shared_features: per class, the SAE features active in most of its images (after the over-represented cut)."""
+        if self.config.shared_features_per_class == 0:
+            return
+        table = shared_features(prepare_features(image_x, False, keep), image_y, self.config.shared_features_per_class)
+        if keep is not None:  # back to SAE feature ids
+            table["feature"] = np.flatnonzero(keep)[table["feature"].to_numpy()]
+        ctx.table("shared_features", table)
+
     def save_weights(self, ctx: RunContext, scores: dict[str, ProbeScore], keep: np.ndarray | None, n_columns: int) -> None:
         """weights/probe_<name>.safetensors per probe: its parameters, with the SAE feature id of every column."""
         ids = np.flatnonzero(keep) if keep is not None else np.arange(n_columns)
@@ -103,7 +176,8 @@ class LinearProbeTransfer(Experiment):
             if score.weights is None:
                 continue
             tensors = {**score.weights, "feature_ids": ids[score.weights["columns"]].astype(np.int64)}
-            metadata = {"probe": name, "classes": json.dumps(score.classes), "layer": str(ctx.layer), "sae": ctx.features.name,
+            source = ctx.features.name if self.config.features == ProbeFeatures.decoder else f"{ctx.model.name} vision tower"
+            metadata = {"probe": name, "classes": json.dumps(score.classes), "layer": str(ctx.layer), "features": source,
                         "binarise": str(self.config.binarise)}  # fmt: skip
             ctx.tensors(f"probe_{name}", tensors, metadata)
 
@@ -122,9 +196,6 @@ class LinearProbeTransfer(Experiment):
             metrics[f"{name}_chance"] = score.chance
             metrics[f"{name}_macro_f1"] = score.macro_f1
             metrics[f"{name}_p"] = score.p_value
-        log.info(
-            "layer %d: text->image %.2f (shuffled %.2f, chance %.2f, p=%.3g); image->text %.2f; within text %.2f, image %.2f",
-            ctx.layer, scores["text_to_image"].accuracy, scores["text_to_image"].shuffled_mean, scores["text_to_image"].chance,
-            scores["text_to_image"].p_value, scores["image_to_text"].accuracy, scores["text_to_text"].accuracy, scores["image_to_image"].accuracy,
-        )
+        log.info("layer %d (%s): %s", ctx.layer, self.config.features, "; ".join(
+            f"{name} {s.accuracy:.2f} (shuffled {s.shuffled_mean:.2f}, chance {s.chance:.2f}, p={s.p_value:.3g})" for name, s in scores.items()))  # fmt: skip
         return metrics

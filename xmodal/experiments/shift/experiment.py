@@ -54,6 +54,7 @@ def check_compatible(base: ModelAdapter, vlm: ModelAdapter, texts: Sequence[str]
 
 class RepresentationShift(Experiment):
     name: ClassVar[str] = "shift"
+    needs_images: ClassVar[bool] = False
     config: ShiftConfig
 
     def run(self, ctx: RunContext) -> dict[str, float]:

@@ -1,0 +1,67 @@
+"""Dual encoders (CLIP, SigLIP): one embedding per text and per image, read by the studies that need no decoder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from xmodal.config import PositionsConfig
+from xmodal.data.synthetic import synthetic_shapes
+from xmodal.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from xmodal.models.dual_encoder import tiny_clip
+
+    return tiny_clip(cache_dir=str(tmp_path_factory.mktemp("models")), device="cpu")
+
+
+def test_tiny_clip_is_written_to_disk_and_loads_back_as_a_checkpoint(clip, tmp_path):
+    from xmodal.models.dual_encoder import CLIPAdapter
+
+    folder = clip.identity["name_or_path"]
+    again = CLIPAdapter.from_pretrained("again", folder, dtype="float32", device="cpu")  # the real local-directory path
+    texts = ["red", "a photo of a blue square"]
+    assert clip.embed_texts(texts).shape == (2, clip.hidden_size) == (2, 32)
+    assert torch.allclose(clip.embed_texts(texts), again.embed_texts(texts))
+    assert not torch.allclose(clip.embed_texts(["red"]), clip.embed_texts(["blue"]))
+    assert (clip.num_layers, clip.has_decoder) == (1, False)
+    clip.check_layer(0)
+    with pytest.raises(ConfigError, match="its one layer is the shared embedding, layer=0"):
+        clip.check_layer(3)
+
+
+def test_embeddings_take_the_place_of_tokens_one_per_text_and_image(clip):
+    from xmodal.activations.extract import extract_activations
+
+    dataset = synthetic_shapes(images_per_concept=2, seed=0)
+    acts = extract_activations(clip, dataset, [0], PositionsConfig(text_prompt="a photo of {concept}"), progress=False)[0]
+    n_concepts, n_images = len(dataset.concepts), len(dataset.images)
+    assert acts.text_tokens.shape == (n_concepts, 32) and acts.image_tokens.shape == (n_images, 1, 32)
+    assert torch.allclose(acts.text_tokens_of(1)[0], clip.embed_texts([f"a photo of {dataset.concepts[1].text}"])[0], atol=1e-5)
+    assert torch.allclose(acts.image_tokens[3, 0], clip.embed_images([dataset.images[3].load()])[0], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_mds_probe_and_overlap_run_on_clip_and_decoder_studies_refuse_it(tmp_path):
+    cache = [f"paths.activation_cache={tmp_path / 'cache'}", f"paths.model_cache={tmp_path / 'models'}"]
+    for study, extra in (("mds", ["experiment.n_null=20", "experiment.n_random_masks=3"]), ("probe", ["experiment.n_permutations=20"]),
+                         ("overlap", ["experiment.n_permutations=50"])):  # fmt: skip
+        out = tmp_path / study
+        proc = run_cli("model=clip_tiny", f"experiment={study}", *extra, *cache, f"hydra.run.dir={out}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads((out / "result.json").read_text())
+        assert (result["model"], result["layer"], result["sae"]) == ("clip_tiny", 0, "none")
+    proc = run_cli("model=clip_tiny", "experiment=probe", "layer=5", "experiment.n_permutations=20", *cache,
+                   f"hydra.run.dir={tmp_path / 'probe5'}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0 and "layer=5 is ignored, the embedding (layer 0) is read" in proc.stdout + proc.stderr
+    proc = run_cli("model=clip_tiny", "experiment=steering", *cache, f"hydra.run.dir={tmp_path / 'steer'}", cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in output
+    assert sum("experiment=steering needs a decoder's residual stream, and model 'clip_tiny' is a dual encoder" in line
+               for line in output.splitlines()) == 1, output[-2000:]  # fmt: skip
+    assert not (tmp_path / "steer" / "result.json").exists()
