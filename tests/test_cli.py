@@ -246,6 +246,22 @@ def test_probe_on_the_vision_tower_reads_images_only(workdir, tiny):
     assert proc.returncode != 0 and "with experiment.features=vision_tower there are none" in output and "Traceback" not in output
 
 
+def test_probe_reads_coco_supercategories_from_captions_and_images(tmp_path):
+    """Seed 001's category probes: label=category, one caption and one image per COCO image."""
+    from tests.test_data import make_coco
+
+    root = make_coco(tmp_path / "coco", per_label=6)
+    run_dir = tmp_path / "run"
+    proc = run_cli("experiment=probe", "dataset=coco_supercategories", f"dataset.root={root}", "dataset.supercategories=[animal,vehicle]",
+                   "dataset.images_per_category=6", "experiment.label=category", "experiment.text_templates=['{concept}']",
+                   "experiment.n_permutations=20", "experiment.attributes=[]", f"paths.activation_cache={tmp_path / 'cache'}",
+                   f"hydra.run.dir={run_dir}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probes = pd.read_parquet(run_dir / "tables" / "probes.parquet").set_index("probe")
+    assert (probes["chance"] == 0.5).all() and probes.loc["image_to_image", "n_train"] + probes.loc["image_to_image", "n_test"] == 12
+    assert probes.loc["image_to_image", "accuracy"] == 1.0  # red animals, blue vehicles: the tiny tower tells them apart
+
+
 def test_probe_with_a_single_class_is_refused(tmp_path):
     root = make_photos(tmp_path / "one_class")
     for path in (root / "dog").iterdir():

@@ -123,3 +123,44 @@ def test_hub_dataset_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DatasetError, match="could not load hub dataset 'xmodal-test/does-not-exist'.*To fix"):
         hub_concepts("missing", "xmodal-test/does-not-exist", label_column="label")
+
+
+def make_coco(root, per_label: int = 4):
+    """A COCO 2017 layout in miniature: animals drawn red, vehicles blue, one food image, captions."""
+    import json
+
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    categories = [{"id": 1, "name": "dog", "supercategory": "animal"}, {"id": 2, "name": "car", "supercategory": "vehicle"},
+                  {"id": 3, "name": "pizza", "supercategory": "food"}]  # fmt: skip
+    images, objects, captions = [], [], []
+    plan = [("animal", 1, (200, 40, 40))] * per_label + [("vehicle", 2, (40, 40, 200))] * per_label + [("food", 3, (40, 200, 40))]
+    for image_id, (label, category, colour) in enumerate(plan, start=1):
+        name = f"{image_id:012d}.jpg"
+        Image.new("RGB", (48, 48), colour).save(root / "val2017" / name)
+        images.append({"id": image_id, "file_name": name})
+        objects.append({"id": 10 * image_id, "image_id": image_id, "category_id": category, "area": 900.0})
+        objects.append({"id": 10 * image_id + 1, "image_id": image_id, "category_id": 3, "area": 10.0})  # a small pizza everywhere
+        captions.append({"id": 2 * image_id + 1, "image_id": image_id, "caption": "a second caption"})
+        captions.append({"id": 2 * image_id, "image_id": image_id, "caption": f"a {label} " + "word " * 80})
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps({"images": images, "annotations": objects, "categories": categories}))
+    (root / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    return root
+
+
+def test_coco_images_take_the_supercategory_of_their_largest_object(tmp_path):
+    from xmodal.data.coco import coco_supercategories
+
+    root = make_coco(tmp_path / "coco")
+    dataset = coco_supercategories("coco", str(root), supercategories=["animal", "vehicle"], images_per_category=3, seed=0)
+    assert [c.category for c in dataset.concepts] == ["animal"] * 3 + ["vehicle"] * 3  # the small pizza never wins
+    assert all(len(c.text.split()) == 64 and c.text.startswith(("a animal", "a vehicle")) for c in dataset.concepts)  # first caption, cut
+    assert dataset.images[0].load().getpixel((5, 5))[0] > 150 and len(dataset.images) == 6
+    again = coco_supercategories("coco", str(root), supercategories=["animal", "vehicle"], images_per_category=3, seed=0)
+    assert [c.name for c in again.concepts] == [c.name for c in dataset.concepts]  # seeded
+    with pytest.raises(DatasetError, match=r"\['kitchen'\], not COCO supercategories; pick from \['animal', 'food', 'vehicle'\]"):
+        coco_supercategories("coco", str(root), supercategories=["kitchen"])
+    with pytest.raises(DatasetError, match=r"fewer than dataset.images_per_category=5 .* of \{'animal': 4, 'vehicle': 4\}"):
+        coco_supercategories("coco", str(root), supercategories=["animal", "vehicle"], images_per_category=5)
+    with pytest.raises(DatasetError, match="instances_train2017.json' is missing"):
+        coco_supercategories("coco", str(root), split="train2017")

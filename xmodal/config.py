@@ -145,6 +145,18 @@ class ImageFolderDatasetConfig(DatasetConfig):
 
 
 @dataclass
+class CocoDatasetConfig(DatasetConfig):
+    """COCO 2017 on disk: <root>/<split>/*.jpg and <root>/annotations/{instances,captions}_<split>.json."""
+
+    root: str = MISSING
+    split: str = "val2017"
+    supercategories: list[str] = field(default_factory=lambda: ["animal", "vehicle", "food", "indoor"])
+    images_per_category: int = 50
+    max_caption_words: int = 64
+    seed: int = 0
+
+
+@dataclass
 class BuiltinDatasetConfig(DatasetConfig):
     image_root: Optional[str] = None  # photos as <image_root>/<concept>/*.jpg
     categories: list[str] = field(
@@ -315,6 +327,7 @@ def register_configs() -> None:
         ("dataset", "base_image_folder", ImageFolderDatasetConfig),
         ("dataset", "base_builtin", BuiltinDatasetConfig),
         ("dataset", "base_appendix_e", AppendixEDatasetConfig),
+        ("dataset", "base_coco", CocoDatasetConfig),
         ("logger", "base_none", LoggerConfig),
         ("logger", "base_wandb", WandbLoggerConfig),
     ]:

@@ -21,6 +21,11 @@ class ProbeFeatures(StrEnum):
     vision_tower = "vision_tower"  # the VLM's own vision tower, patch states mean-pooled (seed 001's MODE, seed 003's ViT baseline)
 
 
+class ProbeLabel(StrEnum):
+    concept = "concept"  # each concept is a class
+    category = "category"  # each concept's category is (seed 001's COCO supercategories: animal, vehicle, food, indoor)
+
+
 class TrainSplit(StrEnum):
     """Seed 003's low-data splits: training to test examples per class."""
 
@@ -55,6 +60,7 @@ class ProbeConfig(ExperimentConfig):
     # field because OmegaConf checks an enum by member name, and "1:9" cannot be one; validate() checks it)
     train_split: Optional[str] = None
     features: ProbeFeatures = ProbeFeatures.decoder
+    label: ProbeLabel = ProbeLabel.concept
     top_n_curve: list[int] = field(default_factory=list)  # seed 003's top-N: image probes at each N (e.g. [1, 5, 10, 50]) and with all
     shared_features_per_class: int = 2  # per class, the features active in most of its images (0: no table)
     attributes: list[ProbeAttribute] = field(

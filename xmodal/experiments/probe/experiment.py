@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from xmodal.data.concepts import ConceptDataset
 from xmodal.data.variants import ATTRIBUTES, attribute_variants
 from xmodal.experiments.base import Experiment, RunContext
-from xmodal.experiments.probe.config import ProbeAttribute, ProbeConfig, ProbeFeatures, TrainSplit
+from xmodal.experiments.probe.config import ProbeAttribute, ProbeConfig, ProbeFeatures, ProbeLabel, TrainSplit
 from xmodal.metrics.probes import ProbeScore, over_represented, prepare_features, shared_features, transfer, within_modality
 from xmodal.models.embedders import image_embedder
 from xmodal.reporting import figures
@@ -67,7 +67,7 @@ class LinearProbeTransfer(Experiment):
         c = self.config
         embed, _ = image_embedder("vision_tower", ctx.model)
         image_x = prepare_features(self.tower_features(ctx, embed, ctx.dataset), c.binarise)
-        image_y = np.array([img.concept for img in ctx.dataset.images])
+        image_y = self.labels(ctx, [img.concept for img in ctx.dataset.images])
         with ctx.timed("metrics"):
             scores = {"image_to_image": self.within(image_x, image_y, ctx.seed, what="vision-tower image probe")}
             for attribute in [str(a) for a in c.attributes if str(a) in ATTRIBUTES]:
@@ -101,8 +101,15 @@ class LinearProbeTransfer(Experiment):
             text_x.append(codes.text)
             text_y += codes.concepts
         image_x = ctx.codes(modalities=("image",)).image
-        image_y = np.array([img.concept for img in ctx.dataset.images])
-        return (np.vstack(text_x), np.array(text_y)), (image_x, image_y)
+        image_y = [img.concept for img in ctx.dataset.images]
+        return (np.vstack(text_x), self.labels(ctx, text_y)), (image_x, self.labels(ctx, image_y))
+
+    def labels(self, ctx: RunContext, concepts: list[str]) -> np.ndarray:
+        """The class of each sample: its concept, or with label=category the concept's category."""
+        if self.config.label == ProbeLabel.concept:
+            return np.array(concepts)
+        category = {c.name: c.category for c in ctx.dataset.concepts}
+        return np.array([category[c] for c in concepts])
 
     # 4. options ----------------------------------------------------------------------
     def feature_filter(self, text_x: np.ndarray, image_x: np.ndarray) -> np.ndarray | None:
