@@ -117,6 +117,8 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str, dict]]:
         "unknown_model_offline": (["model=gemma3_4b", "model.name_or_path=google/no-such-vlm"], "could not load model config 'google/no-such-vlm'", offline),
         "embedder_offline": (["experiment=mds", "experiment.text_embedder=sentence-transformers/no-such-embedder", "experiment.zero_mask=false"],
                              "text embedder 'sentence-transformers/no-such-embedder' cannot be loaded", offline),
+        "image_embedder_offline": (["experiment=mds", "experiment.image_embedder_fallback=null", "experiment.zero_mask=false"],
+                                   "could not load image embedder processor 'google/vit-base-patch16-224-in21k'", offline),
         "organism_sae_layer": (["model=organism", "sae=organism", "dataset=organism_concepts", "layer=7"], "not layer=7", {}),
         "organism_sae_width": (["model=organism", "sae=organism", "dataset=organism_concepts", "layer=9", "sae.width=2048"],
                                "sae.width=2048 is not shipped for the instruct organism; the widths are 512, 1024", {}),
@@ -125,7 +127,7 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str, dict]]:
     }
 
 
-@pytest.mark.parametrize("case", ["layer_out_of_range", "layer_not_int", "missing_root", "concept_without_image", "corrupt_image", "sae_width", "unknown_model_offline", "embedder_offline", "organism_sae_layer", "organism_sae_width", "text_only_dataset"])
+@pytest.mark.parametrize("case", ["layer_out_of_range", "layer_not_int", "missing_root", "concept_without_image", "corrupt_image", "sae_width", "unknown_model_offline", "embedder_offline", "image_embedder_offline", "organism_sae_layer", "organism_sae_width", "text_only_dataset"])
 def test_bad_input_gives_one_clear_error_and_no_result(case, tmp_path):
     overrides, message, env = bad_inputs(tmp_path)[case]
     proc = run_cli(*overrides, f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path, env_extra=env, timeout=300)
@@ -169,7 +171,11 @@ def test_mds_study_sweeps_over_layers(workdir):
         assert {"n_ImgD_null_mean", "n_TextD_p", "mds_std_null_mean"} <= set(result["metrics"])
         assert (path.parent / "figures" / "mds_histogram.png").exists()
         scores = pd.read_parquet(path.parent / "tables" / "interpretability.parquet")
-        assert set(scores["embedder"]) == {"all-MiniLM-L6-v2", "tiny vision tower (mean-pooled)"}
+        # offline, the paper's ViT-in21k cannot load: the fallback is used and named as such
+        assert set(scores["embedder"]) == {"all-MiniLM-L6-v2", "tiny vision tower (mean-pooled); fallback, google/vit-base-patch16-224-in21k not loadable"}
+        examples = pd.read_parquet(path.parent / "tables" / "top_examples.parquet")
+        assert set(examples["modality"]) <= {"image", "text"} and examples.groupby(["feature", "modality"])["rank"].max().le(8).all()
+        assert (examples["activation"] > 0).all() and (path.parent / "figures" / "top_images.png").exists()
         assert {"I_mean", "I_null_mean", "W_mean", "W_null_mean"} <= set(scores.columns)
         overall = scores[scores["group"] == "all"].set_index("modality")  # Table 1: every active feature
         assert overall["n_features"].tolist() == [result["metrics"]["n_active_features"]] * 2

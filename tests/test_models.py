@@ -42,3 +42,20 @@ def test_text_only_model_refuses_images():
     adapter = TextOnlyAdapter("t", hf_config=None, load_model=None, load_processor=None, identity={}, device="cpu")
     with pytest.raises(ConfigError, match="text-only"):
         adapter.image_inputs([], "", True)
+
+
+def test_hub_reachability_is_asked_once_and_fast(tmp_path, monkeypatch):
+    """A folder is there; an uncached hub id offline is not, and the answer comes without from_pretrained's retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    from xmodal.models.base import hub_model_reachable
+
+    assert hub_model_reachable(str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    assert not hub_model_reachable("google/vit-base-patch16-224-in21k")
+    assert time.perf_counter() - start < 5

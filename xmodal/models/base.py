@@ -60,6 +60,24 @@ def hub_load(fn: Callable[..., Any], name_or_path: str, what: str, **kwargs: Any
         ) from err
 
 
+def hub_model_reachable(name_or_path: str, timeout_s: float = 3.0) -> bool:
+    """Whether `from_pretrained` can get `name_or_path` now (a folder, a hub id in the local cache, or a
+    hub that answers within `timeout_s`), asked once and fast: offline, `from_pretrained` itself spends a
+    minute or more on retries before it gives up."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
+
+    if Path(name_or_path).expanduser().exists() or isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return True
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        return get_session().head(f"{constants.ENDPOINT}/api/models/{name_or_path}", timeout=timeout_s).status_code < 400
+    except Exception as err:  # the hub client's transport errors; their classes change with its HTTP library
+        log.info("the hub does not answer for %s (%s: %s)", name_or_path, type(err).__name__, err)
+        return False
+
+
 @dataclass
 class TextPrompt:
     """A tokenised text prompt and where the concept's tokens sit in it."""

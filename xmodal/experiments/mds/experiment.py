@@ -30,13 +30,14 @@ import pandas as pd
 import torch
 
 from xmodal.activations.codes import ConceptCodes, concept_codes
-from xmodal.errors import DatasetError
+from xmodal.errors import DatasetError, ModelLoadError
 from xmodal.experiments.base import Experiment, RunContext
-from xmodal.experiments.mds.config import MDSConfig
+from xmodal.experiments.mds.config import ImageEmbedderKind, MDSConfig
 from xmodal.metrics.interpretability import feature_interpretability
 from xmodal.metrics.interventions import zero_mask_effects
 from xmodal.metrics.modality import GROUPS, dominance_groups, modality_dominance, swapped_modalities
-from xmodal.models.embedders import image_embedder, text_embedder
+from xmodal.models.base import hub_model_reachable
+from xmodal.models.embedders import ImageEmbedder, image_embedder, text_embedder
 from xmodal.reporting import figures
 from xmodal.saes.loading import FeatureSpace
 from xmodal.saes.training import train_topk_sae
@@ -60,6 +61,8 @@ class MDSClassifier(Experiment):
             size_table = self.group_sizes(groups, null_sizes)
         ctx.table("features", feature_table)
         ctx.table("group_sizes", size_table)
+        if self.config.top_examples:
+            self.top_examples(ctx, codes, feature_table)
         with ctx.timed("figures"):
             ctx.figure("mds_histogram", figures.mds_histogram(mds, mu, sigma, np.concatenate(null_mds), ctx.layer))
             if self.space is ctx.features and ctx.features.sae is not None:  # not the on-the-fly MSAE: its codes are not per token here
@@ -108,6 +111,26 @@ class MDSClassifier(Experiment):
         concept_index = {name: i for i, name in enumerate(codes.concepts)}
         owners = np.array([concept_index[c] for c in codes.image_concepts])
         return codes.image, codes.text[owners]
+
+    def top_examples(self, ctx: RunContext, codes: ConceptCodes, feature_table: pd.DataFrame) -> None:
+        """Figures 2-4 of the paper: per group, its two features active in most pairs, with their top images
+        (figure `top_images`) and top texts (table `top_examples`, both modalities)."""
+        n = self.config.top_examples
+        chosen = feature_table.sort_values("n_pairs_active", ascending=False, kind="stable").groupby("group", sort=False).head(2)
+        rows, grid, labels = [], [], []
+        for feature, group, mds in zip(chosen["feature"], chosen["group"], chosen["mds"]):
+            for modality, matrix, names in (("image", codes.image, codes.image_concepts), ("text", codes.text, codes.concepts)):
+                order = [i for i in np.argsort(-matrix[:, feature], kind="stable")[:n] if matrix[i, feature] > 0]
+                rows += [{"feature": int(feature), "group": group, "mds": float(mds), "modality": modality, "rank": rank + 1,
+                          "concept": names[i], "text": ctx.dataset.concept(names[i]).text, "activation": float(matrix[i, feature])}
+                         for rank, i in enumerate(order)]  # fmt: skip
+                if modality == "image" and order:  # a feature silent on every image has its texts in the table only
+                    grid.append([ctx.dataset.images[i].load() for i in order])  # code row i is dataset image i
+                    labels.append(f"{group} {feature}\nMDS {mds:.2f}")
+        ctx.table("top_examples", pd.DataFrame(rows))
+        if grid:
+            ctx.figure("top_images", figures.image_grid(grid, labels, [f"#{k + 1}" for k in range(n)],
+                                                        f"Top images of each group's busiest features, layer {ctx.layer}"))  # fmt: skip
 
     # 4. null ----------------------------------------------------------------------
     def swapped_null(self, image: np.ndarray, text: np.ndarray, seed: int) -> tuple[dict[str, list[int]], list[np.ndarray]]:
@@ -171,7 +194,7 @@ class MDSClassifier(Experiment):
     def interpretability_scores(self, ctx: RunContext, codes: ConceptCodes, groups: np.ndarray) -> dict[str, float]:
         """I(z) and WinRate per group and modality, each beside its random-sample null."""
         embed_text, text_name = text_embedder(self.config.text_embedder)
-        embed_images, image_name = image_embedder(str(self.config.image_embedder), ctx.model, self.config.image_embedder_path)
+        embed_images, image_name = self.image_embedder(ctx)
         texts = [c.text for c in ctx.dataset.concepts]
         with ctx.timed("embeddings"):
             samples = {
@@ -210,6 +233,22 @@ class MDSClassifier(Experiment):
         log.info("embedders: text %s; images %s", text_name, image_name)
         return metrics
 
+    def image_embedder(self, ctx: RunContext) -> tuple[ImageEmbedder, str]:
+        """The configured image embedder; if it cannot be loaded, the fallback, named as such in the results."""
+        c = self.config
+        fallback = c.image_embedder_fallback if c.image_embedder_fallback != c.image_embedder else None
+        try:
+            if fallback is not None and c.image_embedder == ImageEmbedderKind.hf and not hub_model_reachable(str(c.image_embedder_path)):
+                raise ModelLoadError(f"{c.image_embedder_path} is neither on disk nor in the Hugging Face cache, and the hub does not answer")
+            return image_embedder(str(c.image_embedder), ctx.model, c.image_embedder_path)
+        except ModelLoadError as err:
+            if fallback is None:
+                raise
+            log.warning("image embedder %s cannot be loaded (%s); I(z) on images uses %s instead, which is not independent of "
+                        "the model under study", c.image_embedder_path, str(err).split(";")[0], fallback)  # fmt: skip
+            embed, name = image_embedder(str(fallback), ctx.model, None)
+            return embed, f"{name}; fallback, {c.image_embedder_path} not loadable"
+
     # 6. zero-mask interventions ------------------------------------------------------
     def zero_mask_interventions(self, ctx: RunContext, codes: ConceptCodes, groups: np.ndarray) -> dict[str, float]:
         """Readout accuracy per modality after removing each group (and random sets of equal size)."""
@@ -240,8 +279,10 @@ class MDSClassifier(Experiment):
     def train_msae(self, ctx: RunContext) -> FeatureSpace:
         """The paper's multimodal SAE: one TopK SAE (sae-lens) on both modalities' tokens at this layer.
 
-        Text tokens are resampled to as many rows as image tokens, so neither modality
-        owns the dictionary by sheer count. Saved in sae-lens format under msae/.
+        Matched pairs: every image token is paired with a token of its own concept's text, so
+        both modalities give as many rows and neither owns the dictionary by sheer count (on a
+        dual encoder, each image embedding with its concept's text embedding). Saved in
+        sae-lens format under msae/.
         """
         d_sae, k, epochs = self.config.msae_d_sae, self.config.msae_k, self.config.msae_epochs
         acts = ctx.activations()[ctx.layer]
@@ -249,8 +290,12 @@ class MDSClassifier(Experiment):
         text_rows = acts.text_tokens.float()
         if len(text_rows) == 0 or len(image_rows) == 0:
             raise DatasetError("experiment.msae=true needs text and image tokens; the dataset gives one modality only")
+        # Matched pairs, as the paper's objective has them: beside each image token, a token of its own concept's text.
         generator = torch.Generator().manual_seed(ctx.seed)
-        text_rows = text_rows[torch.randint(len(text_rows), (len(image_rows),), generator=generator)]
+        owner = {name: i for i, name in enumerate(acts.concepts)}
+        concept_of_row = torch.tensor([owner[c] for c in acts.image_concepts]).repeat_interleave(acts.image_tokens.shape[1])
+        start, length = acts.text_offsets[concept_of_row], acts.text_offsets[concept_of_row + 1] - acts.text_offsets[concept_of_row]
+        text_rows = text_rows[start + (torch.rand(len(concept_of_row), generator=generator) * length).long()]
         rows = torch.cat([image_rows, text_rows])
         batch_size = min(256, len(rows))
         with ctx.timed("msae"):
