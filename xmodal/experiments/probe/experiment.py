@@ -37,7 +37,7 @@ from xmodal.data.variants import ATTRIBUTES, attribute_variants
 from xmodal.experiments.base import Experiment, RunContext
 from xmodal.experiments.probe.config import ProbeAttribute, ProbeConfig, ProbeFeatures, ProbeLabel, TrainSplit
 from xmodal.metrics.probes import ProbeScore, over_represented, prepare_features, shared_features, transfer, within_modality
-from xmodal.models.embedders import image_embedder
+from xmodal.models.embedders import ImageEmbedder, image_embedder
 from xmodal.reporting import figures
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class LinearProbeTransfer(Experiment):
         self.save_weights(ctx, scores, None, int(image_x.shape[1]))
         return self.report(ctx, scores, 0, len(image_y), int(image_x.shape[1]))
 
-    def tower_features(self, ctx: RunContext, embed, dataset: ConceptDataset) -> np.ndarray:
+    def tower_features(self, ctx: RunContext, embed: ImageEmbedder, dataset: ConceptDataset) -> np.ndarray:
         """(n_images, d_vision): every image of `dataset` through the vision tower, `positions.batch_size` at a time."""
         batch = ctx.positions.batch_size
         with ctx.timed("vision_tower"):
