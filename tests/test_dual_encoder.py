@@ -65,3 +65,28 @@ def test_mds_probe_and_overlap_run_on_clip_and_decoder_studies_refuse_it(tmp_pat
     assert sum("experiment=steering needs a decoder's residual stream, and model 'clip_tiny' is a dual encoder" in line
                for line in output.splitlines()) == 1, output[-2000:]  # fmt: skip
     assert not (tmp_path / "steer" / "result.json").exists()
+
+
+def test_siglip_pads_texts_to_max_length_so_a_text_embeds_the_same_in_any_batch(tmp_path):
+    """SigLIP pools the last position: with max-length padding (its adapter's choice) that is batch-independent."""
+    import types
+
+    from PIL import Image
+    from transformers import CLIPTokenizer, SiglipConfig, SiglipModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from xmodal.models.dual_encoder import SiglipAdapter, byte_level_clip_tokenizer_files
+
+    byte_level_clip_tokenizer_files(tmp_path)  # any tokenizer will do for the mechanics
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = SiglipConfig(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **common),
+                          vision_config=dict(image_size=32, patch_size=8, **common))  # fmt: skip
+    torch.manual_seed(0)
+    model = SiglipModel(config).eval()
+    processor = types.SimpleNamespace(tokenizer=tokenizer, image_processor=SiglipImageProcessorPil(size={"height": 32, "width": 32}))
+    siglip = SiglipAdapter("siglip_tiny", config, lambda: model, lambda: processor, {"family": "siglip"}, torch.device("cpu"))
+    alone, in_batch = siglip.embed_texts(["red"])[0], siglip.embed_texts(["red", "a much longer blue square"])[0]
+    assert siglip.hidden_size == 32 and torch.allclose(alone, in_batch, atol=1e-5)
+    assert siglip.embed_images([Image.new("RGB", (40, 40), (255, 0, 0))]).shape == (1, 32)
