@@ -259,6 +259,8 @@ def test_appendix_e_concepts_are_the_papers_list():
     assert [c.text for c in seasons.concepts] == ["spring", "summer", "autumn", "winter"]
     targets = DASynthesis(DASConfig(concepts=[])).targets(seasons)  # [] is every concept of the dataset
     assert [(t.name, t.category) for t in targets][:2] == [("spring", "season"), ("summer", "season")]
+    with pytest.raises(ConfigError, match=r"experiment.judge_synonyms names \['wintr'\], which are not among the concepts"):
+        DASynthesis(DASConfig(concepts=[], judge_synonyms={"wintr": ["snow"]})).targets(seasons)
     with pytest.raises(DatasetError, match=r"unknown categories \['animals'\]; Appendix E's list has"):
         appendix_e_concepts(categories=["animals"])
 

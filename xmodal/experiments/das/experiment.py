@@ -71,14 +71,19 @@ class DASynthesis(Experiment):
     def targets(self, dataset: ConceptDataset) -> list[Target]:
         """Dataset concepts by name or text; any other string is taken as a bare word. No concepts: all the dataset's."""
         if not self.config.concepts:
-            return [Target(c.name, c.text, c.category, c.synonyms) for c in dataset.concepts]
-        by_key = {key: c for c in dataset.concepts for key in (c.name, c.text)}
-        out = []
-        for entry in self.config.concepts:
-            if not str(entry).strip():
-                raise DatasetError(f"experiment.concepts has an empty concept {entry!r}; give every concept a word")
-            concept = by_key.get(entry)
-            out.append(Target(concept.name, concept.text, concept.category, concept.synonyms) if concept else Target(entry, entry, ""))
+            out = [Target(c.name, c.text, c.category, c.synonyms) for c in dataset.concepts]
+        else:
+            by_key = {key: c for c in dataset.concepts for key in (c.name, c.text)}
+            out = []
+            for entry in self.config.concepts:
+                if not str(entry).strip():
+                    raise DatasetError(f"experiment.concepts has an empty concept {entry!r}; give every concept a word")
+                concept = by_key.get(entry)
+                out.append(Target(concept.name, concept.text, concept.category, concept.synonyms) if concept else Target(entry, entry, ""))
+        stray = sorted(set(self.config.judge_synonyms) - {t.name for t in out})
+        if stray:  # a typo would otherwise widen no rubric, silently
+            raise ConfigError(f"experiment.judge_synonyms names {stray}, which are not among the concepts {[t.name for t in out][:12]}; "
+                              "key it by concept name")  # fmt: skip
         return out
 
     def preset(self, layer: int, num_layers: int) -> tuple[float, float]:
