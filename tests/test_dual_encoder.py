@@ -29,9 +29,9 @@ def test_tiny_clip_is_written_to_disk_and_loads_back_as_a_checkpoint(clip, tmp_p
     assert clip.embed_texts(texts).shape == (2, clip.hidden_size) == (2, 32)
     assert torch.allclose(clip.embed_texts(texts), again.embed_texts(texts))
     assert not torch.allclose(clip.embed_texts(["red"]), clip.embed_texts(["blue"]))
-    assert (clip.num_layers, clip.has_decoder) == (1, False)
-    clip.check_layer(0)
-    with pytest.raises(ConfigError, match="its one layer is the shared embedding, layer=0"):
+    assert (clip.num_layers, clip.has_decoder) == (3, False)  # the embedding, then two blocks per tower
+    clip.check_layer(2)
+    with pytest.raises(ConfigError, match="layer=3 is out of range for model 'clip_tiny', a dual encoder: layer=0 is the shared embedding"):
         clip.check_layer(3)
 
 
@@ -45,6 +45,16 @@ def test_embeddings_take_the_place_of_tokens_one_per_text_and_image(clip):
     assert torch.allclose(acts.text_tokens_of(1)[0], clip.embed_texts([f"a photo of {dataset.concepts[1].text}"])[0], atol=1e-5)
     assert torch.allclose(acts.image_tokens[3, 0], clip.embed_images([dataset.images[3].load()])[0], atol=1e-5)
 
+    # layer 1: the towers' hidden states after one block, text at its end-of-text token, images averaged over tokens
+    tower = extract_activations(clip, dataset, [1], PositionsConfig(text_prompt="{concept}"), progress=False)[1]
+    ids = clip.processor.tokenizer([dataset.concepts[0].text], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        text_states = clip.model.text_model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+        pixels = clip.processor.image_processor([dataset.images[0].load()], return_tensors="pt")["pixel_values"]
+        image_states = clip.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[1]
+    assert torch.allclose(tower.text_tokens[0], text_states[0, -1], atol=1e-5)  # the last token is end-of-text
+    assert torch.allclose(tower.image_tokens[0, 0], image_states[0].mean(dim=0), atol=1e-5)
+
 
 @pytest.mark.slow
 def test_mds_probe_and_overlap_run_on_clip_and_decoder_studies_refuse_it(tmp_path):
@@ -52,13 +62,16 @@ def test_mds_probe_and_overlap_run_on_clip_and_decoder_studies_refuse_it(tmp_pat
     for study, extra in (("mds", ["experiment.n_null=20", "experiment.n_random_masks=3"]), ("probe", ["experiment.n_permutations=20"]),
                          ("overlap", ["experiment.n_permutations=50"])):  # fmt: skip
         out = tmp_path / study
-        proc = run_cli("model=clip_tiny", f"experiment={study}", *extra, *cache, f"hydra.run.dir={out}", cwd=tmp_path)
+        proc = run_cli("model=clip_tiny", "layer=0", f"experiment={study}", *extra, *cache, f"hydra.run.dir={out}", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads((out / "result.json").read_text())
         assert (result["model"], result["layer"], result["sae"]) == ("clip_tiny", 0, "none")
-    proc = run_cli("model=clip_tiny", "experiment=probe", "layer=5", "experiment.n_permutations=20", *cache,
-                   f"hydra.run.dir={tmp_path / 'probe5'}", cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0 and "layer=5 is ignored, the embedding (layer 0) is read" in proc.stdout + proc.stderr
+    proc = run_cli("model=clip_tiny", "experiment=probe", "layer=2", "experiment.n_permutations=20", *cache,
+                   f"hydra.run.dir={tmp_path / 'probe2'}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "probe2" / "result.json").read_text())["layer"] == 2  # the towers after both blocks
+    proc = run_cli("model=clip_tiny", "experiment=probe", "layer=5", *cache, f"hydra.run.dir={tmp_path / 'probe5'}", cwd=tmp_path)
+    assert proc.returncode != 0 and "layer=5 is out of range for model 'clip_tiny'" in proc.stdout + proc.stderr
     proc = run_cli("model=clip_tiny", "experiment=steering", *cache, f"hydra.run.dir={tmp_path / 'steer'}", cwd=tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Traceback" not in output

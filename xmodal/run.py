@@ -90,12 +90,10 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
     experiment = build_experiment(cfg.experiment)
     model = instantiate_model(cfg.model)  # reads the model config only; weights load on first use
     experiment.check_model(model)
-    if model.has_decoder:
+    if not model.has_decoder and str(cfg.layer).startswith("preset:"):
+        layer = 0  # a dual encoder's preset is its shared embedding (the default layer=preset:1 names a decoder's)
+    else:
         layer = resolve_layer(layer_spec, model.num_layers, model.layer_presets, model.name)
-    else:  # a dual encoder has one layer, its shared embedding; a layer sweep repeats the same job
-        layer = 0
-        if str(cfg.layer) not in ("0", "preset:0", "preset:1", "rel:0"):
-            log.warning("model %s is a dual encoder: layer=%s is ignored, the embedding (layer 0) is read", model.name, cfg.layer)
     model.check_layer(layer)
     features = instantiate(cfg.sae, layer=layer)
     features.check_model(model.name, model.hidden_size, layer)

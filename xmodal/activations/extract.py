@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from xmodal.activations.capture import run_to_layers
 from xmodal.config import PositionsConfig
 from xmodal.data.concepts import ConceptDataset
+from xmodal.errors import ConfigError
 from xmodal.models.base import ModelAdapter
 
 
@@ -57,7 +58,7 @@ def extract_activations(
     for layer in layers:
         adapter.check_layer(layer)
     if not adapter.has_decoder:
-        return {0: embedding_activations(adapter, dataset, positions, modalities, progress)}
+        return {layer: embedding_activations(adapter, dataset, positions, modalities, progress, layer) for layer in layers}
     model, decoder_layers, device = adapter.model, adapter.decoder_layers(), adapter.device
     pad_id = adapter.tokenizer.pad_token_id or 0
 
@@ -119,30 +120,35 @@ def extract_activations(
 
 
 def embedding_activations(
-    adapter: ModelAdapter, dataset: ConceptDataset, positions: PositionsConfig, modalities: Sequence[str], progress: bool = True
+    adapter: ModelAdapter, dataset: ConceptDataset, positions: PositionsConfig, modalities: Sequence[str], progress: bool = True,
+    layer: int = 0,
 ) -> LayerActivations:
-    """A dual encoder's embeddings in the layout of decoder activations: one token per text and per image.
+    """A dual encoder's embeddings (layer 0) or pooled tower states (layer l) in the layout of decoder
+    activations: one token per text and per image.
 
     The text is `positions.text_prompt` with the concept in it (no chat template: CLIP has none).
     """
+    text_width, image_width = adapter.width(layer, "text"), adapter.width(layer, "image")
+    if text_width != image_width and set(modalities) >= {"text", "image"}:
+        raise ConfigError(f"layer={layer} of {adapter.name!r}: its text tower is {text_width} wide and its vision tower "
+                          f"{image_width}, so texts and images share no space there; use layer=0, the shared embedding")  # fmt: skip
     concepts = dataset.concepts if "text" in modalities else []
     texts = [positions.text_prompt.format(concept=c.text) for c in concepts]
     images = dataset.images if "image" in modalities else []
-    text = [adapter.embed_texts(texts[i] for i in batch) for batch in _batches(len(texts), positions.batch_size)]
+    text = [adapter.embed_texts([texts[i] for i in batch], layer) for batch in _batches(len(texts), positions.batch_size)]
     image = [
-        adapter.embed_images([images[i].load() for i in batch])
+        adapter.embed_images([images[i].load() for i in batch], layer)
         for batch in tqdm(_batches(len(images), positions.batch_size), desc=f"{adapter.name}: images", disable=not progress, leave=False)
     ]
-    d = adapter.hidden_size
-    image_tokens = torch.cat(image).unsqueeze(1) if image else torch.zeros(0, 1, d)
+    image_tokens = torch.cat(image).unsqueeze(1) if image else torch.zeros(0, 1, image_width)
     return LayerActivations(
-        layer=0,
+        layer=layer,
         concepts=[c.name for c in concepts],
-        text_tokens=torch.cat(text) if text else torch.zeros(0, d),
+        text_tokens=torch.cat(text) if text else torch.zeros(0, text_width),
         text_offsets=torch.arange(len(concepts) + 1),
         image_concepts=[img.concept for img in images],
         image_sources=[img.source for img in images],
         image_tokens=image_tokens,
         image_eoi=image_tokens[:, 0].clone(),  # its own storage: the cache writes both with safetensors
-        meta={"model": adapter.name, "space": "shared embedding"},
+        meta={"model": adapter.name, "space": "shared embedding" if layer == 0 else f"tower hidden states after {layer} blocks"},
     )

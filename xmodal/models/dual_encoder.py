@@ -1,10 +1,13 @@
 """Dual encoders (CLIP, SigLIP): a text tower and an image tower that meet in one embedding space.
 
 Seed 002 studies CLIP itself. There is no decoder and no residual stream here: what the
-studies read is the shared embedding, one vector per text and one per image, as a single
-"token" at the one layer there is (layer 0). So the studies that compare codes across
-modalities (mds, probe, overlap) run unchanged; those that need a decoder (steering,
-shift, DAS, the logit lens, ...) refuse a dual encoder before it loads.
+studies read at `layer=0` is the shared embedding, one vector per text and one per image, as
+a single "token". `layer=l` (1 up to the shallower tower's depth) reads both towers' hidden
+states after l blocks instead, pooled where each tower pools (text: the token its pooler
+reads; image: the mean over patches); text and image share a space there only when the two
+towers have the same width. The studies that compare codes across modalities (mds, probe,
+overlap) run unchanged; those that need a decoder (steering, shift, DAS, the logit lens, ...)
+refuse a dual encoder before it loads.
 
 Family differences sit in the two small subclasses: the `transformers` model class, and
 how texts are padded (SigLIP was trained on max-length padding and expects it).
@@ -43,11 +46,18 @@ class DualEncoderAdapter(ModelAdapter):
 
     @property
     def num_layers(self) -> int:
-        return 1  # the shared embedding space
+        """Layer 0, the shared embedding, then the towers' blocks 1 .. the shallower tower's depth."""
+        return 1 + min(self.hf_config.text_config.num_hidden_layers, self.hf_config.vision_config.num_hidden_layers)
 
     @property
     def hidden_size(self) -> int:
+        """The width of the shared embedding (layer 0)."""
         return int(self.hf_config.projection_dim if hasattr(self.hf_config, "projection_dim") else self.hf_config.text_config.hidden_size)
+
+    def width(self, layer: int, modality: str) -> int:
+        if layer == 0:
+            return self.hidden_size
+        return int((self.hf_config.text_config if modality == "text" else self.hf_config.vision_config).hidden_size)
 
     @property
     def image_token_id(self) -> int | None:
@@ -57,21 +67,34 @@ class DualEncoderAdapter(ModelAdapter):
         raise ConfigError(f"model {self.name!r} is a dual encoder (CLIP/SigLIP): it has no decoder layers")
 
     def check_layer(self, layer: int) -> None:
-        if layer != 0:
-            raise ConfigError(f"layer={layer}: model {self.name!r} is a dual encoder; its one layer is the shared embedding, layer=0")
+        if not 0 <= layer < self.num_layers:
+            raise ConfigError(f"layer={layer} is out of range for model {self.name!r}, a dual encoder: layer=0 is the shared "
+                              f"embedding, layers 1..{self.num_layers - 1} its towers' hidden states")  # fmt: skip
+
+    def text_pool_index(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per text, the position its tower's pooler reads: CLIP's end-of-text token, the last real one."""
+        return attention_mask.sum(dim=1) - 1
 
     # ------------------------------------------------------------ embeddings --
     @torch.inference_mode()
-    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """(n, projection_dim) text embeddings, as the model's contrastive head sees them (not normalised)."""
+    def embed_texts(self, texts: Sequence[str], layer: int = 0) -> torch.Tensor:
+        """(n, width) per text: the embedding the contrastive head sees (layer 0, not normalised), or the
+        text tower's hidden state after `layer` blocks at the position its pooler reads."""
         inputs = self.processor.tokenizer(list(texts), padding=self.text_padding, truncation=True, return_tensors="pt").to(self.device)
-        return _pooled(self.model.get_text_features(**inputs)).float().cpu()
+        out = self.model.get_text_features(**inputs, output_hidden_states=layer > 0)
+        if layer == 0:
+            return _pooled(out).float().cpu()
+        hidden = out.hidden_states[layer]
+        return hidden[torch.arange(len(hidden)), self.text_pool_index(inputs["attention_mask"])].float().cpu()
 
     @torch.inference_mode()
-    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """(n, projection_dim) image embeddings."""
+    def embed_images(self, images: Sequence[Image.Image], layer: int = 0) -> torch.Tensor:
+        """(n, width) per image: the embedding (layer 0), or the vision tower's hidden state after `layer` blocks, mean over tokens."""
         pixels = self.processor.image_processor([img.convert("RGB") for img in images], return_tensors="pt")["pixel_values"]
-        return _pooled(self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))).float().cpu()
+        out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype), output_hidden_states=layer > 0)
+        if layer == 0:
+            return _pooled(out).float().cpu()
+        return out.hidden_states[layer].mean(dim=1).float().cpu()
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -86,6 +109,9 @@ class CLIPAdapter(DualEncoderAdapter):
 class SiglipAdapter(DualEncoderAdapter):
     family: ClassVar[str] = "siglip"
     text_padding: ClassVar[str] = "max_length"  # SigLIP's text tower was trained on padding to 64 tokens
+
+    def text_pool_index(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(attention_mask),), attention_mask.shape[1] - 1)  # SigLIP pools the last position, padding or not
 
 
 # ------------------------------------------------------------------ tiny CLIP --
