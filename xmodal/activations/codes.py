@@ -9,6 +9,7 @@ SAE an input it never saw.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -81,6 +82,16 @@ def pool_tokens(codes: torch.Tensor, how: str, top_n: int = 5) -> torch.Tensor:
         values, indices = codes.topk(n, dim=-1)
         return torch.zeros_like(codes).scatter(-1, indices, values).sum(dim=-2)
     raise ValueError(f"unknown pooling {how!r}")
+
+
+def image_codes_pooled_several_ways(acts: LayerActivations, space: FeatureSpace, poolings: Sequence[tuple[str, int]]) -> list[np.ndarray]:
+    """Per (how, top_n) in `poolings`, the (n_images, d_sae) pooled image codes; each image's tokens are encoded once."""
+    out: list[list[torch.Tensor]] = [[] for _ in poolings]
+    for tokens in acts.image_tokens:  # one image at a time keeps dense SAE codes small
+        codes = space.encode(tokens)
+        for rows, (how, top_n) in zip(out, poolings):
+            rows.append(pool_tokens(codes, how, top_n))
+    return [torch.stack(rows).numpy() if rows else np.zeros((0, space.d_sae), np.float32) for rows in out]
 
 
 def concept_codes(acts: LayerActivations, space: FeatureSpace, positions: PositionsConfig) -> ConceptCodes:

@@ -39,6 +39,8 @@ def coco_supercategories(
     seed: int = 0,
 ) -> ConceptDataset:
     root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise DatasetError(f"dataset.root {root!r} does not exist or is not a folder; point it at COCO 2017 ({split}/ and annotations/)")
     instances = _read_json(root_path / "annotations" / f"instances_{split}.json")
     captions = _read_json(root_path / "annotations" / f"captions_{split}.json")
     supercategory_of = {c["id"]: c["supercategory"] for c in instances["categories"]}

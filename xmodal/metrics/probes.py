@@ -138,10 +138,8 @@ def within_modality(
     chance = float(counts.max() / counts.sum())
     if train_per_class is not None:
         n_train = train_per_class * len(classes)
-    elif train_fraction is not None:
-        n_train = next(iter(cv.split(x, y)))[0].size
-    else:
-        n_train = int(len(y) * (1 - 1 / cv.get_n_splits()))
+    elif train_fraction is None:
+        n_train = int(len(y) * (1 - 1 / cv.get_n_splits()))  # (a fractional split set n_train above)
     weights, names = fitted_weights(probe.fit(x, y))  # the probe to keep: fitted on every sample once scored
     return ProbeScore(float(score), float(macro_f1), chance, float(null.mean()), float(np.quantile(null, 0.975)), float(p_value),
                       n_train, len(y) - n_train, weights, names)  # fmt: skip

@@ -168,4 +168,3 @@ def tiny_clip(
     adapter = CLIPAdapter.from_pretrained(name, str(folder), dtype=dtype, device=device, layer_presets=layer_presets, sae_release=sae_release)
     adapter.identity |= {"from": "tiny random CLIP", "init_seed": init_seed}
     return adapter
-

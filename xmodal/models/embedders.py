@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from xmodal.errors import ConfigError, ModelLoadError
 from xmodal.models.base import ModelAdapter, hub_load
@@ -26,6 +27,12 @@ log = logging.getLogger(__name__)
 TextEmbedder = Callable[[Sequence[str]], np.ndarray]
 ImageEmbedder = Callable[[Sequence[Image.Image]], np.ndarray]
 MINILM = "all-MiniLM-L6-v2"
+
+
+def embed_in_batches(embed: ImageEmbedder, images: Sequence[Image.Image], batch_size: int = 32, desc: str | None = None) -> np.ndarray:
+    """(n_images, d): `embed` over `images`, `batch_size` at a time (a progress bar when `desc` is given)."""
+    starts = range(0, len(images), batch_size)
+    return np.vstack([embed(images[i : i + batch_size]) for i in tqdm(starts, desc=desc, disable=desc is None, leave=False)])
 
 
 def text_embedder(name: str = MINILM, device: str = "cpu") -> tuple[TextEmbedder, str]:

@@ -259,15 +259,11 @@ class DASynthesis(Experiment):
             return None
         rng = np.random.default_rng(ctx.seed)
         side = ctx.model.image_side()
-        rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-        for _ in range(n):
-            noise = Image.fromarray(rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8))
-            inputs = ctx.model.image_inputs([noise], ctx.positions.image_prompt, ctx.positions.use_chat_template).to(ctx.model.device)
-            mask = ctx.model.image_token_mask(inputs["input_ids"])[0]
-            hidden = run_to_layers(ctx.model.model, ctx.model.decoder_layers(), inputs, layers)
-            for layer in layers:
-                rows[layer].append(hidden[layer][0, mask].float().cpu())
-        return {layer: torch.stack(rows[layer]) for layer in layers}
+        noise = [Image.fromarray(rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)) for _ in range(n)]
+        inputs = ctx.model.image_inputs(noise, ctx.positions.image_prompt, ctx.positions.use_chat_template).to(ctx.model.device)
+        mask = ctx.model.image_token_mask(inputs["input_ids"])
+        hidden = run_to_layers(ctx.model.model, ctx.model.decoder_layers(), inputs, layers)  # all noise images in one pass
+        return {layer: hidden[layer][mask].view(n, -1, hidden[layer].shape[-1]).float().cpu() for layer in layers}
 
     def alignment(self, ctx: RunContext, subset: ConceptDataset) -> dict[str, float]:
         """Appendix A at every layer up to the model's last, for the alignment concepts (two or more)."""

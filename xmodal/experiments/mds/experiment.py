@@ -37,7 +37,7 @@ from xmodal.metrics.interpretability import feature_interpretability
 from xmodal.metrics.interventions import zero_mask_effects
 from xmodal.metrics.modality import GROUPS, dominance_groups, modality_dominance, swapped_modalities
 from xmodal.models.base import hub_model_reachable
-from xmodal.models.embedders import ImageEmbedder, image_embedder, text_embedder
+from xmodal.models.embedders import ImageEmbedder, embed_in_batches, image_embedder, text_embedder
 from xmodal.reporting import figures
 from xmodal.saes.loading import FeatureSpace
 from xmodal.saes.training import train_topk_sae
@@ -200,7 +200,7 @@ class MDSClassifier(Experiment):
             samples = {
                 "text": (codes.text, embed_text(texts)),
                 # code row i is dataset image i; sources can repeat (the organism's rendered words), so not by source
-                "image": (codes.image, _batched(embed_images, [image.load() for image in ctx.dataset.images])),
+                "image": (codes.image, embed_in_batches(embed_images, [image.load() for image in ctx.dataset.images])),
             }
         rows, metrics = [], {}
         with ctx.timed("interpretability"):
@@ -304,7 +304,3 @@ class MDSClassifier(Experiment):
             sae.save_inference_model(ctx.writer.output_dir / "msae")
         identity = {"kind": "msae", "d_sae": d_sae, "k": k, "epochs": epochs, "seed": ctx.seed}
         return FeatureSpace("msae", ctx.layer, sae.eval(), int(rows.shape[1]), identity)
-
-
-def _batched(embed, items: list, batch_size: int = 32) -> np.ndarray:
-    return np.vstack([embed(items[i : i + batch_size]) for i in range(0, len(items), batch_size)])

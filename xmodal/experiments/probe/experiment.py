@@ -26,18 +26,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from xmodal.activations.codes import image_codes_pooled_several_ways
 from xmodal.data.concepts import ConceptDataset
 from xmodal.data.variants import ATTRIBUTES, attribute_variants
 from xmodal.experiments.base import Experiment, RunContext
 from xmodal.experiments.probe.config import ProbeAttribute, ProbeConfig, ProbeFeatures, ProbeLabel, TrainSplit
 from xmodal.metrics.probes import ProbeScore, over_represented, prepare_features, shared_features, transfer, within_modality
-from xmodal.models.embedders import ImageEmbedder, image_embedder
+from xmodal.models.embedders import embed_in_batches, image_embedder
 from xmodal.reporting import figures
 
 log = logging.getLogger(__name__)
@@ -64,27 +64,21 @@ class LinearProbeTransfer(Experiment):
 
     def run_on_vision_tower(self, ctx: RunContext) -> dict[str, float]:
         """Image probes (concepts, then the image attributes) on the vision tower's pooled patch states."""
-        c = self.config
         embed, _ = image_embedder("vision_tower", ctx.model)
-        image_x = prepare_features(self.tower_features(ctx, embed, ctx.dataset), c.binarise)
+
+        def tower_features(dataset: ConceptDataset) -> np.ndarray:
+            images = [img.load() for img in dataset.images]
+            with ctx.timed("vision_tower"):
+                raw = embed_in_batches(embed, images, ctx.positions.batch_size, desc=f"{ctx.model.name}: vision tower")
+            return prepare_features(raw, self.config.binarise)
+
+        image_x = tower_features(ctx.dataset)
         image_y = self.labels(ctx, [img.concept for img in ctx.dataset.images])
         with ctx.timed("metrics"):
             scores = {"image_to_image": self.within(image_x, image_y, ctx.seed, what="vision-tower image probe")}
-            for attribute in [str(a) for a in c.attributes if str(a) in ATTRIBUTES]:
-                variants, labels, groups = attribute_variants(ctx.dataset, attribute)
-                x = prepare_features(self.tower_features(ctx, embed, variants), c.binarise)
-                scores[attribute] = within_modality(x, labels, ctx.seed, c.n_permutations, c.budget, groups=groups,
-                                                    what=f"vision-tower {attribute} probe", n_jobs=c.n_jobs)  # fmt: skip
+            scores |= self.image_attribute_probes(ctx, tower_features, what="vision-tower ")
         self.save_weights(ctx, scores, None, int(image_x.shape[1]))
         return self.report(ctx, scores, 0, len(image_y), int(image_x.shape[1]))
-
-    def tower_features(self, ctx: RunContext, embed: ImageEmbedder, dataset: ConceptDataset) -> np.ndarray:
-        """(n_images, d_vision): every image of `dataset` through the vision tower, `positions.batch_size` at a time."""
-        batch = ctx.positions.batch_size
-        with ctx.timed("vision_tower"):
-            chunks = [embed([img.load() for img in dataset.images[i : i + batch]])
-                      for i in tqdm(range(0, len(dataset.images), batch), desc=f"{ctx.model.name}: vision tower", leave=False)]  # fmt: skip
-        return np.vstack(chunks)
 
     def within(self, x: np.ndarray, y: np.ndarray, seed: int, what: str) -> ProbeScore:
         """A cross-validated probe inside one modality, with the configured budget and low-data split."""
@@ -141,11 +135,17 @@ class LinearProbeTransfer(Experiment):
             x = np.vstack([text_x, image_x])
             y = np.array(["text"] * len(text_x) + ["image"] * len(image_x))
             scores["modality"] = within_modality(x, y, ctx.seed, c.n_permutations, c.budget, what="modality probe", n_jobs=c.n_jobs)
+        return scores | self.image_attribute_probes(
+            ctx, lambda dataset: prepare_features(ctx.codes(dataset=dataset, modalities=("image",)).image, c.binarise, keep)
+        )
+
+    def image_attribute_probes(self, ctx: RunContext, features_of: Callable[[ConceptDataset], np.ndarray], what: str = "") -> dict[str, ProbeScore]:
+        """Each image attribute (brightness, redness) on its variants, grouped by source image; `features_of` reads a dataset."""
+        c, scores = self.config, {}
         for attribute in [str(a) for a in c.attributes if str(a) in ATTRIBUTES]:
             variants, labels, groups = attribute_variants(ctx.dataset, attribute)
-            x = prepare_features(ctx.codes(dataset=variants, modalities=("image",)).image, c.binarise, keep)
-            scores[attribute] = within_modality(x, labels, ctx.seed, c.n_permutations, c.budget, groups=groups,
-                                                what=f"{attribute} probe", n_jobs=c.n_jobs)  # fmt: skip
+            scores[attribute] = within_modality(features_of(variants), labels, ctx.seed, c.n_permutations, c.budget, groups=groups,
+                                                what=f"{what}{attribute} probe", n_jobs=c.n_jobs)  # fmt: skip
         return scores
 
     # 6. seed 003's top-N curve and shared features -----------------------------------------
@@ -154,10 +154,12 @@ class LinearProbeTransfer(Experiment):
         if not self.config.top_n_curve:
             return {}
         rows, metrics = [], {}
-        settings = [(n, dataclasses.replace(ctx.positions, image_pooling="topn_per_token", top_n=n)) for n in sorted(self.config.top_n_curve)]
-        settings.append((None, dataclasses.replace(ctx.positions, image_pooling="sum")))  # every feature of every token
-        for n, positions in settings:
-            x = prepare_features(ctx.codes(positions=positions, modalities=("image",)).image, self.config.binarise, keep)
+        counts = [*sorted(self.config.top_n_curve), None]  # None: every feature of every token, summed
+        acts = ctx.activations(modalities=("image",))[ctx.layer]
+        with ctx.timed("encode"):
+            pooled = image_codes_pooled_several_ways(acts, ctx.features, [("topn_per_token", n) if n else ("sum", 1) for n in counts])
+        for n, codes in zip(counts, pooled):
+            x = prepare_features(codes, self.config.binarise, keep)
             score = self.within(x, image_y, ctx.seed, what=f"top-{n or 'all'} image probe")
             rows.append({"top_n": n if n is not None else "all", **score.as_row()})
             metrics |= {f"top_{n or 'all'}_image_macro_f1": score.macro_f1, f"top_{n or 'all'}_image_accuracy": score.accuracy,
