@@ -200,6 +200,27 @@ def test_das_is_deterministic_given_the_seed(tiny):
     assert torch.equal(first.images, again.images)
 
 
+@pytest.mark.parametrize("prompt", ["", "What is shown?"])
+def test_reusing_the_text_prefix_reads_the_same_patches_and_gradients(tiny, prompt):
+    """The speed-up (prefix keys and values once, nothing after the image) changes no number beyond rounding."""
+    full, reused = ImageReader(tiny, LAYER, prompt, reuse_prefix=False), ImageReader(tiny, LAYER, prompt)
+    assert reused.reuse_prefix and not full.reuse_prefix
+    pixels = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for reader in (full, reused):
+        x = pixels.clone().requires_grad_(True)
+        patches = reader.patches(x)
+        (patches * torch.linspace(-1, 1, patches.shape[-1])).sum().backward()
+        grads.append((patches.detach(), x.grad))
+    assert grads[0][0].shape == grads[1][0].shape
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-3)
+    concepts = torch.randn(2, tiny.hidden_size, generator=torch.Generator().manual_seed(3))
+    settings = DASSettings(steps=5, batch_size=2, lr=0.5)
+    cosines = [synthesise(r, concepts, settings, seed=1, progress=False).trajectory["cosine"] for r in (full, reused)]
+    assert (cosines[0] - cosines[1]).abs().max() < 1e-4
+
+
 @pytest.mark.slow
 def test_das_sweep_writes_images_tables_and_a_contact_sheet(tmp_path):
     sweep = tmp_path / "das_sweep"
@@ -291,10 +312,12 @@ def test_benchmark_times_whole_steps(tiny):
     from xmodal.experiments.das import benchmark
 
     cfg = OmegaConf.create({"model": {"_target_": "xmodal.models.tiny.tiny_gemma3", "name": "tiny", "device": "cpu"},
-                            "layers": [1, 3], "batch_size": 2, "n_concepts": 1, "steps": 2, "seed": 0})  # fmt: skip
+                            "layers": [1, 3], "batch_size": 2, "n_concepts": 1, "steps": 2, "seed": 0, "baseline": True})  # fmt: skip
     table = benchmark.benchmark(cfg)
     assert list(table["layer"]) == [1, 3] and (table["seconds_per_step"] > 0).all()
     assert table["image_side"].iloc[0] == 64
+    assert table["reuses_prefix"].all() and (table["baseline_seconds_per_step"] > 0).all()
+    assert (table["max_cosine_difference"] < 1e-4).all()  # the same run, as fast as it gets
 
 
 def test_the_judge_rubric_accepts_forms_and_synonyms_and_nothing_else(tiny):

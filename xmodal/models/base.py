@@ -94,6 +94,10 @@ class ModelAdapter:
     final_norm_path: ClassVar[str] = "model.language_model.norm"  # the norm before the unembedding
     supports_images: ClassVar[bool] = True
     has_decoder: ClassVar[bool] = True  # False for dual encoders (CLIP, SigLIP): no residual stream to read or steer
+    # Image tokens see only the text before them (a causal decoder), so a fixed text prefix can be
+    # run once and its keys and values reused (DAS). False where later text is visible to them
+    # (PaliGemma's prefix-LM mask) or the family is untested: those run the whole prompt.
+    reuses_text_prefix: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -310,6 +314,12 @@ class ModelAdapter:
         mean = torch.tensor(image_processor.image_mean, device=unit_images.device).view(1, 3, 1, 1)
         std = torch.tensor(image_processor.image_std, device=unit_images.device).view(1, 3, 1, 1)
         return (unit_images - mean) / std
+
+    def image_span_inputs(self, template: Any, start: int, end: int, prefix_cache: Any, n: int) -> dict[str, Any]:
+        """Model inputs for positions start..end-1 of `template` (processor outputs for one image),
+        repeated for `n` images, after a cached prefix (positions 0..start-1). Only where
+        `reuses_text_prefix`; pixel_values are left for the caller to add."""
+        raise NotImplementedError(f"{self.family} does not reuse a text prefix")
 
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the image soft-token positions."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
+
 from xmodal.models.base import ModelAdapter
 
 
@@ -11,6 +13,18 @@ class Gemma3Adapter(ModelAdapter):
     family: ClassVar[str] = "gemma3"
     # Gemma3ForConditionalGeneration.model (Gemma3Model).language_model (Gemma3TextModel).layers
     decoder_layers_path: ClassVar[str] = "model.language_model.layers"
+    reuses_text_prefix: ClassVar[bool] = True  # causal text, bidirectional only within an image
+
+    def image_span_inputs(self, template: Any, start: int, end: int, prefix_cache: Any, n: int) -> dict[str, Any]:
+        device = template["input_ids"].device
+        return {
+            "input_ids": template["input_ids"][:, start:end].expand(n, -1),
+            # The image blocks of the bidirectional mask are read by position from the sequence's start.
+            "token_type_ids": template["token_type_ids"][:, :end].expand(n, -1),
+            "attention_mask": torch.ones(n, end, dtype=torch.long, device=device),
+            "position_ids": torch.arange(start, end, device=device).expand(n, -1),
+            "cache": prefix_cache,
+        }
 
     @classmethod
     def auto_model_class(cls) -> Any:

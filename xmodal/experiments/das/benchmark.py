@@ -2,7 +2,9 @@
 
 Times whole steps (augment, forward to layer L, aggregate, backward, clip, SGD) on
 random unit concept vectors, after one untimed warm-up step, for each layer in
-`layers`. On a GPU, `model=gemma3_4b_random layers=[1,10]` times the real Gemma 3 4B
+`layers`. With `baseline=true` it also times the baseline, the whole prompt run every
+step (no reused text prefix), on the same seed, and reports the speed-up and the
+largest difference between the two runs' cosines. On a GPU, `model=gemma3_4b_random layers=[1,10]` times the real Gemma 3 4B
 shape (bf16, batch 8, 896x896) without downloading weights.
 """
 
@@ -23,28 +25,42 @@ from xmodal.models.base import instantiate_model
 from xmodal.reporting.results import atomic_write
 
 
+def timed_synthesis(reader: ImageReader, vectors: torch.Tensor, cfg: DictConfig) -> tuple[float, pd.Series]:
+    """(seconds per step, the trajectory's cosines) of `cfg.steps` steps after one untimed warm-up step."""
+    synthesise(reader, vectors, DASSettings(steps=1, batch_size=cfg.batch_size), cfg.seed, progress=False)
+    if reader.adapter.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = synthesise(reader, vectors, DASSettings(steps=cfg.steps, batch_size=cfg.batch_size), cfg.seed, progress=False)
+    if reader.adapter.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / cfg.steps, result.trajectory["cosine"]
+
+
 def benchmark(cfg: DictConfig) -> pd.DataFrame:
+    """Per layer: seconds per step reading the whole prompt each step (the baseline) and reusing its
+    text prefix (what DAS runs), measured in the same run, and how far their cosines drift apart."""
     adapter = instantiate_model(cfg.model)
     generator = torch.Generator().manual_seed(cfg.seed)
     rows = []
     for layer in cfg.layers:
-        reader = ImageReader(adapter, int(layer))
         vectors = torch.nn.functional.normalize(torch.randn(cfg.n_concepts, adapter.hidden_size, generator=generator), dim=-1)
-        synthesise(reader, vectors, DASSettings(steps=1, batch_size=cfg.batch_size), cfg.seed, progress=False)  # warm-up
+        reader = ImageReader(adapter, int(layer))
         if adapter.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = synthesise(reader, vectors, DASSettings(steps=cfg.steps, batch_size=cfg.batch_size), cfg.seed, progress=False)
-        if adapter.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / cfg.steps
-        rows.append({
+            torch.cuda.reset_peak_memory_stats()
+        seconds, cosines = timed_synthesis(reader, vectors, cfg)
+        row = {
             "model": adapter.name, "layer": int(layer), "device": str(adapter.device), "dtype": str(reader.dtype).removeprefix("torch."),
             "image_side": reader.side, "batch_size": cfg.batch_size, "n_concepts": cfg.n_concepts, "steps": cfg.steps,
-            "seconds_per_step": seconds, "minutes_for_600_steps": seconds * 600 / 60,
+            "reuses_prefix": reader.reuse_prefix, "seconds_per_step": seconds, "minutes_for_600_steps": seconds * 600 / 60,
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if adapter.device.type == "cuda" else None,
-            "final_cosine": float(result.trajectory["cosine"].iloc[-1]),
-        })  # fmt: skip
+            "final_cosine": float(cosines.iloc[-1]),
+        }  # fmt: skip
+        if cfg.baseline and reader.reuse_prefix:
+            baseline_seconds, baseline_cosines = timed_synthesis(ImageReader(adapter, int(layer), reuse_prefix=False), vectors, cfg)
+            row |= {"baseline_seconds_per_step": baseline_seconds, "speedup": baseline_seconds / seconds,
+                    "max_cosine_difference": float((cosines - baseline_cosines).abs().max())}  # fmt: skip
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -144,14 +144,22 @@ def aggregate(
 
 
 class ImageReader:
-    """Image-token resid_post at one layer for pixel tensors, differentiably, stopping at that layer."""
+    """Image-token resid_post at one layer for pixel tensors, differentiably, stopping at that layer.
 
-    def __init__(self, adapter: ModelAdapter, layer: int, prompt: str = "") -> None:
+    Where the family allows it (`reuses_text_prefix`), the prompt's text before the image is run
+    once and its keys and values reused, and the prompt after the image is never run: image
+    tokens cannot see it in a causal decoder. Same activations as the whole prompt, up to float
+    rounding, for a fraction of the work (the organism's 28-token prompt becomes its 16 image tokens).
+    """
+
+    def __init__(self, adapter: ModelAdapter, layer: int, prompt: str = "", reuse_prefix: bool = True) -> None:
         adapter.check_layer(layer)
         self.adapter, self.layer, self.prompt = adapter, layer, prompt
+        self.reuse_prefix = reuse_prefix and adapter.reuses_text_prefix
         self.side = adapter.image_side()
         self._templates: dict[int, Any] = {}
         self.dtype = next(adapter.model.parameters()).dtype
+        self._prefix: tuple[Any, int, int] | None = None  # (prefix keys and values, image start, image end)
 
     def _template(self, n: int) -> Any:
         """Processor outputs for n grey images: the token ids stay, the pixels get replaced."""
@@ -160,14 +168,37 @@ class ImageReader:
             self._templates[n] = self.adapter.image_inputs([grey] * n, self.prompt, True).to(self.adapter.device)
         return self._templates[n]
 
+    def _prefix_cache(self) -> tuple[Any, int, int]:
+        """The keys and values of the text before the image (computed once), and the image's span."""
+        if self._prefix is None:
+            template = self._template(1)
+            image_positions = self.adapter.image_token_mask(template["input_ids"])[0].nonzero().squeeze(-1)
+            start, end = int(image_positions[0]), int(image_positions[-1]) + 1
+            language_model = self.adapter.model.get_submodule(self.adapter.decoder_layers_path.rsplit(".", 1)[0])
+            with torch.no_grad():
+                cache = language_model(input_ids=template["input_ids"][:, :start], use_cache=True).cache
+            self._prefix = (cache, start, end)
+        return self._prefix
+
+    def _inputs(self, n: int) -> dict[str, Any]:
+        if not self.reuse_prefix:
+            return dict(self._template(n))
+        from transformers import DynamicCache
+
+        prefix, start, end = self._prefix_cache()
+        cache = DynamicCache(config=self.adapter.text_config)  # a fresh one each pass: a forward appends to it
+        for index, layer in enumerate(prefix.layers):
+            cache.update(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1), index)
+        return self.adapter.image_span_inputs(self._template(1), start, end, cache, n)
+
     def patches(self, unit_images: torch.Tensor, grad: bool = True) -> torch.Tensor:
         """(n, 3, S, S) in [0, 1] -> (n, image tokens, d_model) float32."""
-        inputs = dict(self._template(unit_images.shape[0]))
+        n = unit_images.shape[0]
+        inputs = self._inputs(n)
         inputs["pixel_values"] = self.adapter.normalise_pixels(unit_images.to(self.adapter.device)).to(self.dtype)
-        model = self.adapter.model
-        hidden = run_to_layers(model, self.adapter.decoder_layers(), inputs, [self.layer], grad=grad)[self.layer]
+        hidden = run_to_layers(self.adapter.model, self.adapter.decoder_layers(), inputs, [self.layer], grad=grad)[self.layer]
         mask = self.adapter.image_token_mask(inputs["input_ids"])
-        return hidden[mask].view(unit_images.shape[0], -1, hidden.shape[-1]).float()
+        return hidden[mask].view(n, -1, hidden.shape[-1]).float()
 
     def grey_mean(self) -> torch.Tensor:
         """(d_model,): the mean patch activation of a neutral grey image (the image baseline)."""
