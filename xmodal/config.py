@@ -60,6 +60,10 @@ class PretrainedModelConfig(ModelConfig):
     name_or_path: str = MISSING  # hub id or local directory
     revision: str = "main"
     trust_remote_code: bool = False  # never on by default: it runs code from the hub
+    # Several GPUs: accelerate places whole decoder layers across them ("auto", "balanced", or a
+    # {module: device} map); `max_memory` caps each, e.g. {0: 70GiB, 1: 70GiB}. null: one device.
+    device_map: Optional[Any] = None
+    max_memory: Optional[dict[str, str]] = None
 
 
 @dataclass
@@ -256,6 +260,18 @@ class WandbLoggerConfig(LoggerConfig):
 
 
 # ----------------------------------------------------------- extraction ----
+AUTO = "auto"
+
+
+def check_batch_size(value: Any) -> None:
+    """One line on a value that is neither a positive whole number nor `auto`."""
+    if value == AUTO:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"positions.batch_size={value!r} must be a whole number of at least 1, or auto (the largest that fits the GPU)")
+
+
+
 @dataclass
 class PositionsConfig:
     """Which residual-stream positions stand for a concept, and how they are pooled."""
@@ -266,7 +282,8 @@ class PositionsConfig:
     text_pooling: TextPooling = TextPooling.mean
     image_pooling: ImagePooling = ImagePooling.mean
     top_n: int = 5
-    batch_size: int = 8
+    batch_size: Any = 8  # a whole number, or auto: the largest batch that fits the GPU (activations/batch_size.py)
+    num_workers: int = 0  # DataLoader worker processes that decode and resize images while the model runs
 
 
 @dataclass
@@ -361,8 +378,9 @@ def validate(cfg: DictConfig) -> None:
     parse_layer(cfg.layer)
     if cfg.positions.top_n < 1:
         raise ConfigError(f"positions.top_n={cfg.positions.top_n} must be at least 1")
-    if cfg.positions.batch_size < 1:
-        raise ConfigError(f"positions.batch_size={cfg.positions.batch_size} must be at least 1")
+    check_batch_size(cfg.positions.batch_size)
+    if cfg.positions.num_workers < 0:
+        raise ConfigError(f"positions.num_workers={cfg.positions.num_workers} must be 0 (load images in the main process) or more")
     if "{concept}" not in cfg.positions.text_prompt:
         raise ConfigError(
             f"positions.text_prompt={cfg.positions.text_prompt!r} must contain '{{concept}}' where the concept goes"

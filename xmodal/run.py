@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from xmodal import config as config_schema
 from xmodal.activations.cache import ActivationCache
 from xmodal.conf_dir import CONF_DIR
-from xmodal.errors import XmodalError
+from xmodal.errors import user_error
 from xmodal.experiments import build_experiment, register_experiment_configs
 from xmodal.experiments.base import RunContext
 from xmodal.layers import parse_layer, relative_depth, resolve_layer
@@ -146,16 +146,6 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
         logger.finish(ok)
     log.info("Finished in %.1f s: %s", ctx.timings_s["total"], result)
     return metrics
-
-
-def user_error(err: BaseException) -> XmodalError | None:
-    """The XmodalError behind `err`, also when Hydra's instantiate wrapped it."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, XmodalError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -9,16 +9,17 @@ serves every pooling choice.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from xmodal.activations.batch_size import resolve_batch_size
 from xmodal.activations.capture import run_to_layers
 from xmodal.config import PositionsConfig
 from xmodal.data.concepts import ConceptDataset
 from xmodal.errors import ConfigError
-from xmodal.models.base import ModelAdapter
+from xmodal.models.base import ModelAdapter, TextPrompt
 
 
 @dataclass
@@ -43,6 +44,75 @@ def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def text_batch_rows(
+    adapter: ModelAdapter, prompts: Sequence[TextPrompt], layers: Sequence[int]
+) -> dict[int, list[torch.Tensor]]:
+    """One forward pass over `prompts` (right-padded: causal attention keeps real positions
+    unaffected by padding); per layer, each prompt's rows at its concept positions (float32, CPU)."""
+    width = max(len(p.input_ids) for p in prompts)
+    input_ids = torch.full((len(prompts), width), adapter.tokenizer.pad_token_id or 0, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, : len(prompt.input_ids)] = torch.tensor(prompt.input_ids)
+        attention_mask[row, : len(prompt.input_ids)] = 1
+    inputs = {"input_ids": to_device(input_ids, adapter.device), "attention_mask": to_device(attention_mask, adapter.device)}
+    captured = run_to_layers(adapter.model, adapter.decoder_layers(), inputs, layers)
+    return {
+        layer: [captured[layer][row, prompt.concept_positions].float().cpu() for row, prompt in enumerate(prompts)]
+        for layer in layers
+    }
+
+
+def image_batch_rows(
+    adapter: ModelAdapter, inputs: Any, layers: Sequence[int]
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """One forward pass over processor outputs for images that share a prompt; per layer,
+    (images, image tokens, d_model) at the soft tokens and (images, d_model) right after the image."""
+    mask = adapter.image_token_mask(inputs["input_ids"])
+    device_inputs = {k: to_device(v, adapter.device) for k, v in inputs.items()}
+    captured = run_to_layers(adapter.model, adapter.decoder_layers(), device_inputs, layers)
+    n_images, n_tokens = mask.shape[0], int(mask[0].sum())
+    eoi_positions = torch.tensor([int(row.nonzero()[-1]) + 1 for row in mask])
+    rows = torch.arange(n_images)
+    tokens = {layer: captured[layer][mask.to(captured[layer].device)].view(n_images, n_tokens, -1).float().cpu() for layer in layers}
+    eoi = {layer: captured[layer][rows, eoi_positions].float().cpu() for layer in layers}
+    return tokens, eoi
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-to-device copies overlap with compute when the host tensor is pinned."""
+    return tensor.to(device, non_blocking=device.type == "cuda")
+
+
+class ImageInputBatches(torch.utils.data.Dataset):
+    """Processor outputs for batches of images, so a DataLoader's workers decode and resize
+    the next batches on the CPU while the model runs on the current one."""
+
+    def __init__(self, adapter: ModelAdapter, images: Sequence[Any], batch_size: int, prompt: str, use_chat_template: bool) -> None:
+        self.adapter, self.images, self.prompt, self.use_chat_template = adapter, images, prompt, use_chat_template
+        self.batches = _batches(len(images), batch_size)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        batch = [self.images[i].load() for i in self.batches[index]]
+        return dict(self.adapter.image_inputs(batch, self.prompt, self.use_chat_template))
+
+
+def image_input_loader(
+    adapter: ModelAdapter, images: Sequence[Any], batch_size: int, prompt: str, use_chat_template: bool, num_workers: int = 0
+) -> torch.utils.data.DataLoader:
+    """Batches of processor outputs, in order; `num_workers` > 0 prepares them in worker processes."""
+    if images and not adapter.supports_images:
+        adapter.image_inputs([], "", False)  # raises the family's clear error
+    adapter.processor  # load once here, so that forked workers inherit it
+    return torch.utils.data.DataLoader(
+        ImageInputBatches(adapter, images, batch_size, prompt, use_chat_template), batch_size=None,
+        num_workers=num_workers, pin_memory=adapter.device.type == "cuda",
+    )  # fmt: skip
+
+
 def extract_activations(
     adapter: ModelAdapter,
     dataset: ConceptDataset,
@@ -59,27 +129,14 @@ def extract_activations(
         adapter.check_layer(layer)
     if not adapter.has_decoder:
         return {layer: embedding_activations(adapter, dataset, positions, modalities, progress, layer) for layer in layers}
-    model, decoder_layers, device = adapter.model, adapter.decoder_layers(), adapter.device
-    pad_id = adapter.tokenizer.pad_token_id or 0
+    batch_size = resolve_batch_size(adapter, positions.batch_size, layers, dataset, positions)
 
-    # Text: right-padded batches; causal attention keeps real positions unaffected by padding.
     concepts = dataset.concepts if "text" in modalities else []
     prompts = [adapter.text_prompt(positions.text_prompt, c.text, positions.use_chat_template) for c in concepts]
     text_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    batches = _batches(len(prompts), positions.batch_size)
-    for batch in tqdm(batches, desc=f"{adapter.name}: text", disable=not progress, leave=False):
-        width = max(len(prompts[i].input_ids) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids = prompts[i].input_ids
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        captured = run_to_layers(model, decoder_layers, inputs, layers)
-        for layer in layers:
-            for row, i in enumerate(batch):
-                text_rows[layer].append(captured[layer][row, prompts[i].concept_positions].float().cpu())
+    for batch in tqdm(_batches(len(prompts), batch_size), desc=f"{adapter.name}: text", disable=not progress, leave=False):
+        for layer, rows in text_batch_rows(adapter, [prompts[i] for i in batch], layers).items():
+            text_rows[layer] += rows
     lengths = torch.tensor([len(p.concept_positions) for p in prompts])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
 
@@ -87,21 +144,12 @@ def extract_activations(
     image_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     eoi_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     images = dataset.images if "image" in modalities else []
-    if images and not adapter.supports_images:
-        adapter.image_inputs([], "", False)  # raises the family's clear error
-    batches = _batches(len(images), positions.batch_size)
-    for batch in tqdm(batches, desc=f"{adapter.name}: images", disable=not progress, leave=False):
-        inputs = adapter.image_inputs(
-            [images[i].load() for i in batch], positions.image_prompt, positions.use_chat_template
-        )
-        mask = adapter.image_token_mask(inputs["input_ids"])
-        captured = run_to_layers(model, decoder_layers, inputs.to(device), layers)
-        for row in range(len(batch)):
-            image_positions = mask[row].nonzero().squeeze(-1)
-            eoi_position = int(image_positions[-1]) + 1
-            for layer in layers:
-                image_rows[layer].append(captured[layer][row, image_positions].float().cpu())
-                eoi_rows[layer].append(captured[layer][row, eoi_position].float().cpu())
+    loader = image_input_loader(adapter, images, batch_size, positions.image_prompt, positions.use_chat_template, positions.num_workers)
+    for inputs in tqdm(loader, desc=f"{adapter.name}: images", disable=not progress, leave=False):
+        tokens, eoi = image_batch_rows(adapter, inputs, layers)
+        for layer in layers:
+            image_rows[layer].append(tokens[layer])
+            eoi_rows[layer].append(eoi[layer])
 
     d_model = adapter.hidden_size
     return {
@@ -112,8 +160,8 @@ def extract_activations(
             text_offsets=offsets,
             image_concepts=[img.concept for img in images],
             image_sources=[img.source for img in images],
-            image_tokens=torch.stack(image_rows[layer]) if images else torch.empty(0, 0, d_model),
-            image_eoi=torch.stack(eoi_rows[layer]) if images else torch.empty(0, d_model),
+            image_tokens=torch.cat(image_rows[layer]) if images else torch.empty(0, 0, d_model),
+            image_eoi=torch.cat(eoi_rows[layer]) if images else torch.empty(0, d_model),
         )
         for layer in layers
     }
@@ -135,10 +183,11 @@ def embedding_activations(
     concepts = dataset.concepts if "text" in modalities else []
     texts = [positions.text_prompt.format(concept=c.text) for c in concepts]
     images = dataset.images if "image" in modalities else []
-    text = [adapter.embed_texts([texts[i] for i in batch], layer) for batch in _batches(len(texts), positions.batch_size)]
+    batch_size = resolve_batch_size(adapter, positions.batch_size, [layer], dataset, positions)
+    text = [adapter.embed_texts([texts[i] for i in batch], layer) for batch in _batches(len(texts), batch_size)]
     image = [
         adapter.embed_images([images[i].load() for i in batch], layer)
-        for batch in tqdm(_batches(len(images), positions.batch_size), desc=f"{adapter.name}: images", disable=not progress, leave=False)
+        for batch in tqdm(_batches(len(images), batch_size), desc=f"{adapter.name}: images", disable=not progress, leave=False)
     ]
     image_tokens = torch.cat(image).unsqueeze(1) if image else torch.zeros(0, 1, image_width)
     return LayerActivations(

@@ -26,6 +26,7 @@ class ConceptImage:
     concept: str
     source: str  # file path, or a description of how it was drawn
     data: bytes  # encoded image bytes: hashed for the cache key, decoded on load()
+    caption: str = ""  # what the image shows, in words, where the dataset knows it (text for SAE training)
 
     def load(self) -> Image.Image:
         return Image.open(io.BytesIO(self.data)).convert("RGB")

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from xmodal.activations.batch_size import resolve_batch_size
 from xmodal.activations.cache import ActivationCache, get_activations
 from xmodal.activations.codes import ConceptCodes, concept_codes, image_token_activations
 from xmodal.activations.extract import LayerActivations
@@ -48,6 +49,11 @@ class RunContext:
     timings_s: dict[str, float] = field(default_factory=dict)
     progress: bool = True
     cache_also_layers: Sequence[int] = ()  # extracted and cached alongside this job's layer (paths.cache_preset_layers)
+
+    @property
+    def batch_size(self) -> int:
+        """positions.batch_size, with `auto` resolved for this model, layer and dataset."""
+        return resolve_batch_size(self.model, self.positions.batch_size, [self.layer], self.dataset, self.positions)
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:

@@ -141,20 +141,36 @@ class ModelAdapter:
         trust_remote_code: bool = False,
         layer_presets: Sequence[int] = (),
         sae_release: str | None = None,
+        device_map: Any = None,
+        max_memory: dict[str, str] | None = None,
+        offload_folder: str | None = None,
     ) -> "ModelAdapter":
+        """`device_map` ("auto", "balanced", or {module: device}) spreads the model over several
+        devices with accelerate, whole decoder layers each; inputs go to `device` (the first GPU
+        under "auto"), and accelerate's hooks move activations between layers."""
         from transformers import AutoConfig
 
         torch_dtype = resolve_dtype(dtype)
         torch_device = resolve_device(device)
         common = dict(revision=revision, trust_remote_code=trust_remote_code)
         hf_config = hub_load(AutoConfig.from_pretrained, name_or_path, "model config", **common)
+        placement = {}
+        if device_map is not None:
+            from omegaconf import DictConfig, OmegaConf
+
+            placement = {"device_map": OmegaConf.to_container(device_map) if isinstance(device_map, DictConfig) else device_map}
+            if max_memory:
+                placement["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in dict(max_memory).items()}
+            if offload_folder:
+                placement["offload_folder"] = offload_folder
 
         def load_model() -> nn.Module:
-            log.info("Loading %s weights from %s (%s, %s)", name, name_or_path, dtype, torch_device)
+            where = f"device_map={placement['device_map']}" if placement else torch_device
+            log.info("Loading %s weights from %s (%s, %s)", name, name_or_path, dtype, where)
             model = hub_load(
-                cls.auto_model_class().from_pretrained, name_or_path, "model", dtype=torch_dtype, **common
+                cls.auto_model_class().from_pretrained, name_or_path, "model", dtype=torch_dtype, **common, **placement
             )
-            return model.to(torch_device).eval()
+            return model.eval() if placement else model.to(torch_device).eval()
 
         def load_processor() -> Any:
             return hub_load(cls.auto_processor_class().from_pretrained, name_or_path, "processor", **common)

@@ -68,5 +68,5 @@ def organism_concepts(
                 entropy = int.from_bytes(hashlib.sha256(f"{seed}/{concept}/{index}".encode()).digest()[:8], "little")
                 rng = np.random.default_rng(entropy)
                 scene = scene_for(category, value, rng)
-                images.append(ConceptImage(concept, f"organism:{scene.caption}", encode_png(world.render(scene, rng))))
+                images.append(ConceptImage(concept, f"organism:{scene.caption}", encode_png(world.render(scene, rng)), scene.caption))
     return ConceptDataset(name, concepts, images)

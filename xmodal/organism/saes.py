@@ -24,6 +24,7 @@ from xmodal.models.base import ModelAdapter
 from xmodal.organism import world
 from xmodal.organism.model import DEFAULT_VARIANT, encode_captioned, shipped_weights_dir
 from xmodal.saes.loading import FeatureSpace
+from xmodal.saes.quality import sae_quality as quality_by_modality
 
 log = logging.getLogger(__name__)
 
@@ -118,22 +119,7 @@ def gather_activations(
     return TokenActivations({layer: torch.cat(rows) for layer, rows in chunks.items()}, np.concatenate(kinds))
 
 
-@torch.inference_mode()
 def sae_quality(sae: Any, activations: TokenActivations, layer: int) -> list[dict[str, Any]]:
     """Fraction of variance explained and L0 per token kind, and the dead fraction over all tokens."""
-    x = activations.by_layer[layer].to(sae.W_enc.device, sae.W_enc.dtype)
-    codes = sae.encode(x)
-    reconstruction = sae.decode(codes)
-    fired = (codes > 0).any(dim=0)
-    rows = []
-    for kind in (IMAGE, TEXT):
-        rows_of_kind = torch.as_tensor(activations.kind == kind, device=x.device)
-        xs, rs = x[rows_of_kind], reconstruction[rows_of_kind]
-        residual = (xs - rs).pow(2).sum()
-        total = (xs - xs.mean(dim=0)).pow(2).sum()
-        rows.append({
-            "layer": layer, "tokens": kind, "n_tokens": int(rows_of_kind.sum()),
-            "fve": float(1 - residual / total), "l0": float((codes[rows_of_kind] > 0).sum(dim=1).float().mean()),
-            "dead_fraction": float(1 - fired.float().mean()), "d_sae": int(codes.shape[1]),
-        })  # fmt: skip
-    return rows
+    masks = {kind: torch.as_tensor(activations.kind == kind) for kind in (IMAGE, TEXT)}
+    return [{"layer": layer} | row for row in quality_by_modality(sae, activations.by_layer[layer], masks)]

@@ -34,50 +34,78 @@ def train_topk_sae(
     architecture: str = "topk",
     decoder_init: str = "random",
 ) -> Any:
-    """A sae-lens TopK or BatchTopK SAE (with the auxiliary loss against dead features) fitted to `activations`.
+    """A sae-lens SAE fitted to `activations` held in memory (see `train_sae`)."""
+    return train_sae(
+        shuffled_batches(activations.to(device), batch_size, seed), activations, layer, d_sae, k, total_samples, batch_size,
+        lr, seed, device, model_name, architecture, decoder_init,
+    )  # fmt: skip
+
+
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
+
+
+def train_sae(
+    batches: Iterator[torch.Tensor],
+    sample: torch.Tensor,
+    layer: int,
+    d_sae: int,
+    k: int,
+    total_samples: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str = "cpu",
+    model_name: str = "xmodal",
+    architecture: str = "topk",
+    decoder_init: str = "random",
+) -> Any:
+    """A sae-lens TopK, BatchTopK or JumpReLU SAE (TopK kinds with the auxiliary loss against
+    dead features) trained on `batches`; `sample`, rows of the same data, sets the initialisation.
 
     BatchTopK keeps the k x batch largest activations over the whole batch, so a token may use
-    more or fewer than k features; sae-lens saves it for inference as a JumpReLU SAE.
+    more or fewer than k features; sae-lens saves it for inference as a JumpReLU SAE. JumpReLU
+    trains thresholds with a straight-through estimator towards an L0 of `k` (sae-lens's target_l0).
     decoder_init="random" keeps sae-lens's random directions (what every shipped result used);
-    "data" starts each feature on a random training row (centred), which leaves far fewer dead.
+    "data" starts each feature on a random row of `sample` (centred), which leaves far fewer dead.
     """
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    architectures = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig), "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig)}
-    if architecture not in architectures:
-        raise ValueError(f"architecture={architecture!r}; use one of {sorted(architectures)}")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r}; use one of {list(ARCHITECTURES)}")
     if decoder_init not in ("data", "random"):
         raise ValueError(f"decoder_init={decoder_init!r}; use 'data' or 'random'")
-    if decoder_init == "data" and len(activations) < d_sae:
-        raise ValueError(f"decoder_init='data' needs at least d_sae={d_sae} activation rows, got {len(activations)}")
-    sae_class, config_class = architectures[architecture]
+    if decoder_init == "data" and len(sample) < d_sae:
+        raise ValueError(f"decoder_init='data' needs at least d_sae={d_sae} activation rows, got {len(sample)}")
     torch.manual_seed(seed)
-    cfg = config_class(
-        d_in=activations.shape[1],
-        d_sae=d_sae,
-        k=k,
-        device=device,
+    common = dict(
+        d_in=sample.shape[1], d_sae=d_sae, device=device,
         normalize_activations="expected_average_only_in",  # folded back into the weights after training
         metadata=SAEMetadata(model_name=model_name, hook_name=f"model.layers.{layer}", hook_layer=layer),
-    )
-    sae = sae_class(cfg)
+    )  # fmt: skip
+    if architecture == "jumprelu":
+        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common, target_l0=float(k)))
+    else:
+        sae_class, config_class = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig), "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig)}[architecture]
+        sae = sae_class(config_class(**common, k=k))
     # Start the decoder bias at the data mean (in the trainer's normalised units): residual
     # streams share a large mean direction, and with b_dec at zero the same few features win
     # the top-k for every token while the rest die (measured: 95% dead at layer 5).
-    scale = activations.shape[1] ** 0.5 / activations.norm(dim=1).mean()
+    mean = sample.mean(dim=0)
+    scale = sample.shape[1] ** 0.5 / sample.norm(dim=1).mean()
     with torch.no_grad():
-        sae.b_dec.copy_((activations.mean(dim=0) * scale).to(sae.b_dec.dtype))
+        sae.b_dec.copy_((mean * scale).to(sae.b_dec.dtype))
         if decoder_init == "data":
             # Each feature starts pointing at a real token (minus the mean), so each one wins the
             # top-k somewhere from step 0; random directions in a low-rank residual stream mostly
             # never do, and the auxiliary loss does not revive them (measured at layer 5 of the
             # organism: 39% of 256 features dead with random directions, 15% with these).
-            rows = torch.randperm(len(activations), generator=torch.Generator().manual_seed(seed))[:d_sae]
-            directions = torch.nn.functional.normalize(activations[rows] - activations.mean(dim=0), dim=1)
+            rows = torch.randperm(len(sample), generator=torch.Generator().manual_seed(seed))[:d_sae]
+            directions = torch.nn.functional.normalize(sample[rows] - mean, dim=1)
             sae.W_dec.copy_((directions * sae.W_dec.norm(dim=1, keepdim=True)).to(sae.W_dec.dtype))
             sae.W_enc.copy_(directions.T.to(sae.W_enc.dtype))
     steps = total_samples // batch_size
@@ -92,9 +120,7 @@ def train_topk_sae(
         device=device,
         dead_feature_window=max(1, steps // 10),
         feature_sampling_window=max(1, steps // 5),
-        n_batches_for_norm_estimate=min(100, len(activations) // batch_size),
+        n_batches_for_norm_estimate=max(1, min(100, len(sample) // batch_size)),
     )
-    trainer = SAETrainer(trainer_cfg, sae, shuffled_batches(activations.to(device), batch_size, seed))
+    trainer = SAETrainer(trainer_cfg, sae, (batch.to(device) for batch in batches))
     return trainer.fit()
-
-

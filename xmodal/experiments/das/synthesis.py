@@ -197,8 +197,8 @@ class ImageReader:
         inputs = self._inputs(n)
         inputs["pixel_values"] = self.adapter.normalise_pixels(unit_images.to(self.adapter.device)).to(self.dtype)
         hidden = run_to_layers(self.adapter.model, self.adapter.decoder_layers(), inputs, [self.layer], grad=grad)[self.layer]
-        mask = self.adapter.image_token_mask(inputs["input_ids"])
-        return hidden[mask].view(n, -1, hidden.shape[-1]).float()
+        mask = self.adapter.image_token_mask(inputs["input_ids"]).to(hidden.device)  # a layer may sit on another GPU
+        return hidden[mask].view(n, -1, hidden.shape[-1]).float().to(self.adapter.device)
 
     def grey_mean(self) -> torch.Tensor:
         """(d_model,): the mean patch activation of a neutral grey image (the image baseline)."""

@@ -69,7 +69,7 @@ class LinearProbeTransfer(Experiment):
         def tower_features(dataset: ConceptDataset) -> np.ndarray:
             images = [img.load() for img in dataset.images]
             with ctx.timed("vision_tower"):
-                raw = embed_in_batches(embed, images, ctx.positions.batch_size, desc=f"{ctx.model.name}: vision tower")
+                raw = embed_in_batches(embed, images, ctx.batch_size, desc=f"{ctx.model.name}: vision tower")
             return prepare_features(raw, self.config.binarise)
 
         image_x = tower_features(ctx.dataset)

@@ -137,8 +137,8 @@ class SteeringEval(Experiment):
         adapter = ctx.model
         adapter.tokenizer.padding_side = "left"
         rows = []
-        for start in range(0, len(images), ctx.positions.batch_size):
-            inputs = adapter.image_inputs(images[start : start + ctx.positions.batch_size], self.config.prompt, True).to(adapter.device)
+        for start in range(0, len(images), ctx.batch_size):
+            inputs = adapter.image_inputs(images[start : start + ctx.batch_size], self.config.prompt, True).to(adapter.device)
             with self._maybe_steer(ctx, inputs, steering, layer):
                 logits = adapter.model(**inputs, use_cache=False).logits[:, -1].float()
             rows.append(torch.log_softmax(logits, dim=-1).cpu())
@@ -152,7 +152,7 @@ class SteeringEval(Experiment):
 
     def describe(self, ctx: RunContext, images: list, steering: Steering | None, layer: int) -> list[str]:
         return describe_images(
-            ctx.model, images, self.config.prompt, True, batch_size=ctx.positions.batch_size, seed=ctx.seed,
+            ctx.model, images, self.config.prompt, True, batch_size=ctx.batch_size, seed=ctx.seed,
             around=lambda inputs: self._maybe_steer(ctx, inputs, steering, layer), **self.generation,
         )  # fmt: skip
 
