@@ -38,7 +38,7 @@ from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from xmodal import config as config_schema
-from xmodal.activations.store import ActivationStore, batch_plan, build_store, store_texts, stream_batches, stream_rows
+from xmodal.activations.store import batch_plan, build_store, store_texts, stream_batches, stream_rows
 from xmodal.conf_dir import CONF_DIR
 from xmodal.config import PathsConfig, PositionsConfig
 from xmodal.errors import ConfigError, XmodalError, user_error
@@ -97,6 +97,7 @@ class TrainingConfig:
     batch_size: int = 1024
     lr: float = 4e-4
     decoder_init: DecoderInit = DecoderInit.data
+    l0_coefficient: float = 1.0  # JumpReLU only: how hard its L0 is pulled towards k
 
 
 @dataclass
@@ -188,7 +189,7 @@ def train(cfg: SAETrainConfig, source: Source, layer: int, model_name: str, devi
     t = cfg.training
     return train_sae(
         source.train_batches(layer), source.sample[layer], layer, t.d_sae, t.k, t.training_tokens, t.batch_size, t.lr,
-        cfg.seed, device, model_name, t.architecture.value, t.decoder_init.value,
+        cfg.seed, device, model_name, t.architecture.value, t.decoder_init.value, t.l0_coefficient,
     )  # fmt: skip
 
 

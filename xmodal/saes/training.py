@@ -58,13 +58,15 @@ def train_sae(
     model_name: str = "xmodal",
     architecture: str = "topk",
     decoder_init: str = "random",
+    l0_coefficient: float = 1.0,
 ) -> Any:
     """A sae-lens TopK, BatchTopK or JumpReLU SAE (TopK kinds with the auxiliary loss against
     dead features) trained on `batches`; `sample`, rows of the same data, sets the initialisation.
 
     BatchTopK keeps the k x batch largest activations over the whole batch, so a token may use
     more or fewer than k features; sae-lens saves it for inference as a JumpReLU SAE. JumpReLU
-    trains thresholds with a straight-through estimator towards an L0 of `k` (sae-lens's target_l0).
+    trains thresholds with a straight-through estimator towards an L0 of `k` (sae-lens's target_l0),
+    pulled there with weight `l0_coefficient`.
     decoder_init="random" keeps sae-lens's random directions (what every shipped result used);
     "data" starts each feature on a random row of `sample` (centred), which leaves far fewer dead.
     """
@@ -88,7 +90,7 @@ def train_sae(
         metadata=SAEMetadata(model_name=model_name, hook_name=f"model.layers.{layer}", hook_layer=layer),
     )  # fmt: skip
     if architecture == "jumprelu":
-        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common, target_l0=float(k)))
+        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common, target_l0=float(k), l0_coefficient=l0_coefficient))
     else:
         sae_class, config_class = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig), "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig)}[architecture]
         sae = sae_class(config_class(**common, k=k))
