@@ -200,9 +200,10 @@ def test_bad_batch_size_is_one_line_and_no_result(tmp_path):
         proc = subprocess.run([sys.executable, "-m", module, *extra, "positions.batch_size=0", f"hydra.run.dir={tmp_path / module}",
                                f"out_dir={tmp_path / 'sae'}" if module == "xmodal.sae_train" else "seed=0"],
                               cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
-        assert len(errors) == 1 and "positions.batch_size=0" in errors[0], proc.stderr[-2000:]
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 2, output[-2000:]
+        errors = [line for line in output.splitlines() if "ERROR" in line]
+        assert len(errors) == 1 and "positions.batch_size=0" in errors[0] and "Traceback" not in output, output[-2000:]
     assert not list(tmp_path.rglob("result.json")) and not list(tmp_path.rglob("done.json"))
 
 
@@ -211,24 +212,43 @@ def test_sae_train_writes_saes_that_overlap_loads(tmp_path):
     """The whole app on the tiny model: store, train (TopK, then JumpReLU from the same store), evaluate, save; then sae=local."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     base = [sys.executable, "-m", "xmodal.sae_train", "model=tiny", "dataset=synthetic", "dataset.images_per_concept=4", "layers=[2]",
-            "store.texts=concepts", "store.shard_tokens=200", f"store.dir={tmp_path / 'store'}", "training.d_sae=64", "training.k=8",
+            "store.texts=concepts", "store.shard_tokens=200", "positions.batch_size=2", "store.eval_fraction=0.3", f"store.dir={tmp_path / 'store'}", "training.d_sae=64", "training.k=8",
             "training.training_tokens=20000", "training.batch_size=128"]  # fmt: skip
     for architecture in ("topk", "jumprelu"):
         out = tmp_path / architecture
         proc = subprocess.run([*base, f"training.architecture={architecture}", f"out_dir={out}"], cwd=tmp_path, env=env,
                               capture_output=True, text=True)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         assert (out / "done.json").exists() and (out / "layer_2" / "cfg.json").exists()
         import pandas as pd
 
         quality = pd.read_csv(out / "quality.csv")
-        assert set(quality["tokens"]) == {"image", "text"}
-        assert (quality["fve"] > quality["fve_null_shuffled_dims"]).all()
-    assert "reusing it" in proc.stderr  # the second run read the first run's store
+        assert set(quality["tokens"]) == {"image", "text"} and quality["n_tokens"].min() > 0
+        image = quality.set_index("tokens").loc["image"]  # the tiny model's few text tokens teach little
+        assert image["fve"] > image["fve_null_shuffled_dims"] + 0.1
+    assert "reusing it" in proc.stdout + proc.stderr  # the second run read the first run's store
     from tests.conftest import run_cli
 
-    proc = run_cli("experiment=overlap", "layer=2", "sae=local", f"sae.path={tmp_path / 'topk'}/layer_{{layer}}", "experiment.n_permutations=50",
+    proc = run_cli("experiment=overlap", "layer=2", "sae=local", f"sae.path=\"{tmp_path / 'topk'}/layer_{{layer}}\"", "experiment.n_permutations=50",
                    f"paths.activation_cache={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'overlap'}", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "overlap" / "result.json").read_text())
     assert result["sae"] == "local" and result["sae_width"] == 64  # the SAE trained above, at its width
+
+
+@pytest.mark.slow
+def test_saes_trained_through_the_store_explain_both_modalities_of_the_organism(tmp_path):
+    """Issue 18's bar, on a third of the default data and budget: FVE at least 0.8 on held-out
+    image tokens and on held-out text tokens, far above the shuffled-dimensions null."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    out = tmp_path / "sae"
+    proc = subprocess.run([sys.executable, "-m", "xmodal.sae_train", "dataset.images_per_concept=20", "store.shard_tokens=4096",
+                           "training.training_tokens=300000", f"store.dir={tmp_path / 'store'}", f"out_dir={out}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    import pandas as pd
+
+    quality = pd.read_csv(out / "quality.csv").set_index("tokens")
+    assert quality.loc["image", "fve"] >= 0.8 and quality.loc["text", "fve"] >= 0.8, quality.to_string()
+    assert (quality["fve_null_shuffled_dims"] < 0.3).all() and (quality["l0"] == 32).all()
+    assert (out / "layer_9" / "cfg.json").exists() and (out / "done.json").exists()

@@ -8,10 +8,10 @@ Method, one function per step:
 2. `train`: per layer, a sae-lens SAE (TopK, BatchTopK or JumpReLU) on shuffled batches
    from the store's training shards (or straight from the model);
 3. `evaluate`: FVE and L0 per modality and the dead fraction on held-out images and texts
-   (the last shards, which no training batch reads), against a null: the same SAE on the
+   (the first shards, which no training batch reads), against a null: the same SAE on the
    rows shuffled across feature dimensions;
 4. `save`: each SAE in sae-lens format under ``out_dir/layer_<L>``, which ``sae=local
-   sae.path=<out_dir>/layer_{layer}`` loads for any experiment; ``quality.csv`` beside them,
+   'sae.path="<out_dir>/layer_{layer}"'`` loads for any experiment; ``quality.csv`` beside them,
    and ``done.json`` last.
 
 Runs like any other job: ``cluster=slurm`` submits it through submitit; a killed store
@@ -150,9 +150,14 @@ def fill_store(cfg: SAETrainConfig, adapter: ModelAdapter, dataset: Any, progres
         if store.n_shards - n_eval < 1:
             raise XmodalError(f"the store holds {store.n_shards} shard(s): too few to hold {n_eval} out for evaluation; "
                               f"lower store.shard_tokens (now {store_cfg.shard_tokens}) or use a larger dataset")  # fmt: skip
-        train_shards = list(range(store.n_shards - n_eval))
-        eval_rows = {layer: _cat([store.shard(i, layer) for i in range(store.n_shards - n_eval, store.n_shards)]) for layer in cfg.layers}
-        sample = {layer: store.shard(0, layer)[0] for layer in cfg.layers}
+        # The first shards are held out: full-size random mixes (the last one holds what was left over).
+        train_shards = list(range(n_eval, store.n_shards))
+        eval_rows = {layer: _cat([store.shard(i, layer) for i in range(n_eval)]) for layer in cfg.layers}
+        sample = {layer: store.shard(n_eval, layer)[0] for layer in cfg.layers}
+        held_out = {int(m) for m in eval_rows[cfg.layers[0]][1].unique()}
+        if held_out != {0, 1}:
+            raise XmodalError(f"the {n_eval} held-out shard(s) hold only {'image' if 1 in held_out else 'text'} tokens; "
+                              f"raise store.eval_fraction (now {store_cfg.eval_fraction}) or lower store.shard_tokens")  # fmt: skip
 
         def batches(layer: int) -> Iterator[torch.Tensor]:
             return store.batches(layer, cfg.training.batch_size, cfg.seed, train_shards, store_cfg.buffer_shards)
@@ -247,6 +252,8 @@ def train_saes(cfg: SAETrainConfig, progress: bool = True) -> pd.DataFrame:
     atomic_write(out_dir / "quality.csv", lambda p: table.to_csv(p, index=False))
     atomic_write(out_dir / "done.json", lambda p: Path(p).write_text(json.dumps(
         {"layers": cfg.layers, "sae_path": str(out_dir / "layer_{layer}"), "store": cfg.store.dir, "mode": cfg.store.mode.value})))  # fmt: skip
+    log.info("Use them: python -m xmodal.run experiment=overlap sae=local 'sae.path=\"%s\"' layer=%d",
+             out_dir.resolve() / "layer_{layer}", cfg.layers[0])  # fmt: skip
     return table
 
 

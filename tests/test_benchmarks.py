@@ -1,0 +1,29 @@
+"""The benchmark suite runs end to end and reports every figure against its baseline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_the_suite_writes_every_ratio_with_its_baseline(tmp_path):
+    out = tmp_path / "tiny.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "suite.py"), "shape=tiny", "layer=2", "das_layer=3", "images_per_concept=1",
+         "sae_tokens=4096", "das_steps=1", "das_concepts=2", "das_copies=2", "max_new_tokens=4", f"out={out}"],
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    report = json.loads(out.read_text())
+    for name in ("extraction", "sae_encode", "store_write", "das", "steering_generation"):
+        assert report[name]["speedup" if name != "extraction" else "speedup_same_inputs"] > 0, name
+    assert report["extraction"]["max_abs_difference"] < 1e-4  # the fast path reads the same numbers
+    assert report["das"]["max_cosine_difference"] < 1e-4
+    assert report["device"] == "cpu" and report["store_write"]["rows"] > 0
