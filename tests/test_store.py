@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 
@@ -220,8 +221,6 @@ def test_sae_train_writes_saes_that_overlap_loads(tmp_path):
                               capture_output=True, text=True)  # fmt: skip
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         assert (out / "done.json").exists() and (out / "layer_2" / "cfg.json").exists()
-        import pandas as pd
-
         quality = pd.read_csv(out / "quality.csv")
         assert set(quality["tokens"]) == {"image", "text"} and quality["n_tokens"].min() > 0
         image = quality.set_index("tokens").loc["image"]  # the tiny model's few text tokens teach little
@@ -236,6 +235,20 @@ def test_sae_train_writes_saes_that_overlap_loads(tmp_path):
     assert result["sae"] == "local" and result["sae_width"] == 64  # the SAE trained above, at its width
 
 
+
+@pytest.mark.slow
+def test_on_the_fly_mode_trains_without_writing_a_store_and_slurm_is_a_launcher_away(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    args = [sys.executable, "-m", "xmodal.sae_train", "model=tiny", "dataset=synthetic", "layers=[2]", "store.texts=concepts",
+            "store.mode=on_the_fly", "store.eval_fraction=0.3", "positions.batch_size=2", f"store.dir={tmp_path / 'store'}",
+            "training.d_sae=64", "training.k=8", "training.training_tokens=5000", "training.batch_size=128", f"out_dir={tmp_path / 'sae'}"]  # fmt: skip
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert not (tmp_path / "store").exists() and (tmp_path / "sae" / "layer_2" / "cfg.json").exists()
+    assert set(pd.read_csv(tmp_path / "sae" / "quality.csv")["tokens"]) == {"image", "text"}
+    hydra_cfg = subprocess.run([*args, "cluster=slurm", "--cfg", "hydra"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in hydra_cfg.stdout, hydra_cfg.stderr[-2000:]
+
 @pytest.mark.slow
 def test_saes_trained_through_the_store_explain_both_modalities_of_the_organism(tmp_path):
     """Issue 18's bar, on a third of the default data and budget: FVE at least 0.8 on held-out
@@ -246,8 +259,6 @@ def test_saes_trained_through_the_store_explain_both_modalities_of_the_organism(
                            "training.training_tokens=300000", f"store.dir={tmp_path / 'store'}", f"out_dir={out}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    import pandas as pd
-
     quality = pd.read_csv(out / "quality.csv").set_index("tokens")
     assert quality.loc["image", "fve"] >= 0.8 and quality.loc["text", "fve"] >= 0.8, quality.to_string()
     assert (quality["fve_null_shuffled_dims"] < 0.3).all() and (quality["l0"] == 32).all()
