@@ -263,3 +263,11 @@ def test_saes_trained_through_the_store_explain_both_modalities_of_the_organism(
     assert quality.loc["image", "fve"] >= 0.8 and quality.loc["text", "fve"] >= 0.8, quality.to_string()
     assert (quality["fve_null_shuffled_dims"] < 0.3).all() and (quality["l0"] == 32).all()
     assert (out / "layer_9" / "cfg.json").exists() and (out / "done.json").exists()
+
+
+def test_images_prepared_by_dataloader_workers_give_the_same_activations(tiny, synthetic):
+    from xmodal.activations.extract import extract_activations
+
+    alone = extract_activations(tiny, synthetic, [2], PositionsConfig(batch_size=4), progress=False)[2]
+    workers = extract_activations(tiny, synthetic, [2], PositionsConfig(batch_size=4, num_workers=2), progress=False)[2]
+    assert torch.equal(alone.image_tokens, workers.image_tokens) and alone.image_sources == workers.image_sources

@@ -21,24 +21,12 @@ def shuffled_batches(activations: torch.Tensor, batch_size: int, seed: int) -> I
 
 
 def train_topk_sae(
-    activations: torch.Tensor,
-    layer: int,
-    d_sae: int,
-    k: int,
-    total_samples: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    device: str = "cpu",
-    model_name: str = "xmodal",
-    architecture: str = "topk",
-    decoder_init: str = "random",
-) -> Any:
-    """A sae-lens SAE fitted to `activations` held in memory (see `train_sae`)."""
-    return train_sae(
-        shuffled_batches(activations.to(device), batch_size, seed), activations, layer, d_sae, k, total_samples, batch_size,
-        lr, seed, device, model_name, architecture, decoder_init,
-    )  # fmt: skip
+    activations: torch.Tensor, layer: int, d_sae: int, k: int, total_samples: int, batch_size: int, lr: float, seed: int,
+    device: str = "cpu", **options: Any,
+) -> Any:  # fmt: skip
+    """A sae-lens SAE fitted to `activations` held in memory; `options` (architecture, ...) as in `train_sae`."""
+    batches = shuffled_batches(activations.to(device), batch_size, seed)
+    return train_sae(batches, activations, layer, d_sae, k, total_samples, batch_size, lr, seed, device, **options)
 
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
