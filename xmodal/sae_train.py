@@ -38,6 +38,7 @@ from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from xmodal import config as config_schema
+from xmodal.activations.batch_size import resolve_batch_size
 from xmodal.activations.store import batch_plan, build_store, store_texts, stream_batches, stream_rows
 from xmodal.conf_dir import CONF_DIR
 from xmodal.config import PathsConfig, PositionsConfig
@@ -141,48 +142,58 @@ class Source:
 
 # 1. ----------------------------------------------------------------------------------------
 def fill_store(cfg: SAETrainConfig, adapter: ModelAdapter, dataset: Any, progress: bool = True) -> Source:
-    positions, store_cfg = cfg.positions, cfg.store
-    if store_cfg.mode == StoreMode.disk:
-        start = time.perf_counter()
-        store = build_store(adapter, dataset, store_cfg.dir, cfg.layers, positions, store_cfg.texts.value, cfg.seed,
-                            store_cfg.shard_tokens, store_cfg.dtype.value, progress)  # fmt: skip
-        n_eval = max(1, round(store_cfg.eval_fraction * store.n_shards))
-        if store.n_shards - n_eval < 1:
-            raise XmodalError(f"the store holds {store.n_shards} shard(s): too few to hold {n_eval} out for evaluation; "
-                              f"lower store.shard_tokens (now {store_cfg.shard_tokens}) or use a larger dataset")  # fmt: skip
-        # The first shards are held out: full-size random mixes (the last one holds what was left over).
-        train_shards = list(range(n_eval, store.n_shards))
-        eval_rows = {layer: _cat([store.shard(i, layer) for i in range(n_eval)]) for layer in cfg.layers}
-        sample = {layer: store.shard(n_eval, layer)[0] for layer in cfg.layers}
-        held_out = {int(m) for m in eval_rows[cfg.layers[0]][1].unique()}
-        if held_out != {0, 1}:
-            raise XmodalError(f"the {n_eval} held-out shard(s) hold only {'image' if 1 in held_out else 'text'} tokens; "
-                              f"raise store.eval_fraction (now {store_cfg.eval_fraction}) or lower store.shard_tokens")  # fmt: skip
+    """The training batches and held-out rows of every layer: from a store on disk, or streamed."""
+    if cfg.store.mode == StoreMode.disk:
+        return disk_source(cfg, adapter, dataset, progress)
+    return streamed_source(cfg, adapter, dataset, progress)
 
-        def batches(layer: int) -> Iterator[torch.Tensor]:
-            return store.batches(layer, cfg.training.batch_size, cfg.seed, train_shards, store_cfg.buffer_shards)
 
-        stats = {"store_rows": store.n_rows, "store_shards": store.n_shards, "eval_shards": n_eval,
-                 "store_seconds": time.perf_counter() - start}  # fmt: skip
-        return Source(batches, eval_rows, sample, stats)
+def disk_source(cfg: SAETrainConfig, adapter: ModelAdapter, dataset: Any, progress: bool) -> Source:
+    store_cfg, start = cfg.store, time.perf_counter()
+    store = build_store(adapter, dataset, store_cfg.dir, cfg.layers, cfg.positions, store_cfg.texts.value, cfg.seed,
+                        store_cfg.shard_tokens, store_cfg.dtype.value, progress)  # fmt: skip
+    n_eval = max(1, round(store_cfg.eval_fraction * store.n_shards))
+    if store.n_shards - n_eval < 1:
+        raise XmodalError(f"the store holds {store.n_shards} shard(s): too few to hold {n_eval} out for evaluation; "
+                          f"lower store.shard_tokens (now {store_cfg.shard_tokens}) or use a larger dataset")  # fmt: skip
+    # The first shards are held out: full-size random mixes (the last one holds what was left over).
+    train_shards = list(range(n_eval, store.n_shards))
+    eval_rows = {layer: _cat([store.shard(i, layer) for i in range(n_eval)]) for layer in cfg.layers}
+    _check_both_modalities(eval_rows[cfg.layers[0]][1], f"the {n_eval} held-out shard(s)", "raise store.eval_fraction or lower store.shard_tokens")
 
-    texts = store_texts(dataset, store_cfg.texts.value)
-    forward_batch = positions.batch_size if positions.batch_size != config_schema.AUTO else 8
+    def batches(layer: int) -> Iterator[torch.Tensor]:
+        return store.batches(layer, cfg.training.batch_size, cfg.seed, train_shards, store_cfg.buffer_shards)
+
+    stats = {"store_rows": store.n_rows, "store_shards": store.n_shards, "eval_shards": n_eval, "store_seconds": time.perf_counter() - start}
+    return Source(batches, eval_rows, {layer: store.shard(n_eval, layer)[0] for layer in cfg.layers}, stats)
+
+
+def streamed_source(cfg: SAETrainConfig, adapter: ModelAdapter, dataset: Any, progress: bool) -> Source:
+    """On the fly: the plan's last batches are run once and held out; the rest are rerun every epoch."""
+    texts = store_texts(dataset, cfg.store.texts.value)
+    forward_batch = resolve_batch_size(adapter, cfg.positions.batch_size, cfg.layers, dataset, cfg.positions)
     plan = batch_plan(len(dataset.images), len(texts), forward_batch, cfg.seed)
-    n_eval = max(1, round(store_cfg.eval_fraction * len(plan)))
+    n_eval = max(1, round(cfg.store.eval_fraction * len(plan)))
     if len(plan) - n_eval < 1:
         raise XmodalError(f"the dataset makes {len(plan)} batch(es): too few to hold {n_eval} out for evaluation; use a larger dataset")
     train_plan, eval_plan = plan[: len(plan) - n_eval], plan[len(plan) - n_eval :]
-    held_out = list(stream_rows(adapter, dataset, texts, eval_plan, cfg.layers, positions, progress, "held-out activations"))
-    eval_rows = {layer: (torch.cat([r[layer] for r, _, _ in held_out]), torch.cat([m for _, m, _ in held_out])) for layer in cfg.layers}
-    first = list(stream_rows(adapter, dataset, texts, train_plan[:8], cfg.layers, positions, False))
+    held_out = list(stream_rows(adapter, dataset, texts, eval_plan, cfg.layers, cfg.positions, progress, "held-out activations"))
+    eval_rows = {layer: _cat([(r[layer], m) for r, m, _ in held_out]) for layer in cfg.layers}
+    _check_both_modalities(eval_rows[cfg.layers[0]][1], f"the {n_eval} held-out batch(es)", "raise store.eval_fraction")
+    first = list(stream_rows(adapter, dataset, texts, train_plan[:8], cfg.layers, cfg.positions, False))
     sample = {layer: torch.cat([r[layer] for r, _, _ in first]) for layer in cfg.layers}
 
     def streamed(layer: int) -> Iterator[torch.Tensor]:
-        return stream_batches(adapter, dataset, texts, train_plan, layer, positions, cfg.training.batch_size,
-                              store_cfg.shard_tokens, cfg.seed)  # fmt: skip
+        return stream_batches(adapter, dataset, texts, train_plan, layer, cfg.positions, cfg.training.batch_size,
+                              cfg.store.shard_tokens, cfg.seed)  # fmt: skip
 
     return Source(streamed, eval_rows, sample, {"eval_batches": n_eval, "train_batches": len(train_plan)})
+
+
+def _check_both_modalities(modality: torch.Tensor, what: str, fix: str) -> None:
+    present = {int(m) for m in modality.unique()}
+    if present != {0, 1}:
+        raise XmodalError(f"{what} hold only {'image' if 1 in present else 'text'} tokens, so one modality cannot be scored; {fix}")
 
 
 def _cat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
