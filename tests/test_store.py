@@ -271,3 +271,15 @@ def test_images_prepared_by_dataloader_workers_give_the_same_activations(tiny, s
     alone = extract_activations(tiny, synthetic, [2], PositionsConfig(batch_size=4), progress=False)[2]
     workers = extract_activations(tiny, synthetic, [2], PositionsConfig(batch_size=4, num_workers=2), progress=False)[2]
     assert torch.equal(alone.image_tokens, workers.image_tokens) and alone.image_sources == workers.image_sources
+
+
+def test_sae_train_default_folders_name_model_architecture_and_width():
+    from hydra import compose, initialize_config_dir
+
+    import xmodal.sae_train  # noqa: F401  (stores the schema)
+    from xmodal.conf_dir import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="sae_train", overrides=["training.architecture=batchtopk", "training.d_sae=1024"])
+    assert cfg.out_dir == "outputs/sae_train/organism_batchtopk_1024"
+    assert cfg.store.dir == "outputs/activation_store/organism_organism_concepts_seed0"

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -51,29 +51,29 @@ from xmodal.saes.training import train_sae
 log = logging.getLogger("xmodal.sae_train")
 
 
-class StoreMode(str, Enum):
+class StoreMode(StrEnum):
     disk = "disk"  # sharded safetensors, resumable, reusable by later runs
     on_the_fly = "on_the_fly"  # straight from the model each epoch; nothing written
 
 
-class TextSource(str, Enum):
+class TextSource(StrEnum):
     captions = "captions"  # each image's caption, as a user turn
     concepts = "concepts"  # each concept's text
 
 
-class StoreDtype(str, Enum):
+class StoreDtype(StrEnum):
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
 
 
-class Architecture(str, Enum):
+class Architecture(StrEnum):
     topk = "topk"
     batchtopk = "batchtopk"  # saved for inference as JumpReLU
     jumprelu = "jumprelu"  # trained towards L0 = k
 
 
-class DecoderInit(str, Enum):
+class DecoderInit(StrEnum):
     data = "data"  # features start on random training tokens (fewer dead)
     random = "random"  # sae-lens's random directions
 
