@@ -10,7 +10,7 @@ Method, one function per step:
 3. `evaluate`: FVE and L0 per modality and the dead fraction on held-out images and texts
    (the first shards, which no training batch reads), against a null: the same SAE on the
    rows shuffled across feature dimensions;
-4. `save`: each SAE in sae-lens format under ``out_dir/layer_<L>``, which ``sae=local
+4. `save_sae`: each SAE in sae-lens format under ``out_dir/layer_<L>``, which ``sae=local
    'sae.path="<out_dir>/layer_{layer}"'`` loads for any experiment; ``quality.csv`` beside them,
    and ``done.json`` last.
 
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -46,7 +44,7 @@ from xmodal.errors import ConfigError, XmodalError, user_error
 from xmodal.models.base import ModelAdapter, instantiate_model
 from xmodal.reporting.results import atomic_write
 from xmodal.saes.quality import sae_quality
-from xmodal.saes.training import train_sae
+from xmodal.saes.training import save_sae, train_sae
 
 log = logging.getLogger("xmodal.sae_train")
 
@@ -221,17 +219,6 @@ def evaluate(sae: Any, rows: torch.Tensor, modality: torch.Tensor, seed: int) ->
     return [m | {"fve_null_shuffled_dims": n["fve"]} for m, n in zip(measured, null)]
 
 
-# 4. ----------------------------------------------------------------------------------------
-def save(sae: Any, target: Path) -> None:
-    """sae-lens's inference format (TopK stays TopK, BatchTopK becomes JumpReLU), written to a
-    temporary folder and renamed, so a half-saved SAE is never found under `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    sae.save_inference_model(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-
-
 def train_saes(cfg: SAETrainConfig, progress: bool = True) -> pd.DataFrame:
     from sae_lens import SAE
 
@@ -251,7 +238,7 @@ def train_saes(cfg: SAETrainConfig, progress: bool = True) -> pd.DataFrame:
                  cfg.training.d_sae, cfg.training.k, cfg.training.training_tokens)  # fmt: skip
         sae = train(cfg, source, layer, adapter.name, device)
         seconds = time.perf_counter() - start
-        save(sae, out_dir / f"layer_{layer}")
+        save_sae(sae, out_dir / f"layer_{layer}")  # 4.
         saved = SAE.load_from_disk(out_dir / f"layer_{layer}", device=device, dtype="float32")
         eval_x, eval_modality = source.eval_rows[layer]
         for row in evaluate(saved, eval_x, eval_modality, cfg.seed):

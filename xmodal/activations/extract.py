@@ -57,10 +57,11 @@ def text_batch_rows(
         attention_mask[row, : len(prompt.input_ids)] = 1
     inputs = {"input_ids": to_device(input_ids, adapter.device), "attention_mask": to_device(attention_mask, adapter.device)}
     captured = run_to_layers(adapter.model, adapter.decoder_layers(), inputs, layers)
-    return {
-        layer: [captured[layer][row, prompt.concept_positions].float().cpu() for row, prompt in enumerate(prompts)]
-        for layer in layers
-    }
+    # One gather and one device-to-host copy per layer, not one per prompt.
+    lengths = [len(p.concept_positions) for p in prompts]
+    rows = torch.arange(len(prompts)).repeat_interleave(torch.tensor(lengths))
+    positions = torch.tensor([i for p in prompts for i in p.concept_positions], dtype=torch.long)
+    return {layer: list(captured[layer][rows, positions].float().cpu().split(lengths)) for layer in layers}
 
 
 def image_batch_rows(
@@ -85,12 +86,12 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class ImageInputBatches(torch.utils.data.Dataset):
-    """Processor outputs for batches of images, so a DataLoader's workers decode and resize
-    the next batches on the CPU while the model runs on the current one."""
+    """Processor outputs for batches of images (each a list of indices into `images`), so a
+    DataLoader's workers decode and resize the next batches on the CPU while the model runs."""
 
-    def __init__(self, adapter: ModelAdapter, images: Sequence[Any], batch_size: int, prompt: str, use_chat_template: bool) -> None:
-        self.adapter, self.images, self.prompt, self.use_chat_template = adapter, images, prompt, use_chat_template
-        self.batches = _batches(len(images), batch_size)
+    def __init__(self, adapter: ModelAdapter, images: Sequence[Any], batches: Sequence[Sequence[int]], prompt: str, use_chat_template: bool) -> None:
+        self.adapter, self.images, self.batches = adapter, images, batches
+        self.prompt, self.use_chat_template = prompt, use_chat_template
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -101,15 +102,15 @@ class ImageInputBatches(torch.utils.data.Dataset):
 
 
 def image_input_loader(
-    adapter: ModelAdapter, images: Sequence[Any], batch_size: int, prompt: str, use_chat_template: bool, num_workers: int = 0
+    adapter: ModelAdapter, images: Sequence[Any], batches: Sequence[Sequence[int]], positions: PositionsConfig
 ) -> torch.utils.data.DataLoader:
-    """Batches of processor outputs, in order; `num_workers` > 0 prepares them in worker processes."""
+    """Processor outputs of `batches` in order; `positions.num_workers` > 0 prepares them in worker processes."""
     if images and not adapter.supports_images:
         adapter.image_inputs([], "", False)  # raises the family's clear error
     adapter.processor  # load once here, so that forked workers inherit it
     return torch.utils.data.DataLoader(
-        ImageInputBatches(adapter, images, batch_size, prompt, use_chat_template), batch_size=None,
-        num_workers=num_workers, pin_memory=adapter.device.type == "cuda",
+        ImageInputBatches(adapter, images, batches, positions.image_prompt, positions.use_chat_template), batch_size=None,
+        num_workers=positions.num_workers, pin_memory=adapter.device.type == "cuda",
     )  # fmt: skip
 
 
@@ -144,7 +145,7 @@ def extract_activations(
     image_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     eoi_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     images = dataset.images if "image" in modalities else []
-    loader = image_input_loader(adapter, images, batch_size, positions.image_prompt, positions.use_chat_template, positions.num_workers)
+    loader = image_input_loader(adapter, images, _batches(len(images), batch_size), positions)
     for inputs in tqdm(loader, desc=f"{adapter.name}: images", disable=not progress, leave=False):
         tokens, eoi = image_batch_rows(adapter, inputs, layers)
         for layer in layers:

@@ -25,7 +25,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from xmodal.activations.extract import ImageInputBatches, image_batch_rows, text_batch_rows
+from xmodal.activations.extract import image_batch_rows, image_input_loader, text_batch_rows
 from xmodal.config import PositionsConfig
 from xmodal.data.concepts import ConceptDataset
 from xmodal.errors import StoreError
@@ -110,11 +110,7 @@ def stream_rows(
     Image batches are decoded and resized by `positions.num_workers` DataLoader workers, ahead of the model.
     """
     image_batches = [items for modality, items in plan if modality == IMAGE]
-    ordered_images = [dataset.images[i] for items in image_batches for i in items]
-    loader = iter(torch.utils.data.DataLoader(
-        _PlannedImageBatches(adapter, ordered_images, [len(b) for b in image_batches], positions),
-        batch_size=None, num_workers=positions.num_workers, pin_memory=adapter.device.type == "cuda",
-    )) if image_batches else iter(())  # fmt: skip
+    loader = iter(image_input_loader(adapter, dataset.images, image_batches, positions))
     for modality, items in tqdm(plan, desc=desc, disable=not progress, unit="batch"):
         if modality == IMAGE:
             tokens, _ = image_batch_rows(adapter, next(loader), layers)
@@ -127,15 +123,6 @@ def stream_rows(
             rows = {layer: torch.cat(r) for layer, r in per_prompt.items()}
             item = torch.tensor(items).repeat_interleave(torch.tensor([len(p.concept_positions) for p in prompts]))
         yield rows, torch.full((len(item),), modality, dtype=torch.uint8), item
-
-
-class _PlannedImageBatches(ImageInputBatches):
-    """Processor outputs for consecutive runs of `images` of the given sizes."""
-
-    def __init__(self, adapter: ModelAdapter, images: Sequence[Any], sizes: Sequence[int], positions: PositionsConfig) -> None:
-        super().__init__(adapter, images, 1, positions.image_prompt, positions.use_chat_template)
-        bounds = np.cumsum([0, *sizes])
-        self.batches = [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 # ----------------------------------------------------------------------------- writing --
@@ -290,17 +277,30 @@ class ActivationStore:
         """Endless shuffled batches from `shards`: each epoch visits them in a new order, mixing
         `buffer_shards` at a time, so memory stays at that many shards."""
         if not shards:
-            raise StoreError(f"store {self.directory} has no shard left for training; lower store.eval_shards or store.shard_tokens")
+            raise StoreError(f"store {self.directory} has no shard left for training; lower store.eval_fraction or store.shard_tokens")
         generator = torch.Generator().manual_seed(seed)
-        carry = torch.empty(0, self.spec.d_model)
-        while True:
-            order = [shards[i] for i in torch.randperm(len(shards), generator=generator)]
-            for start in range(0, len(order), buffer_shards):
-                rows = torch.cat([carry] + [self.shard(i, layer)[0] for i in order[start : start + buffer_shards]])
-                rows = rows[torch.randperm(len(rows), generator=generator)]
-                usable = len(rows) - len(rows) % batch_size
-                yield from rows[:usable].split(batch_size)
-                carry = rows[usable:]
+
+        def shard_groups() -> Iterator[torch.Tensor]:
+            while True:
+                order = [shards[i] for i in torch.randperm(len(shards), generator=generator)]
+                for start in range(0, len(order), buffer_shards):
+                    yield torch.cat([self.shard(i, layer)[0] for i in order[start : start + buffer_shards]])
+
+        return mixed_batches(shard_groups(), 1, batch_size, generator)  # every group is mixed as it comes
+
+
+def mixed_batches(chunks: Iterator[torch.Tensor], buffer_rows: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Batches of rows shuffled across chunks: chunks are held until there are `buffer_rows`
+    rows, which are permuted together and cut into batches; what is left over joins the next."""
+    pending: list[torch.Tensor] = []
+    for chunk in chunks:
+        pending.append(chunk)
+        if sum(len(p) for p in pending) >= buffer_rows:
+            mixed = torch.cat(pending)
+            mixed = mixed[torch.randperm(len(mixed), generator=generator)]
+            usable = len(mixed) - len(mixed) % batch_size
+            yield from mixed[:usable].split(batch_size)
+            pending = [mixed[usable:]]
 
 
 def stream_batches(
@@ -310,14 +310,11 @@ def stream_batches(
     """On-the-fly mode: endless shuffled batches straight from the model, nothing written to disk.
     Each epoch runs the `plan`'s batches again, in a new order; at most `buffer_tokens` rows are held."""
     generator = torch.Generator().manual_seed(seed)
-    pending: list[torch.Tensor] = []
-    while True:
-        epoch_plan = [plan[i] for i in torch.randperm(len(plan), generator=generator)]
-        for rows, _, _ in stream_rows(adapter, dataset, texts, epoch_plan, [layer], positions, progress=False):
-            pending.append(rows[layer])
-            if sum(len(p) for p in pending) >= buffer_tokens:
-                mixed = torch.cat(pending)
-                mixed = mixed[torch.randperm(len(mixed), generator=generator)]
-                usable = len(mixed) - len(mixed) % batch_size
-                yield from mixed[:usable].split(batch_size)
-                pending = [mixed[usable:]]
+
+    def forward_batches() -> Iterator[torch.Tensor]:
+        while True:
+            epoch_plan = [plan[i] for i in torch.randperm(len(plan), generator=generator)]
+            for rows, _, _ in stream_rows(adapter, dataset, texts, epoch_plan, [layer], positions, progress=False):
+                yield rows[layer]
+
+    return mixed_batches(forward_batches(), buffer_tokens, batch_size, generator)

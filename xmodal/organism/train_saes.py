@@ -9,8 +9,6 @@ Copy ``out_dir/layer_*`` to ``xmodal/organism/weights/<variant>/saes/width_<d_sa
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from xmodal.conf_dir import CONF_DIR
 from xmodal.organism.model import organism
 from xmodal.organism.saes import SAE_LAYERS, TokenActivations, gather_activations, sae_quality
-from xmodal.saes.training import train_topk_sae
+from xmodal.saes.training import save_sae, train_topk_sae
 
 log = logging.getLogger("xmodal.organism.train_saes")
 
@@ -73,10 +71,7 @@ def train_saes(cfg: SAETrainConfig) -> pd.DataFrame:
         sae, saved_dtype = compact(sae)
         log.info("Layer %d: saving in %s", layer, saved_dtype)
         target = out_dir / f"layer_{layer}"
-        staging = Path(tempfile.mkdtemp(prefix=f".layer_{layer}-", dir=out_dir))
-        sae.save_inference_model(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        save_sae(sae, target)
         shipped = SAE.load_from_disk(target, device=str(adapter.device), dtype="float32")
         rows += sae_quality(shipped, held_out, layer)
         log.info("Layer %d held-out: %s", layer, rows[-2:])

@@ -110,7 +110,7 @@ def local_sae(name: str, path: str, layer: int, device: str = "auto", dtype: str
     if not (sae_dir / "cfg.json").exists():
         raise SAEError(
             f"no sae-lens SAE at {str(sae_dir)!r} (expected cfg.json and sae_weights.safetensors there); "
-            "set sae.path to a directory written by sae-lens (SAE.save_model)"
+            "set sae.path to a directory written by sae-lens (SAE.save_model) or by python -m xmodal.sae_train"
         )
     sae = SAE.load_from_disk(sae_dir, device=str(resolve_device(device)), dtype=dtype)
     log.info("Loaded SAE %s from %s (d_in=%d, d_sae=%d)", name, sae_dir, sae.cfg.d_in, sae.cfg.d_sae)

@@ -6,6 +6,9 @@ own hooks, so it hands sae-lens's SAETrainer an iterator over shuffled batches.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -125,3 +128,13 @@ def train_sae(
     )
     trainer = SAETrainer(trainer_cfg, sae, (batch.to(device) for batch in batches))
     return trainer.fit()
+
+
+def save_sae(sae: Any, target: Path) -> None:
+    """sae-lens's inference format (TopK stays TopK, BatchTopK becomes JumpReLU), written to a
+    temporary folder beside `target` and renamed, so a half-saved SAE is never found there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    sae.save_inference_model(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
