@@ -9,8 +9,8 @@ import torch
 
 from tests.conftest import run_cli
 from tests.test_sae import save_jumprelu_sae
-from xmodal.activations.codes import image_token_activations
-from xmodal.activations.extract import LayerActivations
+from xmodal.activations.readout import ReadoutPlan, TokenKeep, TokenRows, encode_and_pool
+from xmodal.activations.shards import save_shard
 from xmodal.saes.loading import local_sae
 
 
@@ -37,10 +37,12 @@ def test_a_feature_planted_at_known_image_tokens_peaks_there_in_the_heat_map(tmp
     planted = {0: [5], 1: [0, 15], 2: [10]}  # image -> tokens that carry the feature
     for image, cells in planted.items():
         tokens[image, cells] += 4.0 * direction
-    acts = LayerActivations(layer=1, concepts=["c"], text_tokens=torch.zeros(1, 64), text_offsets=torch.tensor([0, 1]),
-                            image_concepts=["c"] * 3, image_sources=["a", "b", "c"], image_tokens=tokens,
-                            image_eoi=torch.zeros(3, 64))  # fmt: skip
-    [maps] = image_token_activations(acts, space, [3])
+    # Through the streaming pass's reduction and its on-disk sparse token codes, as a study reads them.
+    plan = ReadoutPlan(1, space, (("mean", 5),), None, TokenKeep.sparse)
+    size = save_shard(tmp_path, "images_00000.safetensors", encode_and_pool(plan, tokens, torch.zeros(3, 64)), {}, RuntimeError)
+    rows = TokenRows(tmp_path, [{"file": "images_00000.safetensors", "images": 3, "bytes": size}], TokenKeep.sparse, 16)
+    [maps] = rows.feature_maps([3])
+    assert torch.allclose(rows[1], space.encode(tokens[1]))  # sparse storage gives back the dense codes
     for image, cells in planted.items():
         grid = maps[image].reshape(4, 4)
         assert set(np.flatnonzero(grid > 0)) == set(cells)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from xmodal.activations import store as store_module
+from xmodal.activations import shards as store_module  # the store writes through the shared shard protocol
 from xmodal.activations.batch_size import largest_fitting_batch
 from xmodal.activations.store import ActivationStore, build_store
 from xmodal.config import PositionsConfig

@@ -1,52 +1,33 @@
-"""On-disk cache of extracted activations, one safetensors file per (model, layer, positions, dataset).
+"""The activation cache: every job's streaming readouts, one folder per (model, layer, inputs, reduction).
 
-The key hashes everything that determines the numbers: the model's identity (hub id,
-revision and commit, or the tiny config hash and seed; dtype), the layer, the prompt
-templates, and the dataset's content hash (concept texts and image bytes). Pooling is
-not part of the key because the cache holds per-token values and pooling happens
-afterwards. Files are written to a temporary name and renamed, so a killed job never
-leaves a half-written entry that a later job would trust.
+A folder's key hashes everything that determines its numbers: the model's identity (hub id,
+revision and commit, or the content hash of local weights; dtype), the layer, the prompt
+templates, the dataset's content hash (concept texts and image bytes, hashed once per job),
+the feature space's identity (SAE weights, or raw residuals) and the reduction (poolings,
+which tokens are kept). Folders are written with the store's protocol (shards.py): a killed
+job resumes from its last finished shard, and an unfinished folder is never read as finished.
 """
 
 from __future__ import annotations
 
-import hashlib
+import atexit
 import json
 import logging
-import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
-from xmodal.activations.extract import LayerActivations, extract_activations
+from xmodal.activations.batch_size import resolve_batch_size
+from xmodal.activations.extract import embedding_activations
+from xmodal.activations.readout import LayerReadout, ReadoutPlan, TokenKeep, read_layer, readout_key, stream_readouts
+from xmodal.activations.shards import PROGRESS
 from xmodal.config import PositionsConfig
 from xmodal.data.concepts import ConceptDataset
 from xmodal.models.base import ModelAdapter
+from xmodal.saes.loading import no_sae
 
 log = logging.getLogger(__name__)
-
-CACHE_FORMAT = 1  # bump when the stored layout or extraction semantics change
-
-
-def cache_key(
-    adapter: ModelAdapter, dataset_hash: str, layer: int, positions: PositionsConfig,
-    modalities: Sequence[str] = ("text", "image"),
-) -> str:
-    parts = {
-        "format": CACHE_FORMAT,
-        "model": adapter.identity,
-        "layer": layer,
-        "text_prompt": positions.text_prompt,
-        "image_prompt": positions.image_prompt,
-        "use_chat_template": positions.use_chat_template,
-        "dataset": dataset_hash,  # ConceptDataset.content_hash(): texts and image bytes
-    }
-    if tuple(modalities) != ("text", "image"):
-        parts["modalities"] = sorted(modalities)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 class ActivationCache:
@@ -55,52 +36,61 @@ class ActivationCache:
         self.hits = 0
         self.misses = 0
 
-    def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.safetensors"
+    def directory(self, key: str) -> Path:
+        return self.root / key[:2] / key
 
-    def load(self, key: str) -> LayerActivations | None:
-        path = self.path(key)
-        if not path.exists():
-            return None
-        tensors = load_file(path)
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads(f.metadata()["xmodal"])
-        return LayerActivations(
-            layer=meta["layer"],
-            concepts=meta["concepts"],
-            text_tokens=tensors["text_tokens"],
-            text_offsets=tensors["text_offsets"],
-            image_concepts=meta["image_concepts"],
-            image_sources=meta["image_sources"],
-            image_tokens=tensors["image_tokens"],
-            image_eoi=tensors["image_eoi"],
-            meta=meta,
-        )
+    def finished(self, key: str) -> bool:
+        progress = self.directory(key) / PROGRESS
+        return progress.exists() and json.loads(progress.read_text())["complete"]
 
-    def save(self, key: str, acts: LayerActivations) -> Path:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "layer": acts.layer,
-            "concepts": acts.concepts,
-            "image_concepts": acts.image_concepts,
-            "image_sources": acts.image_sources,
-        }
-        tensors = {
-            "text_tokens": acts.text_tokens.contiguous(),
-            "text_offsets": acts.text_offsets.contiguous(),
-            "image_tokens": acts.image_tokens.contiguous(),
-            "image_eoi": acts.image_eoi.contiguous(),
-        }
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"xmodal": json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+
+_scratch: list[Path] = []
+
+
+def scratch_cache() -> ActivationCache:
+    """A cache in a temporary folder, removed at exit: a job without a cache still streams through disk."""
+    if not _scratch:
+        _scratch.append(Path(tempfile.mkdtemp(prefix="xmodal-readouts-")))
+        atexit.register(shutil.rmtree, _scratch[0], True)
+    return ActivationCache(_scratch[0])
+
+
+def get_readouts(
+    adapter: ModelAdapter, dataset: ConceptDataset, plans: Sequence[ReadoutPlan], positions: PositionsConfig,
+    cache: ActivationCache | None, progress: bool = True, modalities: Sequence[str] = ("text", "image"),
+    riders: Sequence[ReadoutPlan] = (),
+) -> dict[int, LayerReadout]:  # fmt: skip
+    """Each plan's readout, from the cache or from one streaming pass for all that are missing.
+
+    When a pass runs, the `riders` that the cache lacks go along and are cached, not returned
+    (a later job at one of their layers hits).
+    """
+    for plan in plans:
+        adapter.check_layer(plan.layer)
+    cache = cache or scratch_cache()
+    dataset_hash = dataset.content_hash()
+    keys = [readout_key(adapter, dataset_hash, plan, positions, modalities) for plan in plans]
+    missing = [(plan, key) for plan, key in zip(plans, keys) if not cache.finished(key)]
+    cache.hits += len(plans) - len(missing)
+    cache.misses += len(missing)
+    for plan, key in zip(plans, keys):
+        if cache.finished(key):
+            log.info("Activation cache hit for layer %d (%s)", plan.layer, cache.directory(key))
+    if missing:
+        ride = [(r, k) for r in riders if not cache.finished(k := readout_key(adapter, dataset_hash, r, positions, modalities))]
+        ride = [(r, k) for r, k in ride if k not in {key for _, key in missing}]
+        todo = missing + ride
+        layers = sorted({plan.layer for plan, _ in todo})
+        batch_size = resolve_batch_size(adapter, positions.batch_size, layers, dataset, positions)
+        stream_readouts(adapter, dataset, [p for p, _ in todo], [cache.directory(k) for _, k in todo], positions, batch_size, modalities, progress)
+    return {plan.layer: read_layer(cache.directory(key)) for plan, key in zip(plans, keys)}
+
+
+def raw_plan(adapter: ModelAdapter, layer: int) -> ReadoutPlan:
+    """Every token's residual, dense (the logit lens, DAS and MDS's own SAE read them)."""
+    space = no_sae(layer=layer)
+    space.check_model(adapter.name, adapter.hidden_size, layer)
+    return ReadoutPlan(layer, space, tokens=TokenKeep.dense)
 
 
 def get_activations(
@@ -112,36 +102,16 @@ def get_activations(
     progress: bool = True,
     modalities: Sequence[str] = ("text", "image"),
     also_cache: Sequence[int] = (),
-) -> dict[int, LayerActivations]:
-    """Cached activations for `layers`; the missing ones are extracted together in one pass.
+) -> dict:
+    """Per-token resid_post of `layers`, read from disk shard by shard; the missing layers come from one pass.
 
     When something must be extracted, the layers of `also_cache` that the cache lacks ride
-    along in the same pass and are cached, not returned (a later job at one of them hits).
+    along in the same pass. A dual encoder has one embedding per item: held in memory.
     """
     for layer in layers:
         adapter.check_layer(layer)
-    result: dict[int, LayerActivations] = {}
-    dataset_hash = dataset.content_hash()  # hashes every image's bytes: once per call, not per layer
-    keys = {layer: cache_key(adapter, dataset_hash, layer, positions, modalities) for layer in layers}
-    if cache is not None:
-        for layer in layers:
-            hit = cache.load(keys[layer])
-            if hit is not None:
-                cache.hits += 1
-                result[layer] = hit
-                log.info("Activation cache hit for layer %d (%s)", layer, cache.path(keys[layer]))
-    missing = [layer for layer in layers if layer not in result]
-    if missing:
-        riders = []
-        if cache is not None:
-            extra = sorted({*also_cache} - {*layers})
-            keys |= {layer: cache_key(adapter, dataset_hash, layer, positions, modalities) for layer in extra}
-            riders = [layer for layer in extra if not cache.path(keys[layer]).exists()]
-        fresh = extract_activations(adapter, dataset, missing + riders, positions, progress=progress, modalities=modalities)
-        for layer in missing + riders:
-            if cache is not None:
-                cache.misses += layer in missing
-                cache.save(keys[layer], fresh[layer])
-            if layer in missing:
-                result[layer] = fresh[layer]
-    return result
+    if not adapter.has_decoder:
+        return {layer: embedding_activations(adapter, dataset, positions, modalities, progress, layer) for layer in layers}
+    plans = [raw_plan(adapter, layer) for layer in layers]
+    riders = [raw_plan(adapter, layer) for layer in sorted({*also_cache} - {*layers})]
+    return get_readouts(adapter, dataset, plans, positions, cache, progress, modalities, riders)

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from xmodal.activations.extract import LayerActivations
+from xmodal.activations.readout import LayerReadout, ReadoutPlan, TokenKeep, pool_tokens
 from xmodal.config import ImagePooling, PositionsConfig, TextPooling
 from xmodal.saes.loading import FeatureSpace
 
@@ -64,49 +65,42 @@ class ConceptCodes:
         return pd.concat(frames, ignore_index=True)
 
 
-def pool_tokens(codes: torch.Tensor, how: str, top_n: int = 5) -> torch.Tensor:
-    """Pool (..., tokens, features) over the token axis."""
-    if how == "mean":
-        return codes.mean(dim=-2)
-    if how == "sum":
-        return codes.sum(dim=-2)
-    if how == "max":
-        return codes.max(dim=-2).values
-    if how == "last":
-        return codes[..., -1, :]
-    if how == "topn":
-        n = min(top_n, codes.shape[-2])
-        return codes.topk(n, dim=-2).values.mean(dim=-2)
-    if how == "topn_per_token":
-        n = min(top_n, codes.shape[-1])
-        values, indices = codes.topk(n, dim=-1)
-        return torch.zeros_like(codes).scatter(-1, indices, values).sum(dim=-2)
-    raise ValueError(f"unknown pooling {how!r}")
+def codes_plan(
+    layer: int, space: FeatureSpace, positions: PositionsConfig, image_poolings: Sequence[tuple[str, int]] = (), keep_tokens: bool = True
+) -> ReadoutPlan:
+    """The streaming pass that gives pooled codes: the positions' poolings (and `image_poolings`), and,
+    where the space is an SAE and `keep_tokens`, every token's non-zero codes (heat maps, feature cards)."""
+    image = (ImagePooling(positions.image_pooling).value, positions.top_n)
+    poolings = tuple(dict.fromkeys([image, *[(how, int(n)) for how, n in image_poolings]]))
+    tokens = TokenKeep.sparse if space.sae is not None and keep_tokens else TokenKeep.none
+    return ReadoutPlan(layer, space, poolings, (TextPooling(positions.text_pooling).value, positions.top_n), tokens)
 
 
-def image_codes_pooled_several_ways(acts: LayerActivations, space: FeatureSpace, poolings: Sequence[tuple[str, int]]) -> list[np.ndarray]:
-    """Per (how, top_n) in `poolings`, the (n_images, d_sae) pooled image codes; each image's tokens are encoded once."""
-    out: list[list[torch.Tensor]] = [[] for _ in poolings]
-    for tokens in acts.image_tokens:  # one image at a time keeps dense SAE codes small
-        codes = space.encode(tokens)
-        for rows, (how, top_n) in zip(out, poolings):
-            rows.append(pool_tokens(codes, how, top_n))
-    return [torch.stack(rows).numpy() if rows else np.zeros((0, space.d_sae), np.float32) for rows in out]
+def codes_from_readout(readout: LayerReadout, positions: PositionsConfig, image_pooling: tuple[str, int] | None = None) -> ConceptCodes:
+    """The pooled codes a readout holds: per concept text (the positions' text pooling) and per image."""
+    pooling = image_pooling or (ImagePooling(positions.image_pooling).value, positions.top_n)
+    return ConceptCodes(
+        layer=readout.layer,
+        concepts=readout.concepts,
+        text=readout.text_pooled.numpy(),
+        image_concepts=readout.image_concepts,
+        image_sources=readout.image_sources,
+        image=readout.image_pooled[pooling].numpy(),
+    )
 
 
 def concept_codes(acts: LayerActivations, space: FeatureSpace, positions: PositionsConfig) -> ConceptCodes:
+    """Pooled codes from per-token residuals in hand (a dual encoder's embeddings, or MDS's own SAE on
+    tokens it has read); a job's own feature space goes through the streaming pass instead (codes_plan)."""
     text_how = TextPooling(positions.text_pooling).value
     image_how = ImagePooling(positions.image_pooling).value
-    text = [
-        pool_tokens(space.encode(acts.text_tokens_of(i)), text_how, positions.top_n)
-        for i in range(len(acts.concepts))
-    ]
+    text = [pool_tokens(space.encode(acts.text_tokens_of(i)), text_how, positions.top_n) for i in range(len(acts.concepts))]
     image = []
-    for i in range(acts.image_tokens.shape[0]):  # one image at a time keeps dense SAE codes small
+    for i, tokens in enumerate(acts.image_tokens):  # one image at a time keeps dense SAE codes small
         if image_how == "eoi":
             image.append(space.encode(acts.image_eoi[i : i + 1])[0])
         else:
-            image.append(pool_tokens(space.encode(acts.image_tokens[i]), image_how, positions.top_n))
+            image.append(pool_tokens(space.encode(tokens), image_how, positions.top_n))
     n_features = space.d_sae
     return ConceptCodes(
         layer=acts.layer,
@@ -116,10 +110,3 @@ def concept_codes(acts: LayerActivations, space: FeatureSpace, positions: Positi
         image_sources=acts.image_sources,
         image=torch.stack(image).numpy() if image else np.zeros((0, n_features), np.float32),
     )
-
-
-def image_token_activations(acts: LayerActivations, space: FeatureSpace, chosen: list[int]) -> list[np.ndarray]:
-    """Per chosen feature, (n_images, n_tokens): its activation at every image soft token."""
-    per_image = [space.encode(tokens)[:, chosen].numpy() for tokens in acts.image_tokens]  # (n_tokens, n_chosen) each
-    stacked = np.stack(per_image)  # (n_images, n_tokens, n_chosen)
-    return [stacked[:, :, n] for n in range(len(chosen))]

@@ -39,14 +39,25 @@ class LayerActivations:
     def text_tokens_of(self, index: int) -> torch.Tensor:
         return self.text_tokens[self.text_offsets[index] : self.text_offsets[index + 1]]
 
+    # The reads a study makes of image tokens, shared with the on-disk readout (readout.LayerReadout).
+    @property
+    def tokens_per_image(self) -> int:
+        return int(self.image_tokens.shape[1])
+
+    def image_token_mean(self) -> torch.Tensor:
+        """(n_images, d_model): each image's mean token."""
+        return self.image_tokens.float().mean(dim=1)
+
+    def image_token_rows(self) -> torch.Tensor:
+        """(every image token, d_model), image by image."""
+        return self.image_tokens.reshape(-1, self.image_tokens.shape[-1]).float()
+
 
 def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def text_batch_rows(
-    adapter: ModelAdapter, prompts: Sequence[TextPrompt], layers: Sequence[int]
-) -> dict[int, list[torch.Tensor]]:
+def text_batch_rows(adapter: ModelAdapter, prompts: Sequence[TextPrompt], layers: Sequence[int]) -> dict[int, list[torch.Tensor]]:
     """One forward pass over `prompts` (right-padded: causal attention keeps real positions
     unaffected by padding); per layer, each prompt's rows at its concept positions (float32, CPU)."""
     width = max(len(p.input_ids) for p in prompts)
@@ -64,9 +75,7 @@ def text_batch_rows(
     return {layer: list(captured[layer][rows, positions].float().cpu().split(lengths)) for layer in layers}
 
 
-def image_batch_rows(
-    adapter: ModelAdapter, inputs: Any, layers: Sequence[int]
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+def image_batch_rows(adapter: ModelAdapter, inputs: Any, layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """One forward pass over processor outputs for images that share a prompt; per layer,
     (images, image tokens, d_model) at the soft tokens and (images, d_model) right after the image."""
     mask = adapter.image_token_mask(inputs["input_ids"])
@@ -169,7 +178,11 @@ def extract_activations(
 
 
 def embedding_activations(
-    adapter: ModelAdapter, dataset: ConceptDataset, positions: PositionsConfig, modalities: Sequence[str], progress: bool = True,
+    adapter: ModelAdapter,
+    dataset: ConceptDataset,
+    positions: PositionsConfig,
+    modalities: Sequence[str],
+    progress: bool = True,
     layer: int = 0,
 ) -> LayerActivations:
     """A dual encoder's embeddings (layer 0) or pooled tower states (layer l) in the layout of decoder

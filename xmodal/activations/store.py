@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -30,10 +29,10 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from xmodal.activations.extract import image_batch_rows, image_input_loader, text_batch_rows
+from xmodal.activations.shards import PROGRESS, check_shard_sizes, remove_stale_temporaries, save_shard, write_json_atomic
 from xmodal.config import PositionsConfig
 from xmodal.data.concepts import ConceptDataset
 from xmodal.errors import StoreError
@@ -42,7 +41,7 @@ from xmodal.models.base import ModelAdapter
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
-MANIFEST, PROGRESS = "store.json", "progress.json"
+MANIFEST = "store.json"
 IMAGE, TEXT = 1, 0  # the modality of a row
 TextSource = Literal["captions", "concepts"]
 
@@ -150,8 +149,7 @@ def build_store(
     if state.complete:
         log.info("Activation store %s is complete (%d shards); reusing it", directory, len(state.shards))
         return ActivationStore(directory)
-    for stale in directory.glob("*.tmp"):
-        stale.unlink()  # a shard whose write was cut short
+    remove_stale_temporaries(directory)
     plan = batch_plan(len(dataset.images), len(text_list), batch_size, seed)
     state.n_batches = len(plan)
     if state.batches_done:
@@ -167,7 +165,7 @@ def build_store(
             _write_shard(directory, spec, state, buffer, done)
             buffer, buffered = [], 0
     state.complete = True
-    _write_json(directory / PROGRESS, asdict(state))
+    write_json_atomic(directory / PROGRESS, asdict(state))
     return ActivationStore(directory)
 
 
@@ -187,8 +185,8 @@ def _claim(directory: Path, spec: StoreSpec) -> StoreProgress:
     if directory.exists() and any(directory.iterdir()):
         raise StoreError(f"store.dir={str(directory)!r} is a non-empty folder without {MANIFEST}; give an empty or new folder")
     directory.mkdir(parents=True, exist_ok=True)
-    _write_json(manifest, asdict(spec))
-    _write_json(directory / PROGRESS, asdict(StoreProgress()))
+    write_json_atomic(manifest, asdict(spec))
+    write_json_atomic(directory / PROGRESS, asdict(StoreProgress()))
     return StoreProgress()
 
 
@@ -200,25 +198,16 @@ def _write_shard(directory: Path, spec: StoreSpec, state: StoreProgress, buffer:
                for layer in spec.layers}  # fmt: skip
     tensors |= {"modality": modality[order].contiguous(), "item": torch.cat([b[2] for b in buffer])[order].contiguous()}
     name = f"shard_{index:05d}.safetensors"
-    tmp = directory / f"{name}.tmp"
-    try:
-        save_file(tensors, tmp, metadata={"store_format": str(STORE_FORMAT), "rows": str(len(order))})
-        os.replace(tmp, directory / name)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"writing {directory / name} failed ({err}); free space or fix the folder and rerun: "
-                         f"the store resumes after shard {index}") from err  # fmt: skip
+
+    def failed(message: str) -> StoreError:
+        return StoreError(f"{message}; free space or fix the folder and rerun: the store resumes after shard {index}")
+
+    size = save_shard(directory, name, tensors, {"store_format": str(STORE_FORMAT), "rows": str(len(order))}, failed)
     image_rows = int((modality == IMAGE).sum())
     state.shards.append({"file": name, "rows": len(order), "image_rows": image_rows, "text_rows": len(order) - image_rows,
-                         "bytes": (directory / name).stat().st_size})  # fmt: skip
+                         "bytes": size})  # fmt: skip
     state.batches_done = batches_done
-    _write_json(directory / PROGRESS, asdict(state))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=list))
-    os.replace(tmp, path)
+    write_json_atomic(directory / PROGRESS, asdict(state))
 
 
 def _read_spec(path: Path) -> StoreSpec:
@@ -231,12 +220,7 @@ def _read_spec(path: Path) -> StoreSpec:
 
 def _read_progress(directory: Path) -> StoreProgress:
     state = StoreProgress(**json.loads((directory / PROGRESS).read_text()))
-    for shard in state.shards:
-        path = directory / shard["file"]
-        size = path.stat().st_size if path.exists() else None
-        if size != shard["bytes"]:
-            raise StoreError(f"{path} is {'missing' if size is None else f'{size} bytes'}, but the store wrote {shard['bytes']}: "
-                             "it was changed after writing; delete the store and rebuild it")  # fmt: skip
+    check_shard_sizes(directory, state.shards, lambda message: StoreError(f"{message}: it was changed after writing; delete the store and rebuild it"))
     return state
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from dataclasses import dataclass, field
@@ -31,6 +32,11 @@ class ConceptImage:
     def load(self) -> Image.Image:
         return Image.open(io.BytesIO(self.data)).convert("RGB")
 
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """SHA-256 of the image's bytes, computed once per image (every cache key of a job reuses it)."""
+        return hashlib.sha256(self.data).digest()
+
 
 def read_image_file(path: Path, concept: str) -> ConceptImage:
     """Read and fully decode an image file; a corrupt file is a DatasetError naming it."""
@@ -39,9 +45,7 @@ def read_image_file(path: Path, concept: str) -> ConceptImage:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(
-            f"image {str(path)!r} of concept {concept!r} cannot be read ({err}); remove or replace the file"
-        ) from err
+        raise DatasetError(f"image {str(path)!r} of concept {concept!r} cannot be read ({err}); remove or replace the file") from err
     return ConceptImage(concept=concept, source=str(path), data=data)
 
 
@@ -64,9 +68,7 @@ class ConceptDataset:
         if duplicates:
             raise DatasetError(f"dataset {self.name!r} lists concepts more than once: {duplicates}")
         if len(self.concepts) < 2:
-            raise DatasetError(
-                f"dataset {self.name!r} has {len(self.concepts)} concept(s); cross-modal statistics need at least 2"
-            )
+            raise DatasetError(f"dataset {self.name!r} has {len(self.concepts)} concept(s); cross-modal statistics need at least 2")
         known = set(names)
         for concept in self.concepts:
             if concept.partner is not None and concept.partner not in known:
@@ -77,9 +79,7 @@ class ConceptDataset:
                 raise DatasetError(f"image {img.source!r} belongs to unknown concept {img.concept!r}")
         without = [c.name for c in self.concepts if not any(i.concept == c.name for i in self.images)]
         if without and not self.text_only:
-            raise DatasetError(
-                f"dataset {self.name!r}: concepts without any image: {without[:10]}; add images or drop them"
-            )
+            raise DatasetError(f"dataset {self.name!r}: concepts without any image: {without[:10]}; add images or drop them")
 
     def concept(self, name: str) -> Concept:
         return next(c for c in self.concepts if c.name == name)
@@ -90,5 +90,5 @@ class ConceptDataset:
         for c in self.concepts:
             digest.update(f"{c.name}\x00{c.text}\x00".encode())
         for img in self.images:
-            digest.update(img.concept.encode() + b"\x00" + hashlib.sha256(img.data).digest())
+            digest.update(img.concept.encode() + b"\x00" + img.digest)
         return digest.hexdigest()

@@ -12,6 +12,7 @@ returns its flat metrics; ``xmodal.run`` writes result.json after it returns.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -22,9 +23,10 @@ import numpy as np
 import pandas as pd
 
 from xmodal.activations.batch_size import resolve_batch_size
-from xmodal.activations.cache import ActivationCache, get_activations
-from xmodal.activations.codes import ConceptCodes, concept_codes, image_token_activations
+from xmodal.activations.cache import ActivationCache, get_activations, get_readouts
+from xmodal.activations.codes import ConceptCodes, codes_from_readout, codes_plan, concept_codes
 from xmodal.activations.extract import LayerActivations
+from xmodal.activations.readout import LayerReadout
 from xmodal.config import ExperimentConfig, PositionsConfig
 from xmodal.data.concepts import ConceptDataset
 from xmodal.errors import ConfigError, DatasetError
@@ -70,13 +72,38 @@ class RunContext:
         dataset: ConceptDataset | None = None,
         modalities: Sequence[str] = ("text", "image"),
         model: ModelAdapter | None = None,
-    ) -> dict[int, LayerActivations]:
-        """Cached resid_post; by default this job's model, layer, positions, dataset and both modalities."""
+    ) -> dict[int, LayerActivations | LayerReadout]:
+        """Every token's resid_post, read from disk shard by shard; by default this job's model, layer,
+        positions, dataset and both modalities. For studies that need the residuals themselves."""
         with self.timed("activations"):
             return get_activations(
-                model or self.model, dataset or self.dataset, list(layers or [self.layer]), positions or self.positions,
-                self.cache, self.progress, modalities, self.cache_also_layers if model is None else (),
+                model or self.model,
+                dataset or self.dataset,
+                list(layers or [self.layer]),
+                positions or self.positions,
+                self.cache,
+                self.progress,
+                modalities,
+                self.cache_also_layers if model is None else (),
             )
+
+    def readout(
+        self,
+        positions: PositionsConfig | None = None,
+        dataset: ConceptDataset | None = None,
+        modalities: Sequence[str] = ("text", "image"),
+        model: ModelAdapter | None = None,
+        space: FeatureSpace | None = None,
+        image_poolings: Sequence[tuple[str, int]] = (),
+    ) -> LayerReadout:
+        """This job's streaming pass at its layer: pooled codes of every item and, through an SAE, every
+        token's non-zero codes. `space` replaces the job's feature space, `image_poolings` add poolings."""
+        positions, model, space = positions or self.positions, model or self.model, space or self.features
+        if not model.has_decoder:  # a dual encoder has one embedding per item: nothing to stream
+            raise ConfigError(f"model {model.name!r} is a dual encoder: it has no image tokens to read out")
+        plan = codes_plan(self.layer, space, positions, image_poolings)
+        with self.timed("activations"):
+            return get_readouts(model, dataset or self.dataset, [plan], positions, self.cache, self.progress, modalities)[self.layer]
 
     def codes(
         self,
@@ -84,12 +111,26 @@ class RunContext:
         dataset: ConceptDataset | None = None,
         modalities: Sequence[str] = ("text", "image"),
         model: ModelAdapter | None = None,
+        space: FeatureSpace | None = None,
+        image_pooling: tuple[str, int] | None = None,
     ) -> ConceptCodes:
-        """Pooled feature codes at this job's layer (activations from the cache, then the SAE)."""
-        positions = positions or self.positions
-        acts = self.activations(None, positions, dataset, modalities, model)[self.layer]
-        with self.timed("encode"):
-            return concept_codes(acts, self.features, positions)
+        """Pooled feature codes at this job's layer (the streaming pass, or its cached readout)."""
+        positions, model = positions or self.positions, model or self.model
+        if not model.has_decoder:
+            if image_pooling is not None:
+                positions = dataclasses.replace(positions, image_pooling=image_pooling[0], top_n=image_pooling[1])
+            acts = self.activations(None, positions, dataset, modalities, model)[self.layer]
+            with self.timed("encode"):
+                return concept_codes(acts, space or self.features, positions)
+        readout = self.readout(positions, dataset, modalities, model, space, [image_pooling] if image_pooling else ())
+        return codes_from_readout(readout, positions, image_pooling)
+
+    def image_codes(self, poolings: Sequence[tuple[str, int]]) -> list[np.ndarray]:
+        """(n_images, n_features) pooled image codes for each (how, top_n) in `poolings`, from one pass."""
+        if not self.model.has_decoder:
+            return [self.codes(modalities=("image",), image_pooling=tuple(p)).image for p in poolings]
+        readout = self.readout(modalities=("image",), image_poolings=poolings)
+        return [readout.image_pooled[tuple(p)].numpy() for p in poolings]
 
     def table(self, name: str, frame: pd.DataFrame) -> None:
         self.writer.table(name, frame)
@@ -105,16 +146,16 @@ class RunContext:
         features = [int(f) for f in features]
         if not features or not self.model.has_decoder:  # a dual encoder's image is one embedding: no patches to map
             return
-        acts = self.activations()[self.layer]
-        maps = image_token_activations(acts, self.features, features)
-        grid = self.model.image_token_grid(acts.image_tokens.shape[1])
+        readout = self.readout()
+        maps = readout.image_tokens.feature_maps(features)
+        grid = self.model.image_token_grid(readout.tokens_per_image)
         rows = []
         for feature_maps, label in zip(maps, labels):
             pooled = feature_maps.mean(axis=1)
             order = [i for i in np.argsort(-pooled, kind="stable")[:top_images] if pooled[i] > 0]
             # activation row i is dataset image i (extraction keeps the order; sources can repeat)
             rows.append((label, [self.dataset.images[i].load() for i in order],
-                         [feature_maps[i].reshape(grid) for i in order], [acts.image_concepts[i] for i in order]))  # fmt: skip
+                         [feature_maps[i].reshape(grid) for i in order], [readout.image_concepts[i] for i in order]))  # fmt: skip
         self.figure(name, figures.patch_heatmap_rows(rows, self.layer))
 
     def tensors(self, name: str, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:

@@ -28,8 +28,7 @@ def hook_layer(hook_name: str) -> int:
     match = _RESID_HOOK.search(hook_name)
     if match is None:
         raise SAEError(
-            f"the SAE reads hook {hook_name!r}, which is not a residual-stream output (resid_post); "
-            "xmodal reads resid_post, so choose a residual-stream SAE"
+            f"the SAE reads hook {hook_name!r}, which is not a residual-stream output (resid_post); xmodal reads resid_post, so choose a residual-stream SAE"
         )
     return int(match.group(1))
 
@@ -81,16 +80,15 @@ class FeatureSpace:
                 )
 
     @torch.inference_mode()
-    def encode(self, resid: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-        """Codes on the CPU in float32; raw residuals pass through unchanged."""
+    def encode(self, resid: torch.Tensor, batch_size: int = 4096, on_device: bool = False) -> torch.Tensor:
+        """Codes in float32: on the CPU, or with `on_device` on the SAE's device (the streaming pass pools
+        them there); raw residuals pass through unchanged."""
         if self.sae is None:
-            return resid.float().cpu()
+            return resid.float() if on_device else resid.float().cpu()
         device, dtype = self.sae.W_enc.device, self.sae.W_enc.dtype
-        chunks = [
-            self.sae.encode(resid[i : i + batch_size].to(device=device, dtype=dtype)).float().cpu()
-            for i in range(0, max(len(resid), 1), batch_size)
-        ]
-        return torch.cat(chunks) if len(resid) else torch.zeros(0, self.d_sae)
+        chunks = [self.sae.encode(resid[i : i + batch_size].to(device=device, dtype=dtype)).float() for i in range(0, max(len(resid), 1), batch_size)]
+        codes = torch.cat(chunks) if len(resid) else torch.zeros(0, self.d_sae, device=device)
+        return codes if on_device else codes.cpu()
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from xmodal.activations.codes import ConceptCodes, concept_codes
+from xmodal.activations.codes import ConceptCodes
 from xmodal.errors import ConfigError
 from xmodal.experiments.alignment.config import AlignmentConfig, Comparison, Modality, NullPairing, Representation
 from xmodal.experiments.base import Experiment, RunContext
@@ -97,9 +97,7 @@ class RepresentationAlignment(Experiment):
         return concepts, side_a, side_b, labels
 
     def pooled(self, ctx: RunContext, model: ModelAdapter, modalities: tuple[str, ...]) -> ConceptCodes:
-        acts = ctx.activations(modalities=modalities, model=None if model is ctx.model else model)[ctx.layer]
-        with ctx.timed("encode"):
-            return concept_codes(acts, self.feature_space(ctx, model), ctx.positions)
+        return ctx.codes(modalities=modalities, model=None if model is ctx.model else model, space=self.feature_space(ctx, model))
 
     def feature_space(self, ctx: RunContext, model: ModelAdapter) -> FeatureSpace:
         if self.config.representation == Representation.sae:

@@ -183,7 +183,7 @@ class DASynthesis(Experiment):
             raise DatasetError(f"experiment.concept_source=image needs images of every concept; dataset {ctx.dataset.name!r} "
                                f"has none of {missing}")  # fmt: skip
         acts = ctx.activations(modalities=("image",))[ctx.layer]
-        per_image = acts.image_tokens.float().mean(dim=1)  # the unweighted image representation
+        per_image = acts.image_token_mean()  # the unweighted image representation
         image_concepts = np.array(acts.image_concepts)
         baseline = per_image.mean(dim=0)
         return torch.stack([per_image[torch.from_numpy(image_concepts == t.name)].mean(dim=0) for t in targets]) - baseline
@@ -279,7 +279,7 @@ class DASynthesis(Experiment):
         noise_tokens = self.white_noise_tokens(ctx, layers)
         labels = np.array([names.index(c) for c in image_acts[layers[0]].image_concepts])
         pairs, summary = apples_oranges(
-            vectors, {layer: image_acts[layer].image_tokens for layer in layers}, grey_means, labels, names, self.config.n_permutations, ctx.seed,
+            vectors, {layer: image_acts[layer].image_tokens.dense() for layer in layers}, grey_means, labels, names, self.config.n_permutations, ctx.seed,
             noise_tokens,
         )
         ctx.table("alignment_pairs", pairs)

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from xmodal.activations.codes import ConceptCodes, concept_codes, image_token_activations
-from xmodal.activations.extract import LayerActivations
+from xmodal.activations.codes import ConceptCodes, codes_from_readout
+from xmodal.activations.readout import LayerReadout
 from xmodal.errors import ConfigError
 from xmodal.experiments.base import Experiment, RunContext
 from xmodal.experiments.features.config import FeaturesConfig, FeatureSelection
@@ -44,20 +44,19 @@ class FeatureCards(Experiment):
 
     def run(self, ctx: RunContext) -> dict[str, float]:
         self.check_features(ctx.features)
-        acts = ctx.activations()[ctx.layer]
-        with ctx.timed("encode"):
-            codes = concept_codes(acts, ctx.features, ctx.positions)
+        acts = ctx.readout()  # pooled codes, and every token's non-zero codes, from one pass
+        codes = codes_from_readout(acts, ctx.positions)
         with ctx.timed("metrics"):
             chosen = self.choose_features(codes)
             stats, best = self.feature_statistics(codes, chosen, ctx.seed)
         with ctx.timed("token_activations"):
-            image_tokens = image_token_activations(acts, ctx.features, chosen)
-            word_tokens = [ctx.features.encode(acts.text_tokens_of(i))[:, chosen].numpy() for i in range(len(acts.concepts))]
+            image_tokens = acts.image_tokens.feature_maps(chosen)
+            word_tokens = [acts.text_tokens_of(i)[:, chosen].numpy() for i in range(len(acts.concepts))]
         token_labels = self.word_token_labels(ctx, acts)
         ctx.table("features", stats)
         examples = self.top_examples(codes, chosen, word_tokens, token_labels)
         ctx.table("examples", examples)
-        grid = ctx.model.image_token_grid(acts.image_tokens.shape[1])
+        grid = ctx.model.image_token_grid(acts.tokens_per_image)
         with ctx.timed("figures"):
             images = ctx.dataset.images  # activation row i is dataset image i (extraction keeps the order)
             for n, feature in enumerate(chosen):
@@ -138,7 +137,7 @@ class FeatureCards(Experiment):
         return pd.DataFrame(rows), summary
 
     # 4. the examples on each card ------------------------------------------------------------------
-    def word_token_labels(self, ctx: RunContext, acts: LayerActivations) -> list[list[str]]:
+    def word_token_labels(self, ctx: RunContext, acts: LayerReadout) -> list[list[str]]:
         """Each concept's tokens as strings (the same tokenisation as the extraction)."""
         texts = {c.name: c.text for c in ctx.dataset.concepts}
         labels = []
@@ -164,10 +163,10 @@ class FeatureCards(Experiment):
         return pd.DataFrame(rows)
 
     # 5. the Neuronpedia / SAEDashboard export --------------------------------------------------------
-    def neuronpedia_batch(self, ctx: RunContext, acts: LayerActivations, chosen: list[int], image_tokens: list[np.ndarray],
+    def neuronpedia_batch(self, ctx: RunContext, acts: LayerReadout, chosen: list[int], image_tokens: list[np.ndarray],
                           word_tokens: list[np.ndarray], token_labels: list[list[str]], codes: ConceptCodes) -> dict[str, Any]:  # fmt: skip
         """SAEDashboard's NeuronpediaDashboardBatch shape: the top examples as one bin; image tokens named by grid cell."""
-        rows, cols = ctx.model.image_token_grid(acts.image_tokens.shape[1])
+        rows, cols = ctx.model.image_token_grid(acts.tokens_per_image)
         cell_names = [f"<image r{r}c{c}>" for r in range(rows) for c in range(cols)]
         logit_effects = self.logit_effects(ctx, chosen)
         features = []

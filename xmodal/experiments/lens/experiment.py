@@ -115,7 +115,7 @@ class LogitLens(Experiment):
     # 3. nearest concept words ------------------------------------------------------------------
     def nearest_word_similarity(self, acts: LayerActivations) -> np.ndarray:
         """(n_images, n_concepts) cosine of each image's mean token residual with each word's residual."""
-        images = acts.image_tokens.float().mean(dim=1).numpy()
+        images = acts.image_token_mean().numpy()
         words = torch.stack([acts.text_tokens_of(i).float().mean(dim=0) for i in range(len(acts.concepts))]).numpy()
         if self.config.centre:
             images, words = images - images.mean(axis=0), words - words.mean(axis=0)

@@ -286,14 +286,14 @@ class MDSClassifier(Experiment):
         """
         d_sae, k, epochs = self.config.msae_d_sae, self.config.msae_k, self.config.msae_epochs
         acts = ctx.activations()[ctx.layer]
-        image_rows = acts.image_tokens.reshape(-1, acts.image_tokens.shape[-1]).float()
+        image_rows = acts.image_token_rows()  # the matched pairs this SAE trains on are in memory by the method's design
         text_rows = acts.text_tokens.float()
         if len(text_rows) == 0 or len(image_rows) == 0:
             raise DatasetError("experiment.msae=true needs text and image tokens; the dataset gives one modality only")
         # Matched pairs, as the paper's objective has them: beside each image token, a token of its own concept's text.
         generator = torch.Generator().manual_seed(ctx.seed)
         owner = {name: i for i, name in enumerate(acts.concepts)}
-        concept_of_row = torch.tensor([owner[c] for c in acts.image_concepts]).repeat_interleave(acts.image_tokens.shape[1])
+        concept_of_row = torch.tensor([owner[c] for c in acts.image_concepts]).repeat_interleave(acts.tokens_per_image)
         start, length = acts.text_offsets[concept_of_row], acts.text_offsets[concept_of_row + 1] - acts.text_offsets[concept_of_row]
         text_rows = text_rows[start + (torch.rand(len(concept_of_row), generator=generator) * length).long()]
         rows = torch.cat([image_rows, text_rows])

@@ -31,7 +31,6 @@ from typing import Callable, ClassVar
 import numpy as np
 import pandas as pd
 
-from xmodal.activations.codes import image_codes_pooled_several_ways
 from xmodal.data.concepts import ConceptDataset
 from xmodal.data.variants import ATTRIBUTES, attribute_variants
 from xmodal.experiments.base import Experiment, RunContext
@@ -155,9 +154,8 @@ class LinearProbeTransfer(Experiment):
             return {}
         rows, metrics = [], {}
         counts = [*sorted(self.config.top_n_curve), None]  # None: every feature of every token, summed
-        acts = ctx.activations(modalities=("image",))[ctx.layer]
         with ctx.timed("encode"):
-            pooled = image_codes_pooled_several_ways(acts, ctx.features, [("topn_per_token", n) if n else ("sum", 1) for n in counts])
+            pooled = ctx.image_codes([("topn_per_token", n) if n else ("sum", 1) for n in counts])
         for n, codes in zip(counts, pooled):
             x = prepare_features(codes, self.config.binarise, keep)
             score = self.within(x, image_y, ctx.seed, what=f"top-{n or 'all'} image probe")
