@@ -144,11 +144,20 @@ class TokenRows:
             yield from self._shard_images(index)
 
     def __getitem__(self, image: int) -> torch.Tensor:
+        """(tokens, width) float32 of one image, sliced out of its shard without reading the rest."""
+        if not 0 <= image < len(self):
+            raise IndexError(f"image {image} of {len(self)}")
         index = int(np.searchsorted(self._shard_start, image, side="right") - 1)
-        for offset, tokens in enumerate(self._shard_images(index)):
-            if offset == image - self._shard_start[index]:
-                return tokens
-        raise IndexError(image)
+        offset = image - int(self._shard_start[index])
+        with safe_open(self.directory / self.shards[index]["file"], framework="pt") as handle:
+            counts = handle.get_tensor("counts").long()
+            first, last = int(counts[:offset].sum()), int(counts[: offset + 1].sum())  # its token rows in the shard
+            if self.keep == TokenKeep.dense:
+                return handle.get_slice("tokens")[first:last].float()
+            nnz = handle.get_tensor("nnz").long()
+            start, stop = int(nnz[:first].sum()), int(nnz[:last].sum())  # its non-zero entries
+            indices, values = handle.get_slice("indices")[start:stop], handle.get_slice("values")[start:stop]
+        return sparse_to_dense(nnz[first:last], indices, values, self.width)
 
     def mean_per_image(self) -> torch.Tensor:
         """(n_images, width): each image's mean token."""
