@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure in one run, on one GPU node, in under 8 minutes, with no download: random
+# Every GPU figure in one run, on one GPU node, in under 13 minutes, with no download: random
 # weights in the real configs of Gemma 3 4B, 12B and 27B (bf16, 896x896 images).
 #   bash benchmarks/gpu.sh            -> benchmarks/results/gpu.json (the figures benchmarks/README.md quotes)
 # The packages the node lacks (hydra, sae-lens, ...) install from benchmarks/wheels/ when it is there:
@@ -25,6 +25,10 @@ timeout 120 python benchmarks/suite.py shape=gemma3_12b_random layer=24 skip=[da
   out=$out/gpu_parts/gemma3_12b.json
 timeout 120 python benchmarks/suite.py shape=gemma3_27b_random layer=31 skip=[das,steering_generation] $common \
   out=$out/gpu_parts/gemma3_27b.json
+# The whole study pass (forward to layer 9, 16k TopK SAE encode on the device, pooled and sparse codes
+# written shard by shard) at 4B shape: images/s and peak GPU memory at two dataset sizes.
+timeout 300 python benchmarks/scale.py model=gemma3_4b_random device=cuda sizes=[240,960] studies=[overlap] sae=topk \
+  hidden_size=2560 image_size=896 layer=9 batch_size=32 n_permutations=100 out=$out/gpu_parts/study_pass_4b.json
 python - "$out" <<'PY'
 import json, sys
 from pathlib import Path

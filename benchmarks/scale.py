@@ -46,6 +46,9 @@ except SystemExit as exit:
         raise
 finally:
     print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+    import torch
+    if torch.cuda.is_available():
+        print("PEAK_GPU_BYTES", torch.cuda.max_memory_allocated(), flush=True)
 """
 
 
@@ -53,6 +56,8 @@ finally:
 class ScaleConfig:
     sizes: list[int] = field(default_factory=lambda: [240, 960, 3840])  # images; rounded to a multiple of 12 concepts
     studies: list[str] = field(default_factory=lambda: ["overlap", "probe"])
+    model: str = "tiny"  # tiny in the shape below, or a conf/model/ name as it is (gemma3_4b_random on a GPU node)
+    device: str = "auto"
     sae: str = "topk"  # topk: a random 16,384-feature TopK SAE on disk; none: raw residuals
     sae_width: int = 16384
     sae_k: int = 64
@@ -99,10 +104,11 @@ def run_job(cfg: ScaleConfig, study: str, n_images: int, work: Path, sae_path: P
     name = f"{study}_{n_images}" + "".join(f"_{e.split('=')[-1]}" for e in extra)
     cache = work / "cache" / name
     run_dir = work / "runs" / name
+    shape = [f"model.hidden_size={cfg.hidden_size}", f"model.num_hidden_layers={cfg.num_layers}", f"model.image_size={cfg.image_size}",
+             f"model.mm_tokens_per_image={cfg.image_tokens}"] if cfg.model == "tiny" else [f"model={cfg.model}"]  # fmt: skip
     overrides = [
         "--config-name=config_tiny", f"experiment={study}", "dataset=synthetic", f"dataset.images_per_concept={n_images // N_CONCEPTS}",
-        f"dataset.image_size={cfg.image_size}", f"model.hidden_size={cfg.hidden_size}", f"model.num_hidden_layers={cfg.num_layers}",
-        f"model.image_size={cfg.image_size}", f"model.mm_tokens_per_image={cfg.image_tokens}", f"layer={cfg.layer}",
+        f"dataset.image_size={cfg.image_size}", *shape, f"model.device={cfg.device}", f"layer={cfg.layer}",
         f"positions.batch_size={cfg.batch_size}", f"experiment.n_permutations={cfg.n_permutations}", f"seed={cfg.seed}",
         f"paths.activation_cache={cache}", f"hydra.run.dir={run_dir}", "paths.cache_preset_layers=false",
         *(["sae=local", f"sae.path={sae_path}"] if sae_path else ["sae=none"]), *extra,
@@ -113,7 +119,8 @@ def run_job(cfg: ScaleConfig, study: str, n_images: int, work: Path, sae_path: P
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-    peak_kb = int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PEAK_RSS_KB")))
+    printed = dict(line.split()[:2] for line in proc.stdout.splitlines() if line.startswith("PEAK_"))
+    peak_kb = int(printed["PEAK_RSS_KB"])
     result = json.loads((run_dir / "result.json").read_text())
     timings = result["timings_s"]
     return {
@@ -121,6 +128,8 @@ def run_job(cfg: ScaleConfig, study: str, n_images: int, work: Path, sae_path: P
         "cache_bytes_per_image": directory_bytes(cache) / n_images,
         "dense_float32_bytes_per_image": cfg.image_tokens * cfg.hidden_size * 4,
         "activations_s_per_image": timings.get("activations", 0.0) / n_images, "timings_s": timings,
+        "images_per_s": n_images / timings["activations"] if timings.get("activations") else None,
+        "peak_gpu_gb": int(printed["PEAK_GPU_BYTES"]) / 2**30 if "PEAK_GPU_BYTES" in printed else None,
         "metrics_s": timings.get("metrics"), "accuracies": {k: v for k, v in result["metrics"].items() if k.endswith("accuracy")},
     }  # fmt: skip
 

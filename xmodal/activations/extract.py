@@ -75,18 +75,24 @@ def text_batch_rows(adapter: ModelAdapter, prompts: Sequence[TextPrompt], layers
     return {layer: list(captured[layer][rows, positions].float().cpu().split(lengths)) for layer in layers}
 
 
-def image_batch_rows(adapter: ModelAdapter, inputs: Any, layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """One forward pass over processor outputs for images that share a prompt; per layer,
-    (images, image tokens, d_model) at the soft tokens and (images, d_model) right after the image."""
+def image_batch_hidden(adapter: ModelAdapter, inputs: dict, layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """One forward pass over processor outputs for images that share a prompt; per layer, on the model's
+    device, (images, image tokens, d_model) at the soft tokens and (images, d_model) right after the image."""
     mask = adapter.image_token_mask(inputs["input_ids"])
     device_inputs = {k: to_device(v, adapter.device) for k, v in inputs.items()}
     captured = run_to_layers(adapter.model, adapter.decoder_layers(), device_inputs, layers)
     n_images, n_tokens = mask.shape[0], int(mask[0].sum())
     eoi_positions = torch.tensor([int(row.nonzero()[-1]) + 1 for row in mask])
     rows = torch.arange(n_images)
-    tokens = {layer: captured[layer][mask.to(captured[layer].device)].view(n_images, n_tokens, -1).float().cpu() for layer in layers}
-    eoi = {layer: captured[layer][rows, eoi_positions].float().cpu() for layer in layers}
+    tokens = {layer: captured[layer][mask.to(captured[layer].device)].view(n_images, n_tokens, -1) for layer in layers}
+    eoi = {layer: captured[layer][rows.to(captured[layer].device), eoi_positions.to(captured[layer].device)] for layer in layers}
     return tokens, eoi
+
+
+def image_batch_rows(adapter: ModelAdapter, inputs: Any, layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """image_batch_hidden's rows in float32 on the CPU."""
+    tokens, eoi = image_batch_hidden(adapter, inputs, layers)
+    return {layer: t.float().cpu() for layer, t in tokens.items()}, {layer: e.float().cpu() for layer, e in eoi.items()}
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

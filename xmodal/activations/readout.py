@@ -33,8 +33,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from xmodal.activations.capture import run_to_layers
-from xmodal.activations.extract import image_input_loader, text_batch_rows, to_device
+from xmodal.activations.extract import image_batch_hidden, image_input_loader, text_batch_rows
 from xmodal.activations.shards import PROGRESS, check_shard_sizes, remove_stale_temporaries, save_shard, write_json_atomic
 from xmodal.config import PositionsConfig
 from xmodal.data.concepts import ConceptDataset
@@ -372,20 +371,6 @@ def text_outputs(plan: ReadoutPlan, rows: list[torch.Tensor]) -> dict[str, torch
     if plan.tokens != TokenKeep.none:
         out |= token_outputs(torch.cat(codes) if codes else torch.zeros(0, width), plan.tokens)
     return out
-
-
-def image_batch_hidden(adapter: ModelAdapter, inputs: dict, layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """One forward pass over processor outputs for images that share a prompt; per layer, on the model's
-    device, (images, image tokens, d_model) at the soft tokens and (images, d_model) right after the image."""
-    mask = adapter.image_token_mask(inputs["input_ids"])
-    device_inputs = {k: to_device(v, adapter.device) for k, v in inputs.items()}
-    captured = run_to_layers(adapter.model, adapter.decoder_layers(), device_inputs, layers)
-    n_images, n_tokens = mask.shape[0], int(mask[0].sum())
-    eoi_positions = torch.tensor([int(row.nonzero()[-1]) + 1 for row in mask])
-    rows = torch.arange(n_images)
-    tokens = {layer: captured[layer][mask.to(captured[layer].device)].view(n_images, n_tokens, -1) for layer in layers}
-    eoi = {layer: captured[layer][rows.to(captured[layer].device), eoi_positions.to(captured[layer].device)] for layer in layers}
-    return tokens, eoi
 
 
 def _claim(directory: Path, manifest: dict, resume_images: int | None) -> dict:
