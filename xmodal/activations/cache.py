@@ -11,12 +11,14 @@ job resumes from its last finished shard, and an unfinished folder is never read
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import logging
 import shutil
 import tempfile
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from xmodal.activations.batch_size import resolve_batch_size
 from xmodal.activations.extract import embedding_activations
@@ -38,6 +40,17 @@ class ActivationCache:
 
     def directory(self, key: str) -> Path:
         return self.root / key[:2] / key
+
+    @contextmanager
+    def locked(self, keys: Sequence[str]) -> Iterator[None]:
+        """Hold an exclusive lock on each key's folder (in sorted order, so two jobs cannot deadlock)."""
+        with ExitStack() as stack:
+            for key in sorted(set(keys)):
+                path = self.root / key[:2] / f"{key}.lock"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle = stack.enter_context(open(path, "w"))
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     def finished(self, key: str) -> bool:
         progress = self.directory(key) / PROGRESS
@@ -70,6 +83,15 @@ def get_readouts(
     cache = cache or scratch_cache()
     dataset_hash = dataset.content_hash()
     keys = [readout_key(adapter, dataset_hash, plan, positions, modalities) for plan in plans]
+    rider_keys = [readout_key(adapter, dataset_hash, plan, positions, modalities) for plan in riders]
+    with cache.locked(keys + rider_keys):  # two jobs of a parallel sweep on the same inputs: one writes, the other then reads
+        return _get_readouts(adapter, dataset, plans, keys, list(zip(riders, rider_keys)), positions, cache, progress, modalities)
+
+
+def _get_readouts(
+    adapter: ModelAdapter, dataset: ConceptDataset, plans: Sequence[ReadoutPlan], keys: list[str], riders: list[tuple[ReadoutPlan, str]],
+    positions: PositionsConfig, cache: ActivationCache, progress: bool, modalities: Sequence[str],
+) -> dict[int, LayerReadout]:  # fmt: skip
     missing = [(plan, key) for plan, key in zip(plans, keys) if not cache.finished(key)]
     cache.hits += len(plans) - len(missing)
     cache.misses += len(missing)
@@ -77,8 +99,7 @@ def get_readouts(
         if cache.finished(key):
             log.info("Activation cache hit for layer %d (%s)", plan.layer, cache.directory(key))
     if missing:
-        ride = [(r, k) for r in riders if not cache.finished(k := readout_key(adapter, dataset_hash, r, positions, modalities))]
-        ride = [(r, k) for r, k in ride if k not in {key for _, key in missing}]
+        ride = [(r, k) for r, k in riders if not cache.finished(k) and k not in {key for _, key in missing}]
         todo = missing + ride
         layers = sorted({plan.layer for plan, _ in todo})
         batch_size = resolve_batch_size(adapter, positions.batch_size, layers, dataset, positions)
