@@ -373,7 +373,7 @@ def text_outputs(plan: ReadoutPlan, rows: list[torch.Tensor]) -> dict[str, torch
     return out
 
 
-def _claim(directory: Path, manifest: dict, resume_images: int | None) -> dict:
+def _claim(directory: Path, manifest: dict) -> dict:
     """The progress of the readout in `directory`, creating it for `manifest`."""
     if (directory / MANIFEST).exists() and (directory / PROGRESS).exists():
         held = json.loads((directory / MANIFEST).read_text())
@@ -420,7 +420,7 @@ def stream_readouts(
             "eoi": bool(images), "concepts": [c.name for c in concepts], "image_concepts": [i.concept for i in images],
             "image_sources": [i.source for i in images], "n_images": len(images),
         }  # fmt: skip
-        state = _claim(directory, manifest, None)
+        state = _claim(directory, manifest)
         if not state["complete"]:
             writers.append(_LayerWriter(plan, directory, state))
     if not writers:
