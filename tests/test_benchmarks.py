@@ -27,3 +27,18 @@ def test_the_suite_writes_every_ratio_with_its_baseline(tmp_path):
     assert report["extraction"]["max_abs_difference"] < 1e-4  # the fast path reads the same numbers
     assert report["das"]["max_cosine_difference"] < 1e-4
     assert report["device"] == "cpu" and report["store_write"]["rows"] > 0
+
+
+@pytest.mark.slow
+def test_the_scale_benchmark_fits_growth_exponents_over_three_sizes(tmp_path):
+    """quick=true: overlap and probe at three dataset sizes, each job in its own process and cache."""
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale.py"), "quick=true", f"out={out}"], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    report = json.loads(out.read_text())
+    assert report["sizes"] == [12, 24, 48]
+    for key, growth in report["growth"].items():
+        assert growth["peak_rss_gb"] < 0.25, (key, growth)  # memory flat in the number of images (1 would be linear)
+        assert growth["cache_fraction_of_dense"] < 1, (key, growth)  # pooled and sparse codes, not dense tokens
+    assert {job["study"] for job in report["jobs"]} == {"overlap", "probe"}
