@@ -162,7 +162,14 @@ class _Objective:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vecdot(a, b)
+    """Row-wise dot products of two (problems x ...) tensors, as one batched matrix product (no temporary)."""
+    return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
+
+
+def _worth_compacting(done: torch.Tensor) -> bool:
+    """Drop finished problems from the state once they are a quarter of it (copying the history
+    every time one finishes would cost more than carrying a few along)."""
+    return bool(done.sum() * 4 >= len(done)) and bool(done.any())
 
 
 def _lbfgs(objective: _Objective, n_params: int, n: int, tol: float, max_iter: int, like: torch.Tensor):
@@ -181,13 +188,13 @@ def _lbfgs(objective: _Objective, n_params: int, n: int, tol: float, max_iter: i
     y_hist = torch.zeros_like(s_hist)
     rho = torch.zeros(HISTORY, n, **kind)
     gamma = torch.ones(n, **kind)
-    done = grad.abs().amax(dim=1) <= tol
+    done = torch.linalg.vector_norm(grad, dim=1) <= tol
     iteration = 0
     while True:
-        if done.any():  # write out the finished problems and drop them from the state
+        if _worth_compacting(done) or iteration >= max_iter:  # write out the finished problems and drop them from the state
             finished = done if iteration < max_iter else torch.ones_like(done)
             result[ids[finished]] = theta[finished]
-            converged[ids[finished]] = grad[finished].abs().amax(dim=1) <= tol
+            converged[ids[finished]] = torch.linalg.vector_norm(grad[finished], dim=1) <= tol
             keep = ~finished
             ids, theta, loss, grad, gamma = ids[keep], theta[keep], loss[keep], grad[keep], gamma[keep]
             s_hist, y_hist, rho = s_hist[:, keep], y_hist[:, keep], rho[:, keep]
@@ -243,8 +250,138 @@ def _lbfgs(objective: _Objective, n_params: int, n: int, tol: float, max_iter: i
         gamma = torch.where(good, sy / torch.where(good, yy, torch.ones_like(yy)), gamma)
         theta += s
         loss, grad = new_loss, new_grad
-        done = (grad.abs().amax(dim=1) <= tol) | stuck
+        done = (torch.linalg.vector_norm(grad, dim=1) <= tol) | stuck
     return result, converged, iteration
+
+
+def _fit_in_row_space(x, onehot, train, selected, mean, scale, present, penalty, tol: float, max_iter: int):
+    """The same L-BFGS, run in the span of each problem's standardised rows (W = Z^T A), for
+    fewer rows than columns. The iterates are the primal method's (inner products taken through
+    the Gram matrix G = Z Z^T), but every step costs two (rows x rows) products instead of two
+    (rows x columns) ones, and a line search costs no product at all. Returns W, c, converged, iterations."""
+    b, n, k = onehot.shape
+    fold = torch.where(selected, 1.0 / scale, torch.zeros_like(scale))
+    z = x[None] * fold[:, None] - (mean * fold)[:, None]  # b, n, d: each problem's standardised rows
+    gram = z @ z.transpose(1, 2)
+    kind = {"dtype": x.dtype, "device": x.device}
+    y_true = onehot * train[:, :, None]
+    n_train = train.sum(dim=1)
+    reg = penalty / n_train  # b
+    absent = torch.where(present, 0.0, -1e30).to(x.dtype)[:, None]
+    weight = (train / n_train[:, None])[:, :, None]
+
+    def evaluate(logits, a_norm, rows=None):  # rows: a subset of the running problems (None: all)
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        log_p = torch.log_softmax(logits + pick(absent), dim=2)
+        target, w = pick(y_true), pick(weight)
+        loss = -(log_p * target).sum(dim=2).mul(w[:, :, 0]).sum(dim=1) + 0.5 * pick(reg) * a_norm
+        return loss, (log_p.exp() - target) * w
+
+    def inner(g_u_a, u_c, v_a, v_c):  # <u, v> in the primal, given G u
+        return _dot(g_u_a, v_a) + _dot(u_c, v_c)
+
+    ids = torch.arange(b, device=x.device)
+    a_coef, c = torch.zeros(b, n, k, **kind), torch.zeros(b, k, **kind)
+    out_a, out_c = torch.zeros_like(a_coef), torch.zeros_like(c)
+    converged = torch.zeros(b, dtype=torch.bool, device=x.device)
+    g_a_coef = torch.zeros_like(a_coef)  # G A
+    a_norm = torch.zeros(b, **kind)  # ||W||^2 = <A, GA>
+    logits = torch.zeros(b, n, k, **kind)
+    loss, residual = evaluate(logits, a_norm)
+    grad_a, grad_c = residual + reg[:, None, None] * a_coef, residual.sum(dim=1)  # W's gradient is Z^T grad_a
+    g_grad_a = gram @ residual + reg[:, None, None] * g_a_coef
+    hist = {key: torch.zeros(HISTORY, b, n, k, **kind) for key in ("s", "y", "gs", "gy")}
+    hist_c = {key: torch.zeros(HISTORY, b, k, **kind) for key in ("s", "y")}
+    rho = torch.zeros(HISTORY, b, **kind)
+    gamma = torch.ones(b, **kind)
+    grad_norm = inner(g_grad_a, grad_c, grad_a, grad_c).clamp(min=0).sqrt()
+    done = grad_norm <= tol
+    iteration = 0
+    while True:
+        if _worth_compacting(done) or iteration >= max_iter or (done.all() and done.numel()):
+            finished = done if iteration < max_iter else torch.ones_like(done)
+            out_a[ids[finished]], out_c[ids[finished]] = a_coef[finished], c[finished]
+            converged[ids[finished]] = grad_norm[finished] <= tol
+            keep = ~finished
+            ids, a_coef, c, g_a_coef, a_norm, logits, loss = (t[keep] for t in (ids, a_coef, c, g_a_coef, a_norm, logits, loss))
+            grad_a, grad_c, g_grad_a, gamma, grad_norm = (t[keep] for t in (grad_a, grad_c, g_grad_a, gamma, grad_norm))
+            hist = {key: t[:, keep] for key, t in hist.items()}
+            hist_c = {key: t[:, keep] for key, t in hist_c.items()}
+            rho = rho[:, keep]
+            gram, y_true, weight, absent, reg = gram[keep], y_true[keep], weight[keep], absent[keep], reg[keep]
+        if ids.numel() == 0:
+            break
+        iteration += 1
+        q_a, q_c = grad_a.clone(), grad_c.clone()
+        alphas = []
+        for back in range(HISTORY):
+            j = (iteration - 2 - back) % HISTORY
+            alpha = rho[j] * inner(hist["gs"][j], hist_c["s"][j], q_a, q_c)
+            q_a.addcmul_(hist["y"][j], alpha[:, None, None], value=-1)
+            q_c.addcmul_(hist_c["y"][j], alpha[:, None], value=-1)
+            alphas.append((j, alpha))
+        q_a *= gamma[:, None, None]
+        q_c *= gamma[:, None]
+        for j, alpha in reversed(alphas):
+            beta = rho[j] * inner(hist["gy"][j], hist_c["y"][j], q_a, q_c)
+            q_a.addcmul_(hist["s"][j], (alpha - beta)[:, None, None])
+            q_c.addcmul_(hist_c["s"][j], (alpha - beta)[:, None])
+        d_a, d_c = -q_a, -q_c
+        g_d = gram @ d_a
+        slope = inner(g_d, d_c, grad_a, grad_c)
+        bad = slope >= 0
+        if bad.any():  # not a descent direction: steepest descent for these problems
+            d_a[bad], d_c[bad], g_d[bad] = -grad_a[bad], -grad_c[bad], -g_grad_a[bad]
+            slope[bad] = -(grad_norm[bad] ** 2)
+        if iteration == 1:  # as scipy's L-BFGS-B: the first step has length at most 1
+            step = 1.0 / grad_norm.clamp(min=1.0)
+        else:
+            step = torch.ones_like(loss)
+        delta = g_d + d_c[:, None, :]  # change of the logits per unit step
+        a_dot_d, d_dot_d = _dot(g_a_coef, d_a), _dot(g_d, d_a)
+        pending = torch.arange(len(ids), device=x.device)
+        new_loss, new_residual = torch.empty_like(loss), torch.empty_like(logits)
+        for _ in range(MAX_HALVINGS):
+            t = step[pending]
+            norm = a_norm[pending] + 2 * t * a_dot_d[pending] + t * t * d_dot_d[pending]
+            whole = pending.numel() == len(ids)
+            trial = logits + t[:, None, None] * delta if whole else logits[pending] + t[:, None, None] * delta[pending]
+            f, r = evaluate(trial, norm, None if whole else pending)
+            ok = f <= loss[pending] + ARMIJO * t * slope[pending]
+            new_loss[pending[ok]], new_residual[pending[ok]] = f[ok], r[ok]
+            pending = pending[~ok]
+            if pending.numel() == 0:
+                break
+            step[pending] *= 0.5
+        stuck = torch.zeros(len(ids), dtype=torch.bool, device=x.device)
+        if pending.numel():  # no decrease at any step (the float floor): these stop where they are
+            stuck[pending] = True
+            step[pending] = 0.0
+            _, new_residual[pending] = evaluate(logits[pending], a_norm[pending], pending)
+            new_loss[pending] = loss[pending]
+        t3, t2 = step[:, None, None], step[:, None]
+        a_coef, c, g_a_coef = a_coef + t3 * d_a, c + t2 * d_c, g_a_coef + t3 * g_d
+        a_norm = a_norm + 2 * step * a_dot_d + step * step * d_dot_d
+        logits = logits + t3 * delta
+        new_grad_a = new_residual + reg[:, None, None] * a_coef
+        new_grad_c = new_residual.sum(dim=1)
+        new_g_grad_a = gram @ new_residual + reg[:, None, None] * g_a_coef
+        s_a, s_c, gs_a = t3 * d_a, t2 * d_c, t3 * g_d
+        y_a, y_c, gy_a = new_grad_a - grad_a, new_grad_c - grad_c, new_g_grad_a - g_grad_a
+        sy, yy = inner(gs_a, s_c, y_a, y_c), inner(gy_a, y_c, y_a, y_c)
+        good = (sy > 1e-10 * yy) & (yy > 0)
+        slot = (iteration - 1) % HISTORY
+        g3, g2 = good[:, None, None], good[:, None]
+        hist["s"][slot], hist["gs"][slot] = torch.where(g3, s_a, 0.0), torch.where(g3, gs_a, 0.0)
+        hist["y"][slot], hist["gy"][slot] = torch.where(g3, y_a, 0.0), torch.where(g3, gy_a, 0.0)
+        hist_c["s"][slot], hist_c["y"][slot] = torch.where(g2, s_c, 0.0), torch.where(g2, y_c, 0.0)
+        rho[slot] = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), 0.0)
+        gamma = torch.where(good, sy / torch.where(good, yy, torch.ones_like(yy)), gamma)
+        loss, grad_a, grad_c, g_grad_a = new_loss, new_grad_a, new_grad_c, new_g_grad_a
+        grad_norm = inner(g_grad_a, grad_c, grad_a, grad_c).clamp(min=0).sqrt()
+        done = (grad_norm <= tol) | stuck
+    coef = z.transpose(1, 2) @ out_a  # W = Z^T A, zero outside the selected columns
+    return coef, out_c, converged, iteration
 
 
 def fit_probes(
@@ -255,7 +392,7 @@ def fit_probes(
     budget: int | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    tol: float = 1e-5,
+    tol: float = 1e-3,
     max_iter: int = 2000,
     max_batch: int | None = None,
 ) -> BatchedProbes:
@@ -264,7 +401,7 @@ def fit_probes(
     ANOVA F on its training rows. `dtype`: float32 on a GPU, float64 on the CPU unless given.
     Problems are fitted `max_batch` at a time (all at once by default)."""
     device = torch.device(device)
-    dtype = dtype or (torch.float32 if device.type == "cuda" else torch.float64)
+    dtype = dtype or torch.float32
     x = np.asarray(x, dtype=np.float64)
     labels, train = np.atleast_2d(labels), np.atleast_2d(np.asarray(train, bool))
     n_problems, d = labels.shape[0], x.shape[1]
@@ -285,10 +422,14 @@ def fit_probes(
         else:
             selected = torch.ones(len(lab), d, dtype=torch.bool, device=device)
         penalty = torch.where(present.sum(dim=1) == 2, 2.0, 1.0).to(dtype)
-        objective = _Objective(xs, onehot64.to(dtype), tr64.to(dtype), selected, mean.to(dtype), scale.to(dtype), present, penalty)
-        theta, converged, iterations = _lbfgs(objective, d * n_classes + n_classes, len(lab), tol, max_iter, xs)
-        coef = theta[:, : d * n_classes].view(-1, d, n_classes).double() * selected[:, :, None]
-        parts.append((selected, mean + torch.as_tensor(centre, device=device), scale, coef, theta[:, d * n_classes :].double(), present,
+        args = (xs, onehot64.to(dtype), tr64.to(dtype), selected, mean.to(dtype), scale.to(dtype), present, penalty)
+        if len(x) < d:  # fewer rows than columns: the same iterates, in the rows' span
+            coef, intercept, converged, iterations = _fit_in_row_space(*args, tol=tol, max_iter=max_iter)
+        else:
+            theta, converged, iterations = _lbfgs(_Objective(*args), d * n_classes + n_classes, len(lab), tol, max_iter, xs)
+            coef, intercept = theta[:, : d * n_classes].view(-1, d, n_classes), theta[:, d * n_classes :]
+        coef = coef.double() * selected[:, :, None]
+        parts.append((selected, mean + torch.as_tensor(centre, device=device), scale, coef, intercept.double(), present,
                       converged, iterations))  # fmt: skip
     cat = [torch.cat([p[i] for p in parts]).cpu().numpy() for i in range(7)]
     return BatchedProbes(*cat, iterations=max(p[7] for p in parts))

@@ -37,8 +37,8 @@ import pandas as pd
 from xmodal.activations.codes import image_codes_pooled_several_ways
 from xmodal.data.concepts import ConceptDataset
 from xmodal.data.variants import ATTRIBUTES, attribute_variants
-from xmodal.experiments.base import Experiment, RunContext
 from xmodal.errors import ConfigError
+from xmodal.experiments.base import Experiment, RunContext
 from xmodal.experiments.probe.config import ProbeAttribute, ProbeConfig, ProbeFeatures, ProbeLabel, ProbeNull, TrainSplit
 from xmodal.metrics.probes import (
     ProbeScore,
