@@ -148,3 +148,11 @@ def test_seed_003_low_data_sweep_finishes_on_the_organism(tmp_path):
                 assert 0 <= metrics["text_to_image_accuracy"] <= 1  # the transfer probes still run
             else:
                 assert "text_to_text_skipped" not in metrics and metrics["text_to_text_accuracy"] > metrics["text_to_text_chance"]
+
+
+def test_within_category_null_with_category_labels_is_refused():
+    from xmodal.errors import ConfigError
+    from xmodal.experiments.probe.config import ProbeConfig
+
+    with pytest.raises(ConfigError, match="experiment.null=within_category .* changes nothing"):
+        ProbeConfig(label="category", null="within_category").validate()

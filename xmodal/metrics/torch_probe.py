@@ -19,17 +19,22 @@ optimum (v = w_1 - w_0, w_0 = -w_1), so two-class problems take that penalty and
 scikit-learn's binary probe, not merely the same predictions.
 
 It is minimised by L-BFGS run per problem (its own history, step and Armijo line search)
-until every problem's largest gradient entry is under `tol` (scikit-learn's ``gtol`` is
-1e-4 on the same scaled objective); problems that reach `max_iter` first are reported as
-not converged.
+until each problem's gradient norm is under `tol` (1e-3; scikit-learn stops when the largest
+entry is under 1e-4, a criterion of about the same strength at these sizes; the solvers'
+accuracies agree to 0.02, tests/test_probes.py); problems that reach `max_iter` first are
+logged as not converged. With fewer rows than columns (SAE codes) the iterations run in the
+span of each problem's standardised training rows, the same iterates at a fraction of the cost.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 HISTORY = 10  # L-BFGS curvature pairs kept per problem
 ARMIJO = 1e-4  # sufficient decrease of the line search
@@ -432,4 +437,8 @@ def fit_probes(
         parts.append((selected, mean + torch.as_tensor(centre, device=device), scale, coef, intercept.double(), present,
                       converged, iterations))  # fmt: skip
     cat = [torch.cat([p[i] for p in parts]).cpu().numpy() for i in range(7)]
-    return BatchedProbes(*cat, iterations=max(p[7] for p in parts))
+    fitted = BatchedProbes(*cat, iterations=max(p[7] for p in parts))
+    if not fitted.converged.all():  # as scikit-learn's ConvergenceWarning: the fit stands, the log says so
+        log.warning("%d of %d probes did not reach a gradient norm of %g in %d L-BFGS steps", int((~fitted.converged).sum()),
+                    n_problems, tol, max_iter)  # fmt: skip
+    return fitted

@@ -92,6 +92,9 @@ class ProbeConfig(ExperimentConfig):
         if self.train_split is not None and self.train_per_class is not None:
             raise ConfigError(f"experiment.train_split={self.train_split} and experiment.train_per_class={self.train_per_class} "
                               "both set the training size; keep one")  # fmt: skip
+        if self.null == ProbeNull.within_category and self.label == ProbeLabel.category:
+            raise ConfigError("experiment.null=within_category shuffles concept labels inside each category, which with "
+                              "experiment.label=category changes nothing; use experiment.null=all, or experiment.label=concept")  # fmt: skip
         if any(n < 1 for n in self.top_n_curve):
             raise ConfigError(f"experiment.top_n_curve={list(self.top_n_curve)} must hold counts of 1 or more")
         if self.shared_features_per_class < 0:

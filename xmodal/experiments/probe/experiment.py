@@ -160,11 +160,11 @@ class LinearProbeTransfer(Experiment):
         if self.config.null == ProbeNull.all:
             return None
         category = {cc.name: cc.category for cc in ctx.dataset.concepts}
-        per_category = pd.Series([cc.name for cc in ctx.dataset.concepts]).groupby([cc.category for cc in ctx.dataset.concepts]).nunique()
-        if self.config.label == ProbeLabel.category or per_category.max() < 2:
+        per_category = pd.Series(list(category)).groupby(list(category.values())).nunique()
+        if per_category.max() < 2:
             raise ConfigError(
-                "experiment.null=within_category shuffles concept labels inside categories; it needs experiment.label=concept and "
-                f"categories with two or more concepts (this dataset's: {dict(per_category)}); use experiment.null=all"
+                "experiment.null=within_category shuffles concept labels inside categories, and every category of this dataset "
+                f"holds one concept ({dict(per_category)}); use experiment.null=all"
             )
         return np.array([category[cc] for cc in concepts])
 
