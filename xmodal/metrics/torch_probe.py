@@ -266,7 +266,8 @@ def _fit_in_row_space(x, onehot, train, selected, mean, scale, present, penalty,
     (rows x columns) ones, and a line search costs no product at all. Returns W, c, converged, iterations."""
     b, n, k = onehot.shape
     fold = torch.where(selected, 1.0 / scale, torch.zeros_like(scale))
-    z = x[None] * fold[:, None] - (mean * fold)[:, None]  # b, n, d: each problem's standardised rows
+    rows = x if x.dim() == 3 else x[None]  # each problem's own rows (its training rows), or the rows all share
+    z = rows * fold[:, None] - (mean * fold)[:, None]  # b, n, d: each problem's standardised rows
     gram = z @ z.transpose(1, 2)
     kind = {"dtype": x.dtype, "device": x.device}
     y_true = onehot * train[:, :, None]
@@ -428,8 +429,11 @@ def fit_probes(
             selected = torch.ones(len(lab), d, dtype=torch.bool, device=device)
         penalty = torch.where(present.sum(dim=1) == 2, 2.0, 1.0).to(dtype)
         args = (xs, onehot64.to(dtype), tr64.to(dtype), selected, mean.to(dtype), scale.to(dtype), present, penalty)
-        if len(x) < d:  # fewer rows than columns: the same iterates, in the rows' span
-            coef, intercept, converged, iterations = _fit_in_row_space(*args, tol=tol, max_iter=max_iter)
+        if len(x) < d:  # fewer rows than columns: the same iterates, in the span of each problem's training rows
+            m = int(tr64.sum(dim=1).max())
+            own = torch.argsort((tr64 == 0).to(torch.int8), dim=1, stable=True)[:, :m]  # training rows first; padding has weight 0
+            own_rows = (xs[own], args[1].gather(1, own[:, :, None].expand(-1, -1, n_classes)), args[2].gather(1, own))
+            coef, intercept, converged, iterations = _fit_in_row_space(*own_rows, *args[3:], tol=tol, max_iter=max_iter)
         else:
             theta, converged, iterations = _lbfgs(_Objective(*args), d * n_classes + n_classes, len(lab), tol, max_iter, xs)
             coef, intercept = theta[:, : d * n_classes].view(-1, d, n_classes), theta[:, d * n_classes :]
