@@ -125,7 +125,7 @@ def test_within_category_null_rejects_transfer_shared_only_by_category():
     assert within.accuracy == over_all.accuracy  # the same probe; only its null changed
 
 
-@pytest.mark.slow  # in-process, but it extracts the organism's codes: about 2 minutes on 2 idle cores, 10 under load
+@pytest.mark.slow  # in-process, but it extracts the organism's codes: 594 s on 2 cores shared with other jobs
 def test_seed_003_low_data_sweep_finishes_on_the_organism(tmp_path):
     """`-m experiment=probe experiment.train_split=1:9,5:5`: at 1:9 the organism has too few text (6) and
     image (4) samples per concept for a within-modality probe; those probes are skipped and result.json says so."""
