@@ -134,9 +134,10 @@ def split_shortfall(y: np.ndarray, train_per_class: int | None = None, train_fra
 
 def concept_grouped_splits(y: np.ndarray, concepts: np.ndarray, seed: int, what: str) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """Folds that keep every concept on one side, when a class holds several concepts (label=category):
-    stratified by class, grouped by concept. None when every class is one concept (plain folds leak nothing)."""
+    stratified by class, grouped by concept. None when every class is one concept, or every concept one
+    sample (COCO's caption-image pairs): plain folds leak nothing then."""
     per_class = pd.Series(concepts).groupby(y).nunique()
-    if (per_class <= 1).all():
+    if (per_class <= 1).all() or pd.Series(concepts).value_counts().max() <= 1:  # one concept a class, or one sample a concept
         return None
     if per_class.min() < 2:
         raise DatasetError(
