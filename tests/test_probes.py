@@ -157,3 +157,14 @@ def test_within_category_null_with_category_labels_is_refused():
 
     with pytest.raises(ConfigError, match="experiment.null=within_category .* changes nothing"):
         ProbeConfig(label="category", null="within_category").validate()
+
+
+def test_torch_probe_fits_the_same_probes_in_batches_of_any_size():
+    from xmodal.metrics.torch_probe import fit_probes
+
+    x, y = codes_like_an_sae(n_classes=4, per_class=10, n_features=60, seed=5)
+    rng = np.random.default_rng(0)
+    codes = np.unique(y, return_inverse=True)[1]
+    labels, train = np.stack([codes, rng.permutation(codes), rng.permutation(codes)]), rng.random((3, len(y))) < 0.8
+    together, one_by_one = fit_probes(x, labels, train, 4), fit_probes(x, labels, train, 4, max_batch=1)
+    assert (together.predict(x) == one_by_one.predict(x)).all() and np.allclose(together.coef, one_by_one.coef, atol=1e-4)

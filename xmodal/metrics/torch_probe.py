@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 HISTORY = 10  # L-BFGS curvature pairs kept per problem
 ARMIJO = 1e-4  # sufficient decrease of the line search
 MAX_HALVINGS = 40
+BATCH_BYTES = 2**31  # the solver state of one batch of problems (rows, Gram matrices, L-BFGS history)
 
 
 @dataclass
@@ -405,13 +406,16 @@ def fit_probes(
     """Fit one probe per row of `labels` (problems x rows, class indices) on the rows of `x`
     where `train` (problems x rows, bool) is set. `budget`: keep that many columns per problem by
     ANOVA F on its training rows. `dtype`: float32 on a GPU, float64 on the CPU unless given.
-    Problems are fitted `max_batch` at a time (all at once by default)."""
+    Problems are fitted `max_batch` at a time; by default as many as keep the solver's state near
+    `BATCH_BYTES` (all of them at the organism's size, a few at a time at CIFAR-100's)."""
     device = torch.device(device)
     dtype = dtype or torch.float32
     x = np.asarray(x, dtype=np.float64)
     labels, train = np.atleast_2d(labels), np.atleast_2d(np.asarray(train, bool))
     n_problems, d = labels.shape[0], x.shape[1]
-    batch = max_batch or n_problems
+    n_rows = int(train.sum(axis=1).max())
+    per_problem = 4 * (n_rows * d + 4 * HISTORY * n_rows * n_classes if len(x) < d else 4 * HISTORY * d * n_classes)  # bytes of state
+    batch = max_batch or max(1, min(n_problems, BATCH_BYTES // per_problem))
     parts = []
     centre = x.mean(axis=0)  # the fit is invariant to it; it spares float32 a cancellation
     x64 = torch.as_tensor(x - centre, device=device)
