@@ -55,9 +55,7 @@ def zero_mask_effects(
     """
     clean = decode(codes)
     rng = np.random.default_rng(seed)
-    rows: list[dict[str, float | int | str]] = [
-        {"removed": "none", "n_removed": 0, "accuracy": loo_readout_accuracy(clean, clean, labels)}
-    ]
+    rows: list[dict[str, float | int | str]] = [{"removed": "none", "n_removed": 0, "accuracy": loo_readout_accuracy(clean, clean, labels)}]
     for name, features in feature_sets.items():
         accuracy = loo_readout_accuracy(clean, decode(zero_mask(codes, features)), labels)
         random_accuracy = np.array([

@@ -26,6 +26,18 @@ class ProbeLabel(StrEnum):
     category = "category"  # each concept's category is (seed 001's COCO supercategories: animal, vehicle, food, indoor)
 
 
+class ProbeSolver(StrEnum):
+    torch = "torch"  # every fold and label permutation of a probe as one batched fit, on the model's device
+    sklearn = "sklearn"  # scikit-learn's Pipeline refit one problem at a time: the reference
+
+
+class ProbeNull(StrEnum):
+    """How the transfer probes' null permutes the training labels."""
+
+    all = "all"  # over every training row
+    within_category = "within_category"  # only among rows of the same category: transfer finer than categories
+
+
 class TrainSplit(StrEnum):
     """Seed 003's low-data splits: training to test examples per class."""
 
@@ -63,10 +75,10 @@ class ProbeConfig(ExperimentConfig):
     label: ProbeLabel = ProbeLabel.concept
     top_n_curve: list[int] = field(default_factory=list)  # seed 003's top-N: image probes at each N (e.g. [1, 5, 10, 50]) and with all
     shared_features_per_class: int = 2  # per class, the features active in most of its images (0: no table)
-    attributes: list[ProbeAttribute] = field(
-        default_factory=lambda: [ProbeAttribute.modality, ProbeAttribute.brightness, ProbeAttribute.redness]
-    )
-    n_jobs: int = -1  # processes for the permutation refits (-1: every core); the numbers do not depend on it
+    attributes: list[ProbeAttribute] = field(default_factory=lambda: [ProbeAttribute.modality, ProbeAttribute.brightness, ProbeAttribute.redness])
+    solver: ProbeSolver = ProbeSolver.torch
+    null: ProbeNull = ProbeNull.all
+    n_jobs: int = -1  # solver=sklearn: processes for the permutation refits (-1: every core); the numbers do not depend on it
 
     def validate(self) -> None:
         super().validate()
@@ -80,6 +92,9 @@ class ProbeConfig(ExperimentConfig):
         if self.train_split is not None and self.train_per_class is not None:
             raise ConfigError(f"experiment.train_split={self.train_split} and experiment.train_per_class={self.train_per_class} "
                               "both set the training size; keep one")  # fmt: skip
+        if self.null == ProbeNull.within_category and self.label == ProbeLabel.category:
+            raise ConfigError("experiment.null=within_category shuffles concept labels inside each category, which with "
+                              "experiment.label=category changes nothing; use experiment.null=all, or experiment.label=concept")  # fmt: skip
         if any(n < 1 for n in self.top_n_curve):
             raise ConfigError(f"experiment.top_n_curve={list(self.top_n_curve)} must hold counts of 1 or more")
         if self.shared_features_per_class < 0:

@@ -11,7 +11,10 @@ Method (seeds 001 and 003), at one decoder layer, on SAE codes (or raw residuals
 4. Options: binarised codes, a feature budget (the k most class-separating features,
    chosen on training data), removal of features active in too many samples, and
    low-data splits (`train_per_class` examples per class, or `train_split` 1:9 ... 5:5).
-5. Nulls: chance (majority rate) and a label-shuffled control with a permutation p-value.
+5. Nulls: chance (majority rate) and a label-shuffled control with a permutation p-value;
+   for the transfer probes the shuffle runs over all training rows or, with
+   `null=within_category`, only within each category. With `label=category` the folds keep
+   each concept on one side (no concept in both train and test).
 6. Seed 003's extras: the top-N curve (each image token keeps only its N largest SAE
    activations, then the tokens are summed; an image probe at each N and with all), and
    per class the features active in most of its images, against their rate in other classes.
@@ -33,9 +36,18 @@ import pandas as pd
 
 from xmodal.data.concepts import ConceptDataset
 from xmodal.data.variants import ATTRIBUTES, attribute_variants
+from xmodal.errors import ConfigError
 from xmodal.experiments.base import Experiment, RunContext
-from xmodal.experiments.probe.config import ProbeAttribute, ProbeConfig, ProbeFeatures, ProbeLabel, TrainSplit
-from xmodal.metrics.probes import ProbeScore, over_represented, prepare_features, shared_features, transfer, within_modality
+from xmodal.experiments.probe.config import ProbeAttribute, ProbeConfig, ProbeFeatures, ProbeLabel, ProbeNull, TrainSplit
+from xmodal.metrics.probes import (
+    ProbeScore,
+    over_represented,
+    prepare_features,
+    shared_features,
+    split_shortfall,
+    transfer,
+    within_modality,
+)
 from xmodal.models.embedders import embed_in_batches, image_embedder
 from xmodal.reporting import figures
 
@@ -50,14 +62,15 @@ class LinearProbeTransfer(Experiment):
     def run(self, ctx: RunContext) -> dict[str, float]:
         if self.config.features == ProbeFeatures.vision_tower:
             return self.run_on_vision_tower(ctx)
-        (text_x, text_y), (image_x, image_y) = self.samples(ctx)
+        (text_x, text_y, text_concepts), (image_x, image_y, image_concepts) = self.samples(ctx)
+        self.skipped: dict[str, str] = {}
         keep = self.feature_filter(text_x, image_x)
         self.shared_features(ctx, image_x, image_y, keep)
         text_x, image_x = (prepare_features(x, self.config.binarise, keep) for x in (text_x, image_x))
         with ctx.timed("metrics"):
-            scores = self.concept_probes(text_x, text_y, image_x, image_y, ctx.seed)
+            scores = self.concept_probes(ctx, (text_x, text_y, text_concepts), (image_x, image_y, image_concepts))
             scores |= self.attribute_probes(ctx, text_x, image_x, keep)
-            curve = self.top_n_curve(ctx, image_y, keep)
+            curve = self.top_n_curve(ctx, image_y, image_concepts, keep)
         self.save_weights(ctx, scores, keep, int(text_x.shape[1]))
         return self.report(ctx, scores, len(text_y), len(image_y), int(text_x.shape[1])) | curve
 
@@ -71,23 +84,38 @@ class LinearProbeTransfer(Experiment):
                 raw = embed_in_batches(embed, images, ctx.batch_size, desc=f"{ctx.model.name}: vision tower")
             return prepare_features(raw, self.config.binarise)
 
+        self.skipped = {}
         image_x = tower_features(ctx.dataset)
-        image_y = self.labels(ctx, [img.concept for img in ctx.dataset.images])
+        image_concepts = np.array([img.concept for img in ctx.dataset.images])
+        image_y = self.labels(ctx, list(image_concepts))
         with ctx.timed("metrics"):
-            scores = {"image_to_image": self.within(image_x, image_y, ctx.seed, what="vision-tower image probe")}
+            scores = self.within(ctx, "image_to_image", image_x, image_y, image_concepts, what="vision-tower image probe")
             scores |= self.image_attribute_probes(ctx, tower_features, what="vision-tower ")
         self.save_weights(ctx, scores, None, int(image_x.shape[1]))
         return self.report(ctx, scores, 0, len(image_y), int(image_x.shape[1]))
 
-    def within(self, x: np.ndarray, y: np.ndarray, seed: int, what: str) -> ProbeScore:
-        """A cross-validated probe inside one modality, with the configured budget and low-data split."""
+    def within(self, ctx: RunContext, name: str, x: np.ndarray, y: np.ndarray, concepts: np.ndarray, what: str) -> dict[str, ProbeScore]:
+        """{name: a cross-validated probe inside one modality}, with the configured budget and low-data split;
+        folds grouped by concept when a class holds several. A `train_split` that leaves a class without a
+        training example skips the probe ({}), with the reason in self.skipped (result.json and table
+        skipped_probes say so): seed 003's 1:9 sweep has too few text samples per class."""
         c = self.config
         fraction = TrainSplit(c.train_split).train_fraction if c.train_split is not None else None
-        return within_modality(x, y, seed, c.n_permutations, c.budget, c.train_per_class, what=what, n_jobs=c.n_jobs, train_fraction=fraction)
+        shortfall = split_shortfall(y, None, fraction) if fraction is not None else None
+        if shortfall is not None:
+            log.warning("Skipped the %s: %s", what, shortfall)
+            self.skipped[name] = f"{what}: {shortfall}"
+            return {}
+        return {name: within_modality(x, y, ctx.seed, c.n_permutations, c.budget, c.train_per_class, what=what, n_jobs=c.n_jobs,
+                                      train_fraction=fraction, concepts=concepts, **self.solver(ctx))}  # fmt: skip
+
+    def solver(self, ctx: RunContext) -> dict[str, str]:
+        """The probe solver and, for torch, the model's device (its GPU when it has one)."""
+        return {"solver": str(self.config.solver), "device": str(ctx.model.device)}
 
     # 1. samples --------------------------------------------------------------------
-    def samples(self, ctx: RunContext) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-        """((text codes, concepts), (image codes, concepts)): each concept in every template, and every image."""
+    def samples(self, ctx: RunContext) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """((text codes, classes, concepts), (image codes, classes, concepts)): each concept in every template, and every image."""
         text_x, text_y = [], []
         for template in self.config.text_templates:
             codes = ctx.codes(positions=dataclasses.replace(ctx.positions, text_prompt=template), modalities=("text",))
@@ -95,7 +123,7 @@ class LinearProbeTransfer(Experiment):
             text_y += codes.concepts
         image_x = ctx.codes(modalities=("image",)).image
         image_y = [img.concept for img in ctx.dataset.images]
-        return (np.vstack(text_x), self.labels(ctx, text_y)), (image_x, self.labels(ctx, image_y))
+        return (np.vstack(text_x), self.labels(ctx, text_y), np.array(text_y)), (image_x, self.labels(ctx, image_y), np.array(image_y))
 
     def labels(self, ctx: RunContext, concepts: list[str]) -> np.ndarray:
         """The class of each sample: its concept, or with label=category the concept's category."""
@@ -115,16 +143,29 @@ class LinearProbeTransfer(Experiment):
 
     # 2. concept probes, 5. nulls ---------------------------------------------------------
     def concept_probes(
-        self, text_x: np.ndarray, text_y: np.ndarray, image_x: np.ndarray, image_y: np.ndarray, seed: int
+        self, ctx: RunContext, text: tuple[np.ndarray, np.ndarray, np.ndarray], image: tuple[np.ndarray, np.ndarray, np.ndarray]
     ) -> dict[str, ProbeScore]:
-        """Within each modality (cross-validated) and across (trained on one, tested on the other)."""
+        """Within each modality (cross-validated) and across (trained on one, tested on the other).
+        Each argument: (codes, classes, concepts)."""
         c = self.config
-        return {
-            "text_to_text": self.within(text_x, text_y, seed, what="text probe"),
-            "image_to_image": self.within(image_x, image_y, seed, what="image probe"),
-            "text_to_image": transfer(text_x, text_y, image_x, image_y, seed, c.n_permutations, c.budget, what="text-to-image probe"),
-            "image_to_text": transfer(image_x, image_y, text_x, text_y, seed, c.n_permutations, c.budget, what="image-to-text probe"),
-        }  # fmt: skip
+        scores = self.within(ctx, "text_to_text", *text, what="text probe") | self.within(ctx, "image_to_image", *image, what="image probe")
+        for name, (train, test) in {"text_to_image": (text, image), "image_to_text": (image, text)}.items():
+            scores[name] = transfer(train[0], train[1], test[0], test[1], ctx.seed, c.n_permutations, c.budget, what=f"{name.replace('_', '-')} probe",
+                                    null_groups=self.null_groups(ctx, train[2]), **self.solver(ctx))  # fmt: skip
+        return scores
+
+    def null_groups(self, ctx: RunContext, concepts: np.ndarray) -> np.ndarray | None:
+        """Per training row, the group its shuffled label stays in: None (all rows), or its concept's category."""
+        if self.config.null == ProbeNull.all:
+            return None
+        category = {cc.name: cc.category for cc in ctx.dataset.concepts}
+        per_category = pd.Series(list(category)).groupby(list(category.values())).nunique()
+        if per_category.max() < 2:
+            raise ConfigError(
+                "experiment.null=within_category shuffles concept labels inside categories, and every category of this dataset "
+                f"holds one concept ({dict(per_category)}); use experiment.null=all"
+            )
+        return np.array([category[cc] for cc in concepts])
 
     # 3. attribute probes ----------------------------------------------------------------
     def attribute_probes(self, ctx: RunContext, text_x: np.ndarray, image_x: np.ndarray, keep: np.ndarray | None) -> dict[str, ProbeScore]:
@@ -133,7 +174,8 @@ class LinearProbeTransfer(Experiment):
         if ProbeAttribute.modality in c.attributes:
             x = np.vstack([text_x, image_x])
             y = np.array(["text"] * len(text_x) + ["image"] * len(image_x))
-            scores["modality"] = within_modality(x, y, ctx.seed, c.n_permutations, c.budget, what="modality probe", n_jobs=c.n_jobs)
+            scores["modality"] = within_modality(x, y, ctx.seed, c.n_permutations, c.budget, what="modality probe", n_jobs=c.n_jobs,
+                                                 **self.solver(ctx))  # fmt: skip
         return scores | self.image_attribute_probes(
             ctx, lambda dataset: prepare_features(ctx.codes(dataset=dataset, modalities=("image",)).image, c.binarise, keep)
         )
@@ -144,11 +186,11 @@ class LinearProbeTransfer(Experiment):
         for attribute in [str(a) for a in c.attributes if str(a) in ATTRIBUTES]:
             variants, labels, groups = attribute_variants(ctx.dataset, attribute)
             scores[attribute] = within_modality(features_of(variants), labels, ctx.seed, c.n_permutations, c.budget, groups=groups,
-                                                what=f"{what}{attribute} probe", n_jobs=c.n_jobs)  # fmt: skip
+                                                what=f"{what}{attribute} probe", n_jobs=c.n_jobs, **self.solver(ctx))  # fmt: skip
         return scores
 
     # 6. seed 003's top-N curve and shared features -----------------------------------------
-    def top_n_curve(self, ctx: RunContext, image_y: np.ndarray, keep: np.ndarray | None) -> dict[str, float]:
+    def top_n_curve(self, ctx: RunContext, image_y: np.ndarray, image_concepts: np.ndarray, keep: np.ndarray | None) -> dict[str, float]:
         """Image probes on codes where each token keeps its N largest features before the tokens are summed."""
         if not self.config.top_n_curve:
             return {}
@@ -158,10 +200,15 @@ class LinearProbeTransfer(Experiment):
             pooled = ctx.image_codes([("topn_per_token", n) if n else ("sum", 1) for n in counts])
         for n, codes in zip(counts, pooled):
             x = prepare_features(codes, self.config.binarise, keep)
-            score = self.within(x, image_y, ctx.seed, what=f"top-{n or 'all'} image probe")
+            probe = self.within(ctx, f"top_{n or 'all'}", x, image_y, image_concepts, what=f"top-{n or 'all'} image probe")
+            if not probe:
+                continue
+            score = next(iter(probe.values()))
             rows.append({"top_n": n if n is not None else "all", **score.as_row()})
             metrics |= {f"top_{n or 'all'}_image_macro_f1": score.macro_f1, f"top_{n or 'all'}_image_accuracy": score.accuracy,
                         f"top_{n or 'all'}_image_accuracy_null_mean": score.shuffled_mean, f"top_{n or 'all'}_image_p": score.p_value}  # fmt: skip
+        if not rows:
+            return metrics
         table = pd.DataFrame(rows).astype({"top_n": str})
         ctx.table("top_n_curve", table)
         ctx.figure("top_n_curve", figures.top_n_curve(table, ctx.layer))
@@ -196,6 +243,10 @@ class LinearProbeTransfer(Experiment):
             ctx.figure("probe_accuracy", figures.probe_accuracy(table, ctx.layer))
 
         metrics: dict[str, float] = {"n_text_samples": n_text, "n_image_samples": n_image, "n_features": n_features}
+        for name in self.skipped:  # a probe the split could not run: 1, with the reason in table skipped_probes
+            metrics[f"{name}_skipped"] = 1
+        if self.skipped:
+            ctx.table("skipped_probes", pd.DataFrame({"probe": list(self.skipped), "reason": list(self.skipped.values())}))
         for name, score in scores.items():
             metrics[f"{name}_accuracy"] = score.accuracy
             metrics[f"{name}_accuracy_null_mean"] = score.shuffled_mean
