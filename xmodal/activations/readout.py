@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -451,7 +452,7 @@ def stream_readouts(
         log.info("Resuming the pass over %d images after image %d (%s)", len(images), start, directories[0].parent)
     batches = [list(range(i, min(i + batch_size, len(images)))) for i in range(start, len(images), batch_size)]
     loader = image_input_loader(adapter, images, batches, positions)
-    done = start
+    done, started = start, time.perf_counter()
     for batch, inputs in zip(batches, tqdm(loader, desc=f"{adapter.name}: images", disable=not progress, leave=False, total=len(batches))):
         tokens, eoi = image_batch_hidden(adapter, inputs, layers)
         done += len(batch)
@@ -463,7 +464,10 @@ def stream_readouts(
             writer.progress["peak_buffer_bytes"] = max(writer.progress.get("peak_buffer_bytes", 0), held)
         if done == len(images) or held >= SHARD_BYTES:
             for writer in writers:
+                # seconds of the image loop (forward, encoding, pooling, writing), over every run of a resumed pass
+                writer.progress["image_pass_s"] = writer.progress.get("image_pass_s", 0.0) + time.perf_counter() - started
                 writer.flush(done)
+            started = time.perf_counter()
     for writer in writers:
         writer.progress["complete"] = True  # last: only now does a reader take the folder as finished
         write_json_atomic(writer.directory / PROGRESS, writer.progress)
