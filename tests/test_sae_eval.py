@@ -112,3 +112,7 @@ def test_sae_eval_refuses_no_sae_and_bad_settings():
         SAEEval(SAEEvalConfig(dense_fraction=1.5))
     with pytest.raises(ConfigError, match="experiment.n_random_saes=0 must be at least 1"):
         SAEEval(SAEEvalConfig(n_random_saes=0))
+    with pytest.raises(ConfigError, match=r"experiment.splice_sites=\[\] splices nowhere"):
+        SAEEval(SAEEvalConfig(splice_sites=[]))
+    with pytest.raises(ConfigError, match="experiment.splice_sites='pixels'; use image, text or both"):
+        SAEEval(SAEEvalConfig(splice_sites=["pixels"]))

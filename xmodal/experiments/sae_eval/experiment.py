@@ -85,10 +85,11 @@ class SAEEval(Experiment):
         with ctx.timed("figures"):
             ctx.figure("metrics_by_modality", metrics_figure(table, ctx.layer, ctx.features.name))
         log.info(
-            "layer %d: explained variance image %.3f (random %.3f), text %.3f (random %.3f); ce_loss_score image %.3f, text %.3f, both %.3f",
+            "layer %d: explained variance image %.3f (random %.3f), text %.3f (random %.3f); %s",
             ctx.layer, metrics["image_explained_variance"], metrics["image_explained_variance_null_mean"],
             metrics["text_explained_variance"], metrics["text_explained_variance_null_mean"],
-            metrics["image_ce_loss_score"], metrics["text_ce_loss_score"], metrics["both_ce_loss_score"],
+            ", ".join(f"{site} splice ce_loss_score {metrics[f'{site}_ce_loss_score']:.3f} (random {metrics[f'{site}_ce_loss_score_null_mean']:.3f})"
+                      for site in dict.fromkeys(str(s) for s in self.config.splice_sites)),
         )  # fmt: skip
         return metrics
 
@@ -148,7 +149,7 @@ class SAEEval(Experiment):
         clean = run(None, "both")
         ce_clean = S.cross_entropy(clean, targets)
         rows = []
-        for site in S.SPLICE_SITES:
+        for site in dict.fromkeys(str(s) for s in self.config.splice_sites):
             ablated = run(S.zero, site)
             ce_zero, kl_zero = S.cross_entropy(ablated, targets), S.kl_from_clean(clean, ablated)
             rows.append({"sae": "zero_ablation", "site": site, "ce_loss_without_sae": ce_clean, "ce_loss_with_sae": ce_zero,
