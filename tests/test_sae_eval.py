@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -103,6 +104,10 @@ def test_sae_eval_writes_every_metric_per_modality_beside_its_null(tiny, synthet
     assert metrics["image_l0"] == metrics["image_l0_null_mean"] == 8  # TopK: the null keeps k
     assert metrics["text_explained_variance_null_n"] == 3 and metrics["n_answer_tokens"] > 0
     assert (tmp_path / "run" / "figures" / "metrics_by_modality.png").stat().st_size > 10_000
+    from xmodal.reporting.sweep import metrics_with_null
+
+    curves = set(metrics_with_null(pd.DataFrame([metrics])))  # what a -m layer=... sweep draws against layer
+    assert {"image_explained_variance", "text_explained_variance", "image_ce_loss_score", "both_kl_div_score"} <= curves
 
 
 def test_sae_eval_refuses_no_sae_and_bad_settings():
