@@ -24,7 +24,7 @@ class SpliceSite(StrEnum):
 class SAEEvalConfig(ExperimentConfig):
     _target_: str = "xmodal.experiments.sae_eval.experiment.SAEEval"
     name: str = "sae_eval"
-    n_images: int = 32  # images (seeded choice) whose answers are scored with the SAE spliced in
+    n_images: int = 16  # images (seeded choice) whose answers are scored with the SAE spliced in
     answer: AnswerSource = AnswerSource.caption  # the text after the image whose next-token loss is measured
     n_random_saes: int = 9  # random SAEs (the null) of the same architecture and width, matched in L0
     dense_fraction: float = 0.1  # a feature active on more than this share of a modality's tokens is dense
