@@ -102,6 +102,26 @@ class TinyModelConfig(ModelConfig):
 
 
 # ------------------------------------------------------------------ sae ----
+class SAESite(str, Enum):
+    """Where in a decoder layer an SAE reads (and a steered feature writes)."""
+
+    resid_post = "resid_post"  # the layer's output (every study reads this)
+    mlp_out = "mlp_out"
+    attn_out = "attn_out"  # Gemma Scope 2's attention SAEs read the heads' outputs before W_O (hook_z)
+
+
+class L0Size(str, Enum):
+    small = "small"
+    medium = "medium"  # not in the -all releases (every layer), which have small and big
+    big = "big"
+
+
+class GemmaTuning(str, Enum):
+    model = "model"  # the release of the selected model (model.sae_release)
+    pt = "pt"  # pretrained Gemma 3
+    it = "it"  # instruction-tuned Gemma 3
+
+
 @dataclass
 class SAEConfig:
     _target_: str = MISSING
@@ -121,11 +141,27 @@ class PretrainedSAEConfig(SAEConfig):
     id_template: str = MISSING  # e.g. layer_{layer}_width_{width}_l0_{l0}
     width: str = "16k"
     l0: str = "medium"
+    site: SAESite = SAESite.resid_post  # where the SAE must read; another site is refused in one line
+
+
+@dataclass
+class GemmaScope2SAEConfig(SAEConfig):
+    """Gemma Scope 2 through sae-lens's directory: the choices pick an id that exists (xmodal/saes/gemma_scope_2.py)."""
+
+    release: Optional[str] = MISSING  # the model's residual-stream release (gemma-scope-2-4b-it-res); the rest picks its siblings
+    site: SAESite = SAESite.resid_post  # res, mlp or att release
+    width: str = "16k"  # 16k | 65k | 262k | 1m (which exist depends on the release)
+    l0: L0Size = L0Size.medium
+    all_layers: bool = False  # the -all releases: every layer (widths 16k and 262k, l0 small and big)
+    transcoder: bool = False  # the transcoder releases: read the MLP's input, write its output (site must be mlp_out)
+    affine: bool = False  # transcoders: the variant with a linear skip connection (ids ending _affine)
+    tuning: GemmaTuning = GemmaTuning.model
 
 
 @dataclass
 class LocalSAEConfig(SAEConfig):
     path: str = MISSING  # a sae-lens directory; may contain {layer}
+    site: SAESite = SAESite.resid_post  # where the SAE must read; another site is refused in one line
 
 
 # -------------------------------------------------------------- dataset ----
@@ -340,6 +376,7 @@ def register_configs() -> None:
         ("sae", "base_none", NoSAEConfig),
         ("sae", "base_pretrained", PretrainedSAEConfig),
         ("sae", "base_local", LocalSAEConfig),
+        ("sae", "base_gemma_scope_2", GemmaScope2SAEConfig),
         ("dataset", "base_synthetic", SyntheticDatasetConfig),
         ("dataset", "base_image_folder", ImageFolderDatasetConfig),
         ("dataset", "base_builtin", BuiltinDatasetConfig),

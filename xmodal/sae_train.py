@@ -37,7 +37,17 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from xmodal import config as config_schema
 from xmodal.activations.batch_size import resolve_batch_size
-from xmodal.activations.store import batch_plan, build_store, store_texts, stream_batches, stream_rows
+from xmodal.activations.store import (
+    IMAGE,
+    TEXT,
+    ActivationStore,
+    batch_plan,
+    build_store,
+    mixed_batches,
+    store_texts,
+    stream_batches,
+    stream_rows,
+)
 from xmodal.conf_dir import CONF_DIR
 from xmodal.config import PathsConfig, PositionsConfig
 from xmodal.errors import ConfigError, XmodalError, user_error
@@ -69,6 +79,12 @@ class Architecture(StrEnum):
     topk = "topk"
     batchtopk = "batchtopk"  # saved for inference as JumpReLU
     jumprelu = "jumprelu"  # trained towards L0 = k
+    matryoshka_batchtopk = "matryoshka_batchtopk"  # BatchTopK with nested-prefix losses; saved as JumpReLU
+
+
+class Modality(StrEnum):
+    text = "text"
+    image = "image"
 
 
 class DecoderInit(StrEnum):
@@ -97,6 +113,10 @@ class TrainingConfig:
     lr: float = 4e-4
     decoder_init: DecoderInit = DecoderInit.data
     l0_coefficient: float = 1.0  # JumpReLU only: how hard its L0 is pulled towards k
+    matryoshka_widths: list[int] = field(default_factory=list)  # Matryoshka only; []: d_sae/8, /4, /2, d_sae
+    # The tokens the SAE trains on; [text] gives a text-only SAE (like Gemma Scope's) from the same
+    # store. Evaluation always scores both modalities.
+    modalities: list[Modality] = field(default_factory=lambda: [Modality.text, Modality.image])
 
 
 @dataclass
@@ -124,6 +144,12 @@ class SAETrainConfig:
                 raise ConfigError(f"{name}={value} must be at least 1")
         if t.k > t.d_sae:
             raise ConfigError(f"training.k={t.k} exceeds training.d_sae={t.d_sae}; lower k or widen the SAE")
+        if not t.modalities:
+            raise ConfigError("training.modalities=[] trains on nothing; use [text], [image] or [text,image]")
+        widths = list(t.matryoshka_widths)
+        if widths and (widths[-1] != t.d_sae or widths[0] < 1 or any(a >= b for a, b in zip(widths, widths[1:]))):
+            raise ConfigError(f"training.matryoshka_widths={widths} must rise strictly from at least 1 and end at "
+                              f"training.d_sae={t.d_sae}; or leave it [] for d_sae/8, /4, /2 and d_sae")  # fmt: skip
         if not 0 < s.eval_fraction < 1:
             raise ConfigError(f"store.eval_fraction={s.eval_fraction} must lie strictly between 0 and 1")
 
@@ -159,11 +185,47 @@ def disk_source(cfg: SAETrainConfig, adapter: ModelAdapter, dataset: Any, progre
     eval_rows = {layer: _cat([store.shard(i, layer) for i in range(n_eval)]) for layer in cfg.layers}
     _check_both_modalities(eval_rows[cfg.layers[0]][1], f"the {n_eval} held-out shard(s)", "raise store.eval_fraction or lower store.shard_tokens")
 
+    codes = trained_modality_codes(cfg)
+
     def batches(layer: int) -> Iterator[torch.Tensor]:
-        return store.batches(layer, cfg.training.batch_size, cfg.seed, train_shards, store_cfg.buffer_shards)
+        if len(codes) == 2:
+            return store.batches(layer, cfg.training.batch_size, cfg.seed, train_shards, store_cfg.buffer_shards)
+        return modality_batches(store, layer, codes, cfg.training.batch_size, cfg.seed, train_shards, store_cfg.buffer_shards)
+
+    def sample(layer: int) -> torch.Tensor:
+        """Training rows of the trained modalities, about one shard's worth (from several when filtered)."""
+        parts: list[torch.Tensor] = []
+        for index in train_shards:
+            rows, modality = store.shard(index, layer)
+            parts.append(rows[torch.isin(modality, torch.tensor(codes, dtype=modality.dtype))])
+            if sum(len(p) for p in parts) >= store_cfg.shard_tokens:
+                break
+        return torch.cat(parts)
 
     stats = {"store_rows": store.n_rows, "store_shards": store.n_shards, "eval_shards": n_eval, "store_seconds": time.perf_counter() - start}
-    return Source(batches, eval_rows, {layer: store.shard(n_eval, layer)[0] for layer in cfg.layers}, stats)
+    return Source(batches, eval_rows, {layer: sample(layer) for layer in cfg.layers}, stats)
+
+
+def trained_modality_codes(cfg: SAETrainConfig) -> list[int]:
+    """The store's modality codes of the rows training reads (training.modalities)."""
+    return sorted({IMAGE if m == Modality.image else TEXT for m in cfg.training.modalities})
+
+
+def modality_batches(
+    store: ActivationStore, layer: int, codes: list[int], batch_size: int, seed: int, shards: list[int], buffer_shards: int
+) -> Iterator[torch.Tensor]:
+    """Like ActivationStore.batches, keeping only the rows of the modalities in `codes` (a text-only SAE)."""
+    generator = torch.Generator().manual_seed(seed)
+    wanted = torch.tensor(codes, dtype=torch.uint8)
+
+    def shard_groups() -> Iterator[torch.Tensor]:
+        while True:
+            order = [shards[i] for i in torch.randperm(len(shards), generator=generator)]
+            for start in range(0, len(order), buffer_shards):
+                parts = [store.shard(i, layer) for i in order[start : start + buffer_shards]]
+                yield torch.cat([rows[torch.isin(modality, wanted.to(modality.dtype))] for rows, modality in parts])
+
+    return mixed_batches(shard_groups(), batch_size, batch_size, generator)  # a filtered group may hold less than a batch
 
 
 def streamed_source(cfg: SAETrainConfig, adapter: ModelAdapter, dataset: Any, progress: bool) -> Source:
@@ -175,6 +237,10 @@ def streamed_source(cfg: SAETrainConfig, adapter: ModelAdapter, dataset: Any, pr
     if len(plan) - n_eval < 1:
         raise XmodalError(f"the dataset makes {len(plan)} batch(es): too few to hold {n_eval} out for evaluation; use a larger dataset")
     train_plan, eval_plan = plan[: len(plan) - n_eval], plan[len(plan) - n_eval :]
+    codes = trained_modality_codes(cfg)
+    train_plan = [(modality, items) for modality, items in train_plan if modality in codes]
+    if not train_plan:
+        raise XmodalError(f"no training batch holds {[m.value for m in cfg.training.modalities]} tokens; use a larger dataset")
     held_out = list(stream_rows(adapter, dataset, texts, eval_plan, cfg.layers, cfg.positions, progress, "held-out activations"))
     eval_rows = {layer: _cat([(r[layer], m) for r, m, _ in held_out]) for layer in cfg.layers}
     _check_both_modalities(eval_rows[cfg.layers[0]][1], f"the {n_eval} held-out batch(es)", "raise store.eval_fraction")
@@ -204,6 +270,7 @@ def train(cfg: SAETrainConfig, source: Source, layer: int, model_name: str, devi
     return train_sae(
         source.train_batches(layer), source.sample[layer], layer, t.d_sae, t.k, t.training_tokens, t.batch_size, t.lr,
         cfg.seed, device, model_name, t.architecture.value, t.decoder_init.value, t.l0_coefficient,
+        list(t.matryoshka_widths) or None,
     )  # fmt: skip
 
 
@@ -242,7 +309,8 @@ def train_saes(cfg: SAETrainConfig, progress: bool = True) -> pd.DataFrame:
         saved = SAE.load_from_disk(out_dir / f"layer_{layer}", device=device, dtype="float32")
         eval_x, eval_modality = source.eval_rows[layer]
         for row in evaluate(saved, eval_x, eval_modality, cfg.seed):
-            rows.append({"layer": layer, "architecture": cfg.training.architecture.value, **row, "train_seconds": seconds,
+            rows.append({"layer": layer, "architecture": cfg.training.architecture.value,
+                         "trained_on": "+".join(m.value for m in cfg.training.modalities), **row, "train_seconds": seconds,
                          "tokens_per_second": cfg.training.training_tokens / seconds, **source.stats})  # fmt: skip
         log.info("Layer %d held out: %s", layer, ", ".join(f"{r['tokens']} FVE {r['fve']:.3f} (null {r['fve_null_shuffled_dims']:.3f}) "
                                                            f"L0 {r['l0']:.1f}" for r in rows[-2:]))  # fmt: skip

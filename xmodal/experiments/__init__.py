@@ -14,6 +14,7 @@ from xmodal.experiments.lens.config import LensConfig
 from xmodal.experiments.mds.config import MDSConfig
 from xmodal.experiments.overlap.config import OverlapConfig
 from xmodal.experiments.probe.config import ProbeConfig
+from xmodal.experiments.sae_eval.config import SAEEvalConfig
 from xmodal.experiments.shift.config import ShiftConfig
 from xmodal.experiments.steering.config import SteeringConfig
 
@@ -27,6 +28,7 @@ STUDY_CONFIGS = {
     "alignment": AlignmentConfig,
     "lens": LensConfig,
     "features": FeaturesConfig,
+    "sae_eval": SAEEvalConfig,
 }
 
 

@@ -33,6 +33,38 @@ def hook_layer(hook_name: str) -> int:
     return int(match.group(1))
 
 
+# The sites of a decoder layer an SAE can read, from its hook name (TransformerLens or HF style).
+_SITE_HOOKS = {
+    "resid_post": _RESID_HOOK,
+    "mlp_out": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:hook_mlp_out|mlp(?:\.output)?)$"),
+    "attn_out": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:attn\.hook_z|hook_attn_out|self_attn(?:\.o_proj)?(?:\.output)?)$"),
+    "mlp_in": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:hook_mlp_in|pre_feedforward_layernorm(?:\.output)?)$"),  # transcoders
+}
+
+
+def hook_site(hook_name: str) -> tuple[str, int] | None:
+    """(site, decoder layer) of an SAE's hook name; None when it is none of the sites above."""
+    for site, pattern in _SITE_HOOKS.items():
+        match = pattern.search(hook_name)
+        if match is not None:
+            return site, int(match.group(1))
+    return None
+
+
+def check_site(name: str, sae: Any, site: str) -> None:
+    """SAEError in one line when the SAE was trained at another site than `site` (sae.site)."""
+    hook_name = getattr(sae.cfg.metadata, "hook_name", None)
+    found = hook_site(hook_name) if hook_name else None
+    if found is None:
+        return  # no hook recorded: nothing to compare with
+    trained = "mlp_out" if found[0] == "mlp_in" else found[0]  # a transcoder stands for its MLP (reads its input, writes its output)
+    if trained != str(getattr(site, "value", site)):
+        raise SAEError(
+            f"SAE {name!r} was trained on {found[0]} ({hook_name}), not sae.site={getattr(site, 'value', site)}; "
+            f"set sae.site={trained} or choose an SAE trained at {getattr(site, 'value', site)}"
+        )
+
+
 class FeatureSpace:
     """Maps resid_post (..., d_model) to feature codes (..., d_sae)."""
 
@@ -101,7 +133,7 @@ def no_sae(name: str = "none", layer: int = 0, device: str = "auto", dtype: str 
     return FeatureSpace(name, layer, None, None, {"kind": "none"})
 
 
-def local_sae(name: str, path: str, layer: int, device: str = "auto", dtype: str = "float32") -> FeatureSpace:
+def local_sae(name: str, path: str, layer: int, device: str = "auto", dtype: str = "float32", site: str = "resid_post") -> FeatureSpace:
     from sae_lens import SAE
 
     sae_dir = Path(path.format(layer=layer)).expanduser()
@@ -111,6 +143,7 @@ def local_sae(name: str, path: str, layer: int, device: str = "auto", dtype: str
             "set sae.path to a directory written by sae-lens (SAE.save_model) or by python -m xmodal.sae_train"
         )
     sae = SAE.load_from_disk(sae_dir, device=str(resolve_device(device)), dtype=dtype)
+    check_site(name, sae, site)
     log.info("Loaded SAE %s from %s (d_in=%d, d_sae=%d)", name, sae_dir, sae.cfg.d_in, sae.cfg.d_sae)
     stat = (sae_dir / "sae_weights.safetensors").stat() if (sae_dir / "sae_weights.safetensors").exists() else None
     identity = {"kind": "local", "path": str(sae_dir.resolve()), "mtime": stat.st_mtime if stat else None}
@@ -126,6 +159,7 @@ def pretrained_sae(
     l0: str = "medium",
     device: str = "auto",
     dtype: str = "float32",
+    site: str = "resid_post",
 ) -> FeatureSpace:
     from sae_lens import SAE
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
@@ -154,5 +188,6 @@ def pretrained_sae(
             "download it where there is network (`hf download` of the release's repo) and use sae=local "
             "sae.path=<its folder>, or set HF_HOME to a cache that holds it"
         ) from err
+    check_site(name, sae, site)
     identity = {"kind": "pretrained", "release": release, "id": sae_id, "width": width}
     return FeatureSpace(name, layer, sae.eval(), int(sae.cfg.d_in), identity)

@@ -32,7 +32,7 @@ def train_topk_sae(
     return train_sae(batches, activations, layer, d_sae, k, total_samples, batch_size, lr, seed, device, **options)
 
 
-ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "matryoshka_batchtopk")
 
 
 def train_sae(
@@ -50,21 +50,25 @@ def train_sae(
     architecture: str = "topk",
     decoder_init: str = "random",
     l0_coefficient: float = 1.0,
+    matryoshka_widths: list[int] | None = None,
 ) -> Any:
-    """A sae-lens TopK, BatchTopK or JumpReLU SAE (TopK kinds with the auxiliary loss against
+    """A sae-lens TopK, BatchTopK, Matryoshka BatchTopK or JumpReLU SAE (TopK kinds with the auxiliary loss against
     dead features) trained on `batches`; `sample`, rows of the same data, sets the initialisation.
 
     BatchTopK keeps the k x batch largest activations over the whole batch, so a token may use
     more or fewer than k features; sae-lens saves it for inference as a JumpReLU SAE. JumpReLU
     trains thresholds with a straight-through estimator and Gemma Scope 2's quadratic penalty around
     an L0 of `k` (sae-lens's target_l0),
-    pulled there with weight `l0_coefficient`.
+    pulled there with weight `l0_coefficient`. Matryoshka BatchTopK adds a reconstruction loss for
+    each nested prefix of the features in `matryoshka_widths` (by default d_sae/8, /4, /2 and all),
+    so the first features learn the most general directions; it too is saved as JumpReLU.
     decoder_init="random" keeps sae-lens's random directions (what every shipped result used);
     "data" starts each feature on a random row of `sample` (centred), which leaves far fewer dead.
     """
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -85,6 +89,11 @@ def train_sae(
         sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
             **common, target_l0=float(k), l0_coefficient=l0_coefficient, jumprelu_sparsity_loss_mode="quadratic"
         ))
+    elif architecture == "matryoshka_batchtopk":
+        widths = list(matryoshka_widths or default_matryoshka_widths(d_sae))
+        if widths[-1] != d_sae or any(a >= b for a, b in zip(widths, widths[1:])) or widths[0] < 1:
+            raise ValueError(f"matryoshka_widths={widths} must rise strictly from at least 1 and end at d_sae={d_sae}")
+        sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**common, k=k, matryoshka_widths=widths))
     else:
         sae_class, config_class = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig), "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig)}[architecture]
         sae = sae_class(config_class(**common, k=k))
@@ -128,6 +137,11 @@ def train_sae(
     )
     trainer = SAETrainer(trainer_cfg, sae, (batch.to(device) for batch in batches))
     return trainer.fit()
+
+
+def default_matryoshka_widths(d_sae: int) -> list[int]:
+    """Nested prefixes of d_sae/8, d_sae/4, d_sae/2 and all features (fewer when d_sae is small)."""
+    return sorted({max(1, d_sae // 8), max(1, d_sae // 4), max(1, d_sae // 2), d_sae})
 
 
 def save_sae(sae: Any, target: Path) -> None:
