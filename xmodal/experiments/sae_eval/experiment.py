@@ -125,7 +125,7 @@ class SAEEval(Experiment):
                 ctx.model.model(**{k: v.to(ctx.model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()},
                                 use_cache=False)  # fmt: skip
             answer_rows.extend(captured)
-        image = acts.image_tokens.reshape(-1, acts.image_tokens.shape[-1]).float()
+        image = acts.image_token_rows()  # every image token of the dataset: the metrics compare whole distributions
         return {"image": image, "text": torch.cat([acts.text_tokens.float(), *answer_rows])}
 
     # 2. ------------------------------------------------------------------------------------
