@@ -1,0 +1,43 @@
+"""The run contract, in-process (fast): result files, one-line errors, exit codes, reruns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_in_process
+from xmodal.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return f"paths.activation_cache={tmp_path_factory.mktemp('contract') / 'cache'}"
+
+
+def test_a_crash_while_handling_a_user_error_prints_its_traceback_and_exits_1(tmp_path, cache, monkeypatch, capsys):
+    import xmodal.run
+
+    def buggy_build(cfg):
+        try:
+            raise ConfigError("a user error the code handles")
+        except ConfigError:
+            return {}["not_there"]  # a bug inside the handler
+
+    monkeypatch.setattr(xmodal.run, "build_experiment", buggy_build)
+    code = run_in_process(cache, run_dir=tmp_path)
+    output = "".join(capsys.readouterr())
+    assert code == 1
+    assert "Traceback" in output and "KeyError" in output, output[-2000:]
+    assert json.loads((tmp_path / "failure.json").read_text())["error_type"] == "KeyError"
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_bad_input_exits_2_with_one_line_and_no_result(tmp_path, cache, capsys):
+    code = run_in_process("layer=99", cache, run_dir=tmp_path)
+    output = "".join(capsys.readouterr())
+    assert code == 2
+    assert sum("layer=99 is out of range for model 'tiny'" in line for line in output.splitlines()) == 1
+    assert "Traceback" not in output
+    assert not (tmp_path / "result.json").exists() and (tmp_path / "failure.json").exists()
