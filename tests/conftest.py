@@ -48,7 +48,11 @@ def run_cli(*overrides: str, cwd: Path, env_extra: dict | None = None, timeout: 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
     return subprocess.run(
         [sys.executable, "-m", "xmodal.run", TINY_CONFIG, *overrides],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

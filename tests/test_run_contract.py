@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -41,3 +40,10 @@ def test_bad_input_exits_2_with_one_line_and_no_result(tmp_path, cache, capsys):
     assert sum("layer=99 is out of range for model 'tiny'" in line for line in output.splitlines()) == 1
     assert "Traceback" not in output
     assert not (tmp_path / "result.json").exists() and (tmp_path / "failure.json").exists()
+
+
+def test_a_preset_on_a_dual_encoder_resolves_through_its_presets(tmp_path, cache, capsys):
+    models = f"paths.model_cache={tmp_path / 'models'}"
+    code = run_in_process("model=clip_tiny", "experiment=probe", "layer=preset:1", cache, models, run_dir=tmp_path / "preset1")
+    assert code == 2, "clip_tiny lists one preset; preset:1 must not quietly become layer 0"
+    assert "layer=preset:1 is out of range: model 'clip_tiny' has 1 presets [0]" in "".join(capsys.readouterr())

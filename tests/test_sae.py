@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xmodal.errors import SAEError
-from xmodal.saes.loading import hook_layer, local_sae, no_sae, pretrained_sae
+from xmodal.saes.loading import hook_layer, instantiate_sae, local_sae, no_sae, pretrained_sae
 
 
 def save_jumprelu_sae(path, d_in: int = 64, d_sae: int = 128, hook_name: str = "blocks.{layer}.hook_resid_post", layer: int = 1):
@@ -60,6 +60,18 @@ def test_sae_of_another_layer_is_refused(tmp_path):
     space = local_sae("l3", str(tmp_path / "sae"), layer=1, device="cpu")
     with pytest.raises(SAEError, match="trained on layer 3"):
         space.check_model("tiny", hidden_size=64, layer=1)
+
+
+def test_sae_without_hook_name_needs_sae_layer(tmp_path):
+    save_jumprelu_sae(tmp_path / "sae", hook_name="")
+    target = {"_target_": "xmodal.saes.loading.local_sae", "name": "hookless", "path": str(tmp_path / "sae"), "device": "cpu"}
+    with pytest.raises(SAEError, match="records no hook_name.*set sae.layer"):
+        instantiate_sae(target, layer=1).check_model("tiny", hidden_size=64, layer=1)
+    with pytest.raises(SAEError, match="trained on layer 3 \\(sae.layer\\) but layer=1"):
+        instantiate_sae({**target, "layer": 3}, layer=1).check_model("tiny", hidden_size=64, layer=1)
+    declared = instantiate_sae({**target, "layer": 1}, layer=1)
+    declared.check_model("tiny", hidden_size=64, layer=1)
+    assert (declared.layer, declared.trained_layer) == (1, 1)
 
 
 def test_missing_local_sae_directory(tmp_path):

@@ -36,9 +36,10 @@ from xmodal.conf_dir import CONF_DIR
 from xmodal.errors import user_error
 from xmodal.experiments import build_experiment, register_experiment_configs
 from xmodal.experiments.base import RunContext
-from xmodal.layers import parse_layer, relative_depth, resolve_layer
+from xmodal.layers import LayerSpec, layer_given, parse_layer, relative_depth, resolve_layer
 from xmodal.models.base import instantiate_model
 from xmodal.reporting.results import ResultWriter, read_result, write_failure
+from xmodal.saes.loading import instantiate_sae
 
 log = logging.getLogger("xmodal.run")
 config_schema.register_configs()
@@ -90,12 +91,13 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
     experiment = build_experiment(cfg.experiment)
     model = instantiate_model(cfg.model)  # reads the model config only; weights load on first use
     experiment.check_model(model)
-    if not model.has_decoder and str(cfg.layer).startswith("preset:"):
-        layer = 0  # a dual encoder's preset is its shared embedding (the default layer=preset:1 names a decoder's)
-    else:
-        layer = resolve_layer(layer_spec, model.num_layers, model.layer_presets, model.name)
+    if not model.has_decoder and layer_spec.kind == "preset" and not layer_given(job.overrides):
+        # The shipped default (layer=preset:1) names a decoder's layer; a dual encoder's default is
+        # its shared embedding. A preset the user asks for resolves through model.layer_presets.
+        layer_spec = LayerSpec("abs", 0)
+    layer = resolve_layer(layer_spec, model.num_layers, model.layer_presets, model.name)
     model.check_layer(layer)
-    features = instantiate(cfg.sae, layer=layer)
+    features = instantiate_sae(cfg.sae, layer)
     features.check_model(model.name, model.hidden_size, layer)
     dataset = instantiate(cfg.dataset)
     experiment.check_dataset(dataset)
@@ -115,8 +117,15 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
     ctx.timings_s["setup"] = time.perf_counter() - setup_start
     log.info(
         "%s | model=%s layer=%d (%s) sae=%s dataset=%s (%d concepts, %d images) -> %s",
-        experiment.name, model.name, layer, layer_spec, features.name, dataset.name,
-        len(dataset.concepts), len(dataset.images), job.output_dir,
+        experiment.name,
+        model.name,
+        layer,
+        layer_spec,
+        features.name,
+        dataset.name,
+        len(dataset.concepts),
+        len(dataset.images),
+        job.output_dir,
     )
     run_id = hashlib.sha256(str(job.output_dir.resolve()).encode()).hexdigest()[:16]  # stable across requeues
     logger.start(job.run_name, job.group, OmegaConf.to_container(cfg, resolve=True), job.output_dir, run_id)

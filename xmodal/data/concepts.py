@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterable
 
 from PIL import Image, UnidentifiedImageError
 
@@ -39,9 +40,7 @@ def read_image_file(path: Path, concept: str) -> ConceptImage:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(
-            f"image {str(path)!r} of concept {concept!r} cannot be read ({err}); remove or replace the file"
-        ) from err
+        raise DatasetError(f"image {str(path)!r} of concept {concept!r} cannot be read ({err}); remove or replace the file") from err
     return ConceptImage(concept=concept, source=str(path), data=data)
 
 
@@ -49,6 +48,14 @@ def encode_png(img: Image.Image) -> bytes:
     buffer = io.BytesIO()
     img.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def without_partners_outside(concepts: Iterable[Concept]) -> list[Concept]:
+    """Copies of `concepts` whose partners outside them are cleared: for a subset chosen on purpose
+    (concepts without photos, a study's chosen few), where the caller says so."""
+    concepts = list(concepts)
+    known = {c.name for c in concepts}
+    return [c if c.partner is None or c.partner in known else replace(c, partner=None) for c in concepts]
 
 
 @dataclass
@@ -64,22 +71,22 @@ class ConceptDataset:
         if duplicates:
             raise DatasetError(f"dataset {self.name!r} lists concepts more than once: {duplicates}")
         if len(self.concepts) < 2:
-            raise DatasetError(
-                f"dataset {self.name!r} has {len(self.concepts)} concept(s); cross-modal statistics need at least 2"
-            )
+            raise DatasetError(f"dataset {self.name!r} has {len(self.concepts)} concept(s); cross-modal statistics need at least 2")
         known = set(names)
-        for concept in self.concepts:
-            if concept.partner is not None and concept.partner not in known:
-                # A partner outside the set cannot be measured; keep the concept, drop the pairing.
-                object.__setattr__(concept, "partner", None)
+        strangers = [(c.name, c.partner) for c in self.concepts if c.partner is not None and c.partner not in known]
+        if strangers:
+            # Dropping the pairing would turn specificity into NaN without a word.
+            concept, partner = strangers[0]
+            raise DatasetError(
+                f"dataset {self.name!r}: concept {concept!r} names partner {partner!r}, which is not a concept of the "
+                f"dataset ({len(strangers)} such partner(s)); fix the partner column or add {partner!r}"
+            )
         for img in self.images:
             if img.concept not in known:
                 raise DatasetError(f"image {img.source!r} belongs to unknown concept {img.concept!r}")
         without = [c.name for c in self.concepts if not any(i.concept == c.name for i in self.images)]
         if without and not self.text_only:
-            raise DatasetError(
-                f"dataset {self.name!r}: concepts without any image: {without[:10]}; add images or drop them"
-            )
+            raise DatasetError(f"dataset {self.name!r}: concepts without any image: {without[:10]}; add images or drop them")
 
     def concept(self, name: str) -> Concept:
         return next(c for c in self.concepts if c.name == name)

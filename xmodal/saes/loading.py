@@ -28,8 +28,7 @@ def hook_layer(hook_name: str) -> int:
     match = _RESID_HOOK.search(hook_name)
     if match is None:
         raise SAEError(
-            f"the SAE reads hook {hook_name!r}, which is not a residual-stream output (resid_post); "
-            "xmodal reads resid_post, so choose a residual-stream SAE"
+            f"the SAE reads hook {hook_name!r}, which is not a residual-stream output (resid_post); xmodal reads resid_post, so choose a residual-stream SAE"
         )
     return int(match.group(1))
 
@@ -43,6 +42,9 @@ class FeatureSpace:
         self.sae = sae
         self._d_in = d_in
         self.identity = identity
+        # sae.layer: the layer the SAE was trained on, as the user declares it; needed when its
+        # config records no hook_name to read the layer from.
+        self.trained_layer: int | None = None
 
     @property
     def d_in(self) -> int | None:
@@ -79,6 +81,15 @@ class FeatureSpace:
                     f"SAE {self.name!r} was trained on layer {sae_layer} ({self.hook_name}) but layer={layer} "
                     "was requested; load the SAE for that layer (put {layer} in its id or path)"
                 )
+            return
+        if self.trained_layer is None:
+            raise SAEError(
+                f"SAE {self.name!r} records no hook_name, so the layer it was trained on is unknown; set sae.layer=<that layer> (layer={layer} was requested)"
+            )
+        if self.trained_layer != layer:
+            raise SAEError(
+                f"SAE {self.name!r} was trained on layer {self.trained_layer} (sae.layer) but layer={layer} was requested; load the SAE for that layer"
+            )
 
     @torch.inference_mode()
     def encode(self, resid: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
@@ -86,10 +97,7 @@ class FeatureSpace:
         if self.sae is None:
             return resid.float().cpu()
         device, dtype = self.sae.W_enc.device, self.sae.W_enc.dtype
-        chunks = [
-            self.sae.encode(resid[i : i + batch_size].to(device=device, dtype=dtype)).float().cpu()
-            for i in range(0, max(len(resid), 1), batch_size)
-        ]
+        chunks = [self.sae.encode(resid[i : i + batch_size].to(device=device, dtype=dtype)).float().cpu() for i in range(0, max(len(resid), 1), batch_size)]
         return torch.cat(chunks) if len(resid) else torch.zeros(0, self.d_sae)
 
     @torch.inference_mode()
@@ -97,6 +105,19 @@ class FeatureSpace:
         if self.sae is None:
             return codes
         return self.sae.decode(codes.to(self.sae.W_dec.device, self.sae.W_dec.dtype)).float().cpu()
+
+
+def instantiate_sae(sae_cfg: Any, layer: int) -> FeatureSpace:
+    """The job's FeatureSpace at decoder `layer`, from the sae config group (sae.layer, if set, is
+    the layer the SAE was trained on, not the job's: it goes to FeatureSpace.trained_layer)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(sae_cfg, resolve=True) if OmegaConf.is_config(sae_cfg) else dict(sae_cfg)
+    trained_layer = node.pop("layer", None)
+    features = instantiate(node, layer=layer)
+    features.trained_layer = trained_layer
+    return features
 
 
 def no_sae(name: str = "none", layer: int = 0, device: str = "auto", dtype: str = "float32") -> FeatureSpace:
