@@ -47,3 +47,17 @@ def test_a_preset_on_a_dual_encoder_resolves_through_its_presets(tmp_path, cache
     code = run_in_process("model=clip_tiny", "experiment=probe", "layer=preset:1", cache, models, run_dir=tmp_path / "preset1")
     assert code == 2, "clip_tiny lists one preset; preset:1 must not quietly become layer 0"
     assert "layer=preset:1 is out of range: model 'clip_tiny' has 1 presets [0]" in "".join(capsys.readouterr())
+
+
+def test_a_rerun_leaves_only_its_own_outputs_and_a_failing_rerun_no_result(tmp_path, cache):
+    assert run_in_process("experiment.n_permutations=20", cache, run_dir=tmp_path) == 0
+    for stale in ("figures/feature_stale.png", "tables/stale.parquet", "images/stale.png"):
+        (tmp_path / stale).parent.mkdir(exist_ok=True)
+        (tmp_path / stale).write_bytes(b"from an earlier run")
+    assert run_in_process("experiment.n_permutations=30", cache, run_dir=tmp_path) == 0  # another config: runs again
+    result = json.loads((tmp_path / "result.json").read_text())
+    written = {str(p.relative_to(tmp_path)) for d in ("tables", "figures", "images") for p in (tmp_path / d).rglob("*") if p.is_file()}
+    listed = {*result["tables"], *result["figures"], *result["images"]}
+    assert written == listed | {t.replace(".parquet", ".csv") for t in result["tables"]}
+    assert run_in_process("experiment.n_permutations=0", cache, run_dir=tmp_path) == 2  # fails validation, before any writer
+    assert not (tmp_path / "result.json").exists() and (tmp_path / "failure.json").exists()
