@@ -24,8 +24,8 @@ def summary_of(jobs: list[dict]) -> pd.DataFrame:
 def test_layer_gradient_has_one_row_per_width_each_from_its_own_jobs():
     rising = {5: 0.2, 9: 0.3, 12: 0.5, 15: 0.6}  # width 512: rises with depth
     falling = {5: 0.6, 9: 0.4, 12: 0.35, 15: 0.1}  # width 1024: falls
-    summary = summary_of([{"layer": l, "width": 512, "jaccard": v} for l, v in rising.items()]
-                         + [{"layer": l, "width": 1024, "jaccard": v} for l, v in falling.items()])  # fmt: skip
+    summary = summary_of([{"layer": layer, "width": 512, "jaccard": v} for layer, v in rising.items()]
+                         + [{"layer": layer, "width": 1024, "jaccard": v} for layer, v in falling.items()])  # fmt: skip
     gradient = layer_gradient(summary).set_index("override.sae.width")
     assert sorted(gradient.index) == ["1024", "512"] and (gradient["metric"] == "jaccard").all()
     assert gradient.loc["512", "spearman_rho"] == pytest.approx(1.0) and gradient.loc["1024", "spearman_rho"] == pytest.approx(-1.0)
@@ -54,7 +54,7 @@ def test_layer_curves_draw_one_line_per_configuration(tmp_path, monkeypatch):
     drawn: list[str] = []
     plot = matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **k: (drawn.append(k["label"]) if "label" in k else None) or plot(self, *a, **k))
-    summary = summary_of([{"layer": l, "width": w, "jaccard": 0.1 * l} for l in (5, 9) for w in (512, 1024)])
+    summary = summary_of([{"layer": layer, "width": w, "jaccard": 0.1 * layer} for layer in (5, 9) for w in (512, 1024)])
     (path,) = layer_curves(summary, tmp_path)
     assert path.exists()
     assert sorted(drawn) == ["organism / organism / sae.width=1024", "organism / organism / sae.width=512"]
