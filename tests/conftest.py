@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never talk to W&B unless they ask
+# Hashes of local weights: in the session's own file, not the user's cache.
+os.environ.setdefault("XMODAL_HASH_CACHE", str(Path(tempfile.mkdtemp(prefix="xmodal-hashes-")) / "file_hashes.json"))
 
 
 @pytest.fixture(scope="session")

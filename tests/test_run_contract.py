@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+import xmodal
 from tests.conftest import run_in_process
+from tests.test_sae import save_jumprelu_sae
 from xmodal.errors import ConfigError
 
 
@@ -61,3 +63,21 @@ def test_a_rerun_leaves_only_its_own_outputs_and_a_failing_rerun_no_result(tmp_p
     assert written == listed | {t.replace(".parquet", ".csv") for t in result["tables"]}
     assert run_in_process("experiment.n_permutations=0", cache, run_dir=tmp_path) == 2  # fails validation, before any writer
     assert not (tmp_path / "result.json").exists() and (tmp_path / "failure.json").exists()
+
+
+def test_a_local_sae_retrained_at_the_same_path_is_run_again_and_the_result_names_the_code(tmp_path, cache, capsys):
+    save_jumprelu_sae(tmp_path / "sae", d_in=64, layer=1)
+    job = ["experiment.n_permutations=20", "sae=local", f"sae.path={tmp_path / 'sae'}", cache]
+    assert run_in_process(*job, run_dir=tmp_path / "run") == 0
+    first = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert first["xmodal_version"] == xmodal.__version__ and "git_commit" in first
+    assert first["sae_identity"]["weights"] and first["weights_hash"]
+
+    assert run_in_process(*job, run_dir=tmp_path / "run") == 0
+    assert "Skipping" in "".join(capsys.readouterr()), "the same config on the same weights resumes"
+    save_jumprelu_sae(tmp_path / "sae", d_in=64, layer=1, seed=1)  # retrained: same path, other weights
+    assert run_in_process(*job, run_dir=tmp_path / "run") == 0
+    assert "Skipping" not in "".join(capsys.readouterr()), "a retrained SAE at the same path must not reuse the old result"
+    second = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert second["sae_identity"]["weights"] != first["sae_identity"]["weights"]
+    assert second["sae_identity"]["path"] == first["sae_identity"]["path"]

@@ -9,11 +9,11 @@ from xmodal.errors import SAEError
 from xmodal.saes.loading import hook_layer, instantiate_sae, local_sae, no_sae, pretrained_sae
 
 
-def save_jumprelu_sae(path, d_in: int = 64, d_sae: int = 128, hook_name: str = "blocks.{layer}.hook_resid_post", layer: int = 1):
+def save_jumprelu_sae(path, d_in: int = 64, d_sae: int = 128, hook_name: str = "blocks.{layer}.hook_resid_post", layer: int = 1, seed: int = 0):
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name.format(layer=layer))))
     with torch.no_grad():
         sae.threshold.fill_(0.05)  # a real threshold, so JumpReLU gating is exercised

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import xmodal
 from xmodal import config as config_schema
 from xmodal.activations.cache import ActivationCache
 from xmodal.conf_dir import CONF_DIR
@@ -75,17 +77,30 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def weights_hash(model_identity: dict[str, Any], sae_identity: dict[str, Any]) -> str:
+    """Hash of what identifies the weights a job reads: the model's and the SAE's identity."""
+    payload = json.dumps({"model": model_identity, "sae": sae_identity}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def code_version() -> dict[str, Any]:
+    """xmodal's version and, in a git checkout, the commit and whether tracked files differ from it."""
+    package_dir = Path(xmodal.__file__).resolve().parent
+    version: dict[str, Any] = {"xmodal_version": xmodal.__version__, "git_commit": None, "git_dirty": None}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=package_dir.parent, capture_output=True, timeout=30)
+            version.update(git_commit=commit.stdout.strip(), git_dirty=dirty.returncode != 0)
+    except (OSError, subprocess.TimeoutExpired) as err:  # no git, or a slow file system: recorded as unknown
+        log.info("git commit not recorded (%s)", err)
+    return version
+
+
 def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
     start = time.perf_counter()
     config_schema.validate(cfg)
     digest = config_hash(cfg)
-    finished = read_result(job.output_dir)
-    if finished is not None and finished.get("config_hash") == digest:
-        log.info("Skipping %s: finished earlier with the same config (%s)", job.run_name, job.output_dir / "result.json")
-        return finished["metrics"]
-    writer = ResultWriter(job.output_dir)  # removes stale result.json / failure.json first
-    torch.manual_seed(cfg.seed)
-
     setup_start = time.perf_counter()
     layer_spec = parse_layer(cfg.layer)
     experiment = build_experiment(cfg.experiment)
@@ -98,6 +113,15 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
     layer = resolve_layer(layer_spec, model.num_layers, model.layer_presets, model.name)
     model.check_layer(layer)
     features = instantiate_sae(cfg.sae, layer)
+    # Resume only where the same config ran on the same weights: a local model or SAE retrained at
+    # the same path has another identity (a hash of its files), so its jobs run again.
+    weights = weights_hash(model.identity, features.identity)
+    finished = read_result(job.output_dir)
+    if finished is not None and (finished.get("config_hash"), finished.get("weights_hash")) == (digest, weights):
+        log.info("Skipping %s: finished earlier with the same config and weights (%s)", job.run_name, job.output_dir / "result.json")
+        return finished["metrics"]
+    writer = ResultWriter(job.output_dir)  # clears the earlier run's outputs, result.json first
+    torch.manual_seed(cfg.seed)
     features.check_model(model.name, model.hidden_size, layer)
     dataset = instantiate(cfg.dataset)
     experiment.check_dataset(dataset)
@@ -148,7 +172,8 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
             "seed": cfg.seed,
         }
         logger.log_metrics(metrics, identity)
-        extra = {**identity, "config_hash": digest, "overrides": job.overrides}
+        provenance = {"model_identity": model.identity, "sae_identity": features.identity, **code_version()}
+        extra = {**identity, "config_hash": digest, "weights_hash": weights, "overrides": job.overrides, **provenance}
         result = writer.finish(experiment.name, metrics, ctx.timings_s, extra)
         ok = True
     finally:

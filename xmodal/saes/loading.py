@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from xmodal.errors import SAEError
-from xmodal.models.base import resolve_device
+from xmodal.models.base import content_digest, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,8 @@ def local_sae(name: str, path: str, layer: int, device: str = "auto", dtype: str
         )
     sae = SAE.load_from_disk(sae_dir, device=str(resolve_device(device)), dtype=dtype)
     log.info("Loaded SAE %s from %s (d_in=%d, d_sae=%d)", name, sae_dir, sae.cfg.d_in, sae.cfg.d_sae)
-    stat = (sae_dir / "sae_weights.safetensors").stat() if (sae_dir / "sae_weights.safetensors").exists() else None
-    identity = {"kind": "local", "path": str(sae_dir.resolve()), "mtime": stat.st_mtime if stat else None}
+    # By content: an SAE retrained at the same path is another SAE to resume and the caches.
+    identity = {"kind": "local", "path": str(sae_dir.resolve()), "weights": content_digest([p for p in sae_dir.iterdir() if p.is_file()])}
     return FeatureSpace(name, layer, sae.eval(), int(sae.cfg.d_in), identity)
 
 
