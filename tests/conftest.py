@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,47 @@ def run_in_process(*overrides: str, run_dir: Path, config_name: str = "config_ti
     finally:
         sys.argv = saved
     return 0
+
+
+# ---------------------------------------------------------------- slow tests ----
+# A test is slow when it starts a process: the CLI (run_cli, or `python -m ...` through subprocess),
+# a browser, a launcher. It is marked so here, found through the code it runs: the test function,
+# the test-suite helpers it calls, and its fixtures. Tests that run the command in-process
+# (run_in_process) stay in the fast suite.
+STARTS_A_PROCESS = {"run_cli", "subprocess", "Popen"}
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def starts_a_process(func, seen: set | None = None) -> bool:
+    """Whether `func`, or a function of the test suite it names, starts a subprocess."""
+    seen = set() if seen is None else seen
+    func = inspect.unwrap(func)
+    code = getattr(func, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    names = _code_names(code)
+    if names & STARTS_A_PROCESS:
+        return True
+    suite = Path(__file__).parent
+    for name in names:
+        helper = func.__globals__.get(name)
+        helper = getattr(helper, "__call__", None) if inspect.isclass(helper) else helper
+        module = inspect.getmodule(helper) if callable(helper) else None
+        if module is not None and Path(getattr(module, "__file__", "") or "/").parent == suite and starts_a_process(helper, seen):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        fixtures = [d.func for defs in getattr(item, "_fixtureinfo").name2fixturedefs.values() for d in defs]
+        if any(starts_a_process(f) for f in [item.function, *fixtures]):
+            item.add_marker(pytest.mark.slow)

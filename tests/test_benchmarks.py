@@ -7,12 +7,9 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import REPO
 
 
-@pytest.mark.slow
 def test_the_suite_writes_every_ratio_with_its_baseline(tmp_path):
     out = tmp_path / "tiny.json"
     proc = subprocess.run(

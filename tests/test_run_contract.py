@@ -81,3 +81,17 @@ def test_a_local_sae_retrained_at_the_same_path_is_run_again_and_the_result_name
     second = json.loads((tmp_path / "run" / "result.json").read_text())
     assert second["sae_identity"]["weights"] != first["sae_identity"]["weights"]
     assert second["sae_identity"]["path"] == first["sae_identity"]["path"]
+
+
+def test_a_sweep_with_a_failed_job_reports_it_exits_1_and_a_rerun_redoes_only_that_job(tmp_path, cache, capsys):
+    import pandas as pd
+
+    sweep = ["-m", "layer=1,99", "experiment.n_permutations=20", cache]
+    assert run_in_process(*sweep, run_dir=tmp_path) == 1, "a sweep with a failed job exits non-zero"
+    summary = pd.read_parquet(tmp_path / "summary.parquet").set_index("layer_spec")
+    assert summary.loc["1", "status"] == "ok" and summary.loc["99", "status"] == "failed"
+    assert "layer=99 is out of range" in summary.loc["99", "error"]
+    assert len(list(tmp_path.rglob("result.json"))) == 1
+    capsys.readouterr()
+    assert run_in_process(*sweep, run_dir=tmp_path) == 1
+    assert "".join(capsys.readouterr()).count("Skipping ") == 1, "the finished job resumes; only the failed one runs again"

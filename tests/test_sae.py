@@ -87,7 +87,6 @@ def test_unknown_pretrained_id_lists_what_exists_without_downloading():
         pretrained_sae("gs2", "gemma-scope-2-4b-it-res", template, layer=17, l0="huge")
 
 
-@pytest.mark.slow
 def test_seed_003s_jb_saes_are_named_at_its_layers_without_downloading(tmp_path, monkeypatch):
     """conf/sae/gemma_2b_res_jb.yaml: sae-lens knows an SAE at layers 0, 6, 10, 12, 17 and none at 7."""
     from pathlib import Path
