@@ -6,7 +6,7 @@ SAE and the dataset are checked, all before any weights load. result.json is
 written last; a job that stops early leaves none.
 
 Sweeps resume: a job whose directory already holds a finished result.json for the
-same config returns at once, so rerunning a multirun with the same
+same config and the same weights (local weights count by content) returns at once, so rerunning a multirun with the same
 ``hydra.sweep.dir`` completes only what is missing. Under ``-m`` a failing job
 records its error in failure.json and the sweep goes on; the sweep report lists it
 and the command exits non-zero.
@@ -141,16 +141,9 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
     ctx.timings_s["setup"] = time.perf_counter() - setup_start
     log.info(
         "%s | model=%s layer=%d (%s) sae=%s dataset=%s (%d concepts, %d images) -> %s",
-        experiment.name,
-        model.name,
-        layer,
-        layer_spec,
-        features.name,
-        dataset.name,
-        len(dataset.concepts),
-        len(dataset.images),
-        job.output_dir,
-    )
+        experiment.name, model.name, layer, layer_spec, features.name, dataset.name,
+        len(dataset.concepts), len(dataset.images), job.output_dir,
+    )  # fmt: skip
     run_id = hashlib.sha256(str(job.output_dir.resolve()).encode()).hexdigest()[:16]  # stable across requeues
     logger.start(job.run_name, job.group, OmegaConf.to_container(cfg, resolve=True), job.output_dir, run_id)
     ok = False
