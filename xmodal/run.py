@@ -85,13 +85,15 @@ def weights_hash(model_identity: dict[str, Any], sae_identity: dict[str, Any]) -
 
 def code_version() -> dict[str, Any]:
     """xmodal's version and, in a git checkout, the commit and whether tracked files differ from it."""
-    package_dir = Path(xmodal.__file__).resolve().parent
+    checkout = Path(xmodal.__file__).resolve().parent.parent
     version: dict[str, Any] = {"xmodal_version": xmodal.__version__, "git_commit": None, "git_dirty": None}
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True, text=True, timeout=10)
-        if commit.returncode == 0:
-            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=package_dir.parent, capture_output=True, timeout=30)
-            version.update(git_commit=commit.stdout.strip(), git_dirty=dirty.returncode != 0)
+        found = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=checkout, capture_output=True, text=True, timeout=10)
+        lines = found.stdout.split()
+        # Only xmodal's own checkout: an installed copy inside some other repository has no commit of its own.
+        if found.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == checkout:
+            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=checkout, capture_output=True, timeout=30)
+            version.update(git_commit=lines[1], git_dirty=dirty.returncode != 0)
     except (OSError, subprocess.TimeoutExpired) as err:  # no git, or a slow file system: recorded as unknown
         log.info("git commit not recorded (%s)", err)
     return version
