@@ -23,7 +23,7 @@ import pandas as pd
 
 RESULT_FILE = "result.json"
 FAILURE_FILE = "failure.json"  # a failed job's error line; never mistaken for a result
-OUTPUT_DIRS = ("tables", "figures", "images", "exports", "weights")  # what ResultWriter writes
+OUTPUT_DIRS = ("tables", "figures", "images", "exports", "weights", "msae")  # what a job writes (msae: mds trains one there)
 
 
 def _umask() -> int:
