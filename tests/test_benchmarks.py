@@ -7,12 +7,9 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import REPO
 
 
-@pytest.mark.slow
 def test_the_suite_writes_every_ratio_with_its_baseline(tmp_path):
     out = tmp_path / "tiny.json"
     proc = subprocess.run(
@@ -29,7 +26,6 @@ def test_the_suite_writes_every_ratio_with_its_baseline(tmp_path):
     assert report["device"] == "cpu" and report["store_write"]["rows"] > 0
 
 
-@pytest.mark.slow
 def test_the_scale_benchmark_fits_growth_exponents_over_three_sizes(tmp_path):
     """quick=true: overlap and probe at three dataset sizes, each job in its own process and cache."""
     out = tmp_path / "scale.json"

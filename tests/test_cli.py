@@ -12,8 +12,6 @@ from PIL import Image
 from tests.conftest import run_cli
 from tests.test_sae import save_jumprelu_sae
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):

@@ -221,7 +221,6 @@ def test_reusing_the_text_prefix_reads_the_same_patches_and_gradients(tiny, prom
     assert (cosines[0] - cosines[1]).abs().max() < 1e-4
 
 
-@pytest.mark.slow
 def test_das_sweep_writes_images_tables_and_a_contact_sheet(tmp_path):
     sweep = tmp_path / "das_sweep"
     proc = run_cli(
@@ -247,7 +246,6 @@ def test_das_sweep_writes_images_tables_and_a_contact_sheet(tmp_path):
     assert (summary["status"] == "ok").all() and sorted(summary["layer"]) == [1, 3]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["experiment.concepts=[red_circle,'']"], "experiment.concepts has an empty concept ''"),
     (["experiment.concepts=[red_circle,' ']"], "experiment.concepts has an empty concept ' '"),
@@ -286,7 +284,6 @@ def test_appendix_e_concepts_are_the_papers_list():
         appendix_e_concepts(categories=["animals"])
 
 
-@pytest.mark.slow
 def test_das_on_appendix_e_asks_the_category_hint_and_logs_the_rubric(tmp_path):
     """The category-hint protocol end to end: a VLM judge (the tiny model) asked 'What season ...'."""
     out = tmp_path / "run"

@@ -36,6 +36,13 @@ def test_image_folder_with_concepts_csv(tmp_path):
     assert len(data.images) == 4 and data.images[0].load().size == (20, 20)
 
 
+def test_a_partner_naming_no_concept_is_an_error_that_names_it(tmp_path):
+    root = make_folder(tmp_path / "photos")
+    (root / "concepts.csv").write_text("concept,category,text,partner\ncat,animals,a cat,dgo\ndog,animals,a dog,cat\n")
+    with pytest.raises(DatasetError, match="concept 'cat' names partner 'dgo', which is not a concept"):
+        image_folder("photos", str(root))
+
+
 def test_image_folder_without_csv_uses_folder_names(tmp_path):
     data = image_folder("photos", str(make_folder(tmp_path / "p", ("red_apple", "pear"))))
     assert [c.text for c in data.concepts] == ["pear", "red apple"]

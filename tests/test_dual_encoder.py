@@ -56,7 +56,6 @@ def test_embeddings_take_the_place_of_tokens_one_per_text_and_image(clip):
     assert torch.allclose(tower.image_tokens[0, 0], image_states[0].mean(dim=0), atol=1e-5)
 
 
-@pytest.mark.slow
 def test_mds_probe_and_overlap_run_on_clip_and_decoder_studies_refuse_it(tmp_path):
     cache = [f"paths.activation_cache={tmp_path / 'cache'}", f"paths.model_cache={tmp_path / 'models'}"]
     for study, extra in (("mds", ["experiment.n_null=20", "experiment.n_random_masks=3"]), ("probe", ["experiment.n_permutations=20"]),

@@ -59,3 +59,20 @@ def test_hub_reachability_is_asked_once_and_fast(tmp_path, monkeypatch):
     start = time.perf_counter()
     assert not hub_model_reachable("google/vit-base-patch16-224-in21k")
     assert time.perf_counter() - start < 5
+
+
+def test_local_weights_are_identified_by_content_not_path(tmp_path):
+    from xmodal.models.base import content_digest, local_weights_digest
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights v1")
+    first = local_weights_digest(folder)
+    assert local_weights_digest(folder) == first
+    (folder / "model.safetensors").write_bytes(b"weights v2")  # retrained in place: same size, new mtime
+    assert local_weights_digest(folder) != first
+    (folder / "model.safetensors").write_bytes(b"weights v1")
+    assert local_weights_digest(folder) == first, "the same bytes are the same model wherever and whenever written"
+    assert local_weights_digest(tmp_path / "not_a_folder") is None
+    assert content_digest([folder / "config.json"]) != content_digest([folder / "model.safetensors"])

@@ -178,7 +178,7 @@ def test_caption_accuracy_scores_against_the_scene_with_an_interval_and_a_shuffl
     assert table.loc["colour", "shuffled_scene_accuracy"] < 0.6  # nine colours: a shuffled scene rarely matches
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # trains the organism in-process
 def test_a_second_round_of_caption_training_starts_from_the_given_weights(organism_model, tmp_path):
     """`init_vision=` continues from trained weights: no vision pretraining, and the first step's loss is a trained model's."""
     import pandas as pd

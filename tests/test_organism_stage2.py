@@ -120,7 +120,7 @@ def test_a_missing_or_misshapen_lora_file_is_one_clear_error(tmp_path):
         load_lora(load_language_model(MODEL_CACHE).model, tmp_path / "other.safetensors")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # trains stage two in-process
 def test_stage_two_resumes_after_a_kill_with_the_same_adapters(tmp_path, monkeypatch):
     """Checkpointed every step; a run killed at step 3 and restarted ends where an uninterrupted one does."""
     from safetensors.torch import load_file
@@ -201,7 +201,6 @@ def wrong_shape_lora(path):
     return path
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "wrong_shape"])
 def test_a_bad_lora_file_through_the_cli_is_one_line_and_no_result(tmp_path, case):
     from tests.conftest import run_cli

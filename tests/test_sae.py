@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from xmodal.errors import SAEError
-from xmodal.saes.loading import hook_layer, local_sae, no_sae, pretrained_sae
+from xmodal.saes.loading import hook_layer, instantiate_sae, local_sae, no_sae, pretrained_sae
 
 
-def save_jumprelu_sae(path, d_in: int = 64, d_sae: int = 128, hook_name: str = "blocks.{layer}.hook_resid_post", layer: int = 1):
+def save_jumprelu_sae(path, d_in: int = 64, d_sae: int = 128, hook_name: str = "blocks.{layer}.hook_resid_post", layer: int = 1, seed: int = 0):
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name.format(layer=layer))))
     with torch.no_grad():
         sae.threshold.fill_(0.05)  # a real threshold, so JumpReLU gating is exercised
@@ -62,6 +62,18 @@ def test_sae_of_another_layer_is_refused(tmp_path):
         space.check_model("tiny", hidden_size=64, layer=1)
 
 
+def test_sae_without_hook_name_needs_sae_layer(tmp_path):
+    save_jumprelu_sae(tmp_path / "sae", hook_name="")
+    target = {"_target_": "xmodal.saes.loading.local_sae", "name": "hookless", "path": str(tmp_path / "sae"), "device": "cpu"}
+    with pytest.raises(SAEError, match="records no hook_name.*set sae.layer"):
+        instantiate_sae(target, layer=1).check_model("tiny", hidden_size=64, layer=1)
+    with pytest.raises(SAEError, match="trained on layer 3 \\(sae.layer\\) but layer=1"):
+        instantiate_sae({**target, "layer": 3}, layer=1).check_model("tiny", hidden_size=64, layer=1)
+    declared = instantiate_sae({**target, "layer": 1}, layer=1)
+    declared.check_model("tiny", hidden_size=64, layer=1)
+    assert (declared.layer, declared.trained_layer) == (1, 1)
+
+
 def test_missing_local_sae_directory(tmp_path):
     with pytest.raises(SAEError, match="no sae-lens SAE at"):
         local_sae("gone", str(tmp_path / "nothing"), layer=1)
@@ -75,7 +87,6 @@ def test_unknown_pretrained_id_lists_what_exists_without_downloading():
         pretrained_sae("gs2", "gemma-scope-2-4b-it-res", template, layer=17, l0="huge")
 
 
-@pytest.mark.slow
 def test_seed_003s_jb_saes_are_named_at_its_layers_without_downloading(tmp_path, monkeypatch):
     """conf/sae/gemma_2b_res_jb.yaml: sae-lens knows an SAE at layers 0, 6, 10, 12, 17 and none at 7."""
     from pathlib import Path

@@ -77,7 +77,6 @@ def test_generated_tokens_count_as_text_positions():
     assert steering_mask("both", image_mask, 4).all()
 
 
-@pytest.mark.slow
 def test_steering_experiment_writes_dose_response_and_controls(tmp_path):
     save_jumprelu_sae(tmp_path / "sae", d_in=64, layer=3)
     proc = run_cli(
@@ -104,7 +103,6 @@ def test_steering_experiment_writes_dose_response_and_controls(tmp_path):
     assert set(descriptions["mode"]) == {"clamp", "add"}  # clamp by default; the other-layer control adds
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["experiment.concept=red_circle", "experiment.feature=5000"], "experiment.feature=5000 is outside the SAE, which has features 0..127"),
     (["experiment.concept=unicorn"], "experiment.concept='unicorn' is not in dataset"),

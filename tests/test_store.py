@@ -195,7 +195,6 @@ def test_device_map_auto_places_whole_gemma3_27b_layers_across_gpus():
     assert all(name.count(".") == 3 for name in layer_devices)  # whole decoder layers, never split
 
 
-@pytest.mark.slow
 def test_bad_batch_size_is_one_line_and_no_result(tmp_path):
     for module, extra in (("xmodal.run", ["--config-name=config_tiny"]), ("xmodal.sae_train", ["model=tiny", "dataset=synthetic"])):
         proc = subprocess.run([sys.executable, "-m", module, *extra, "positions.batch_size=0", f"hydra.run.dir={tmp_path / module}",
@@ -208,7 +207,6 @@ def test_bad_batch_size_is_one_line_and_no_result(tmp_path):
     assert not list(tmp_path.rglob("result.json")) and not list(tmp_path.rglob("done.json"))
 
 
-@pytest.mark.slow
 def test_sae_train_writes_saes_that_overlap_loads(tmp_path):
     """The whole app on the tiny model: store, train (TopK, then JumpReLU from the same store), evaluate, save; then sae=local."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
@@ -236,7 +234,6 @@ def test_sae_train_writes_saes_that_overlap_loads(tmp_path):
 
 
 
-@pytest.mark.slow
 def test_on_the_fly_mode_trains_without_writing_a_store_and_slurm_is_a_launcher_away(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     args = [sys.executable, "-m", "xmodal.sae_train", "model=tiny", "dataset=synthetic", "layers=[2]", "store.texts=concepts",
@@ -249,7 +246,6 @@ def test_on_the_fly_mode_trains_without_writing_a_store_and_slurm_is_a_launcher_
     hydra_cfg = subprocess.run([*args, "cluster=slurm", "--cfg", "hydra"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in hydra_cfg.stdout, hydra_cfg.stderr[-2000:]
 
-@pytest.mark.slow
 def test_saes_trained_through_the_store_explain_both_modalities_of_the_organism(tmp_path):
     """Issue 18's bar, on a third of the default data and budget: FVE at least 0.8 on held-out
     image tokens and on held-out text tokens, far above the shuffled-dimensions null."""

@@ -162,6 +162,9 @@ class GemmaScope2SAEConfig(SAEConfig):
 class LocalSAEConfig(SAEConfig):
     path: str = MISSING  # a sae-lens directory; may contain {layer}
     site: SAESite = SAESite.resid_post  # where the SAE must read; another site is refused in one line
+    # The layer the SAE was trained on, required when its cfg.json records no hook_name (the
+    # layer check reads the hook name otherwise).
+    layer: Optional[int] = None
 
 
 # -------------------------------------------------------------- dataset ----
@@ -199,9 +202,7 @@ class CocoDatasetConfig(DatasetConfig):
 @dataclass
 class BuiltinDatasetConfig(DatasetConfig):
     image_root: Optional[str] = None  # photos as <image_root>/<concept>/*.jpg
-    categories: list[str] = field(
-        default_factory=lambda: ["landmarks", "animals", "objects", "scenes", "abstract"]
-    )
+    categories: list[str] = field(default_factory=lambda: ["landmarks", "animals", "objects", "scenes", "abstract"])
     max_images_per_concept: Optional[int] = None
 
 
@@ -305,7 +306,6 @@ def check_batch_size(value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"positions.batch_size={value!r} must be a whole number of at least 1, or auto (the largest that fits the GPU)")
-
 
 
 @dataclass
@@ -419,9 +419,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.positions.num_workers < 0:
         raise ConfigError(f"positions.num_workers={cfg.positions.num_workers} must be 0 (load images in the main process) or more")
     if "{concept}" not in cfg.positions.text_prompt:
-        raise ConfigError(
-            f"positions.text_prompt={cfg.positions.text_prompt!r} must contain '{{concept}}' where the concept goes"
-        )
+        raise ConfigError(f"positions.text_prompt={cfg.positions.text_prompt!r} must contain '{{concept}}' where the concept goes")
     experiment = OmegaConf.to_object(cfg.experiment)  # the study's config dataclass
     if isinstance(experiment, ExperimentConfig):
         experiment.validate()

@@ -28,10 +28,14 @@ class StoreError(XmodalError):
 
 
 def user_error(err: BaseException) -> XmodalError | None:
-    """The XmodalError behind `err`, also when Hydra's instantiate wrapped it."""
+    """The XmodalError behind `err`, also when Hydra's instantiate wrapped it (``raise ... from``).
+
+    Only ``__cause__`` is followed: an error raised while handling a user error (its ``__context__``)
+    is a bug in the handler, and must show as one, with its traceback.
+    """
     seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, XmodalError):
             return seen
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__
     return None

@@ -63,10 +63,13 @@ def resolve_layer(spec: LayerSpec, num_layers: int, presets: Sequence[int], mode
     if not presets:
         raise ConfigError(f"layer=preset:{index} but model {model_name!r} has no layer_presets; set model.layer_presets")
     if not 0 <= index < len(presets):
-        raise ConfigError(
-            f"layer=preset:{index} is out of range: model {model_name!r} has {len(presets)} presets {list(presets)}"
-        )
+        raise ConfigError(f"layer=preset:{index} is out of range: model {model_name!r} has {len(presets)} presets {list(presets)}")
     return int(presets[index])
+
+
+def layer_given(overrides: Sequence[str]) -> bool:
+    """Whether the command line (Hydra's task overrides) sets `layer`, rather than the default."""
+    return any(o.partition("=")[0].lstrip("+~") == "layer" for o in overrides)
 
 
 def relative_depth(layer: int, num_layers: int) -> float:

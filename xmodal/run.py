@@ -6,7 +6,7 @@ SAE and the dataset are checked, all before any weights load. result.json is
 written last; a job that stops early leaves none.
 
 Sweeps resume: a job whose directory already holds a finished result.json for the
-same config returns at once, so rerunning a multirun with the same
+same config and the same weights (local weights count by content) returns at once, so rerunning a multirun with the same
 ``hydra.sweep.dir`` completes only what is missing. Under ``-m`` a failing job
 records its error in failure.json and the sweep goes on; the sweep report lists it
 and the command exits non-zero.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +31,17 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import xmodal
 from xmodal import config as config_schema
 from xmodal.activations.cache import ActivationCache
 from xmodal.conf_dir import CONF_DIR
 from xmodal.errors import user_error
 from xmodal.experiments import build_experiment, register_experiment_configs
 from xmodal.experiments.base import RunContext
-from xmodal.layers import parse_layer, relative_depth, resolve_layer
+from xmodal.layers import LayerSpec, layer_given, parse_layer, relative_depth, resolve_layer
 from xmodal.models.base import instantiate_model
 from xmodal.reporting.results import ResultWriter, read_result, write_failure
+from xmodal.saes.loading import instantiate_sae
 
 log = logging.getLogger("xmodal.run")
 config_schema.register_configs()
@@ -74,28 +77,53 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def weights_hash(model_identity: dict[str, Any], sae_identity: dict[str, Any]) -> str:
+    """Hash of what identifies the weights a job reads: the model's and the SAE's identity."""
+    payload = json.dumps({"model": model_identity, "sae": sae_identity}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def code_version() -> dict[str, Any]:
+    """xmodal's version and, in a git checkout, the commit and whether tracked files differ from it."""
+    checkout = Path(xmodal.__file__).resolve().parent.parent
+    version: dict[str, Any] = {"xmodal_version": xmodal.__version__, "git_commit": None, "git_dirty": None}
+    try:
+        found = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=checkout, capture_output=True, text=True, timeout=10)
+        lines = found.stdout.split()
+        # Only xmodal's own checkout: an installed copy inside some other repository has no commit of its own.
+        if found.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == checkout:
+            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=checkout, capture_output=True, timeout=30)
+            version.update(git_commit=lines[1], git_dirty=dirty.returncode != 0)
+    except (OSError, subprocess.TimeoutExpired) as err:  # no git, or a slow file system: recorded as unknown
+        log.info("git commit not recorded (%s)", err)
+    return version
+
+
 def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
     start = time.perf_counter()
     config_schema.validate(cfg)
     digest = config_hash(cfg)
-    finished = read_result(job.output_dir)
-    if finished is not None and finished.get("config_hash") == digest:
-        log.info("Skipping %s: finished earlier with the same config (%s)", job.run_name, job.output_dir / "result.json")
-        return finished["metrics"]
-    writer = ResultWriter(job.output_dir)  # removes stale result.json / failure.json first
-    torch.manual_seed(cfg.seed)
-
     setup_start = time.perf_counter()
     layer_spec = parse_layer(cfg.layer)
     experiment = build_experiment(cfg.experiment)
     model = instantiate_model(cfg.model)  # reads the model config only; weights load on first use
     experiment.check_model(model)
-    if not model.has_decoder and str(cfg.layer).startswith("preset:"):
-        layer = 0  # a dual encoder's preset is its shared embedding (the default layer=preset:1 names a decoder's)
-    else:
-        layer = resolve_layer(layer_spec, model.num_layers, model.layer_presets, model.name)
+    if not model.has_decoder and layer_spec.kind == "preset" and not layer_given(job.overrides):
+        # The shipped default (layer=preset:1) names a decoder's layer; a dual encoder's default is
+        # its shared embedding. A preset the user asks for resolves through model.layer_presets.
+        layer_spec = LayerSpec("abs", 0)
+    layer = resolve_layer(layer_spec, model.num_layers, model.layer_presets, model.name)
     model.check_layer(layer)
-    features = instantiate(cfg.sae, layer=layer)
+    features = instantiate_sae(cfg.sae, layer)
+    # Resume only where the same config ran on the same weights: a local model or SAE retrained at
+    # the same path has another identity (a hash of its files), so its jobs run again.
+    weights = weights_hash(model.identity, features.identity)
+    finished = read_result(job.output_dir)
+    if finished is not None and (finished.get("config_hash"), finished.get("weights_hash")) == (digest, weights):
+        log.info("Skipping %s: finished earlier with the same config and weights (%s)", job.run_name, job.output_dir / "result.json")
+        return finished["metrics"]
+    writer = ResultWriter(job.output_dir)  # clears the earlier run's outputs, result.json first
+    torch.manual_seed(cfg.seed)
     features.check_model(model.name, model.hidden_size, layer)
     dataset = instantiate(cfg.dataset)
     experiment.check_dataset(dataset)
@@ -117,7 +145,7 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
         "%s | model=%s layer=%d (%s) sae=%s dataset=%s (%d concepts, %d images) -> %s",
         experiment.name, model.name, layer, layer_spec, features.name, dataset.name,
         len(dataset.concepts), len(dataset.images), job.output_dir,
-    )
+    )  # fmt: skip
     run_id = hashlib.sha256(str(job.output_dir.resolve()).encode()).hexdigest()[:16]  # stable across requeues
     logger.start(job.run_name, job.group, OmegaConf.to_container(cfg, resolve=True), job.output_dir, run_id)
     ok = False
@@ -139,7 +167,8 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
             "seed": cfg.seed,
         }
         logger.log_metrics(metrics, identity)
-        extra = {**identity, "config_hash": digest, "overrides": job.overrides}
+        provenance = {"model_identity": model.identity, "sae_identity": features.identity, **code_version()}
+        extra = {**identity, "config_hash": digest, "weights_hash": weights, "overrides": job.overrides, **provenance}
         result = writer.finish(experiment.name, metrics, ctx.timings_s, extra)
         ok = True
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from xmodal.data.concepts import Concept, ConceptDataset
+from xmodal.data.concepts import Concept, ConceptDataset, without_partners_outside
 from xmodal.data.image_folder import read_concept_images
 from xmodal.errors import DatasetError
 
@@ -57,4 +57,7 @@ def builtin_concepts(
     for row in present.to_dict("records"):
         concepts.append(Concept(row["concept"], row["text"], row["category"], row["partner"] or None))
         images.extend(read_concept_images(root, row["concept"], max_images_per_concept))
-    return ConceptDataset(name, concepts, images)
+    unpaired = [c.name for c in concepts if c.partner in absent]
+    if unpaired:
+        log.warning("Built-in concepts whose partner has no photo folder, measured without a partner: %s", ", ".join(unpaired))
+    return ConceptDataset(name, without_partners_outside(concepts), images)

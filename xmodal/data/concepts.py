@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterable
 
 from PIL import Image, UnidentifiedImageError
 
@@ -55,6 +56,14 @@ def encode_png(img: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def without_partners_outside(concepts: Iterable[Concept]) -> list[Concept]:
+    """Copies of `concepts` whose partners outside them are cleared: for a subset chosen on purpose
+    (concepts without photos, a study's chosen few), where the caller says so."""
+    concepts = list(concepts)
+    known = {c.name for c in concepts}
+    return [c if c.partner is None or c.partner in known else replace(c, partner=None) for c in concepts]
+
+
 @dataclass
 class ConceptDataset:
     name: str
@@ -70,10 +79,14 @@ class ConceptDataset:
         if len(self.concepts) < 2:
             raise DatasetError(f"dataset {self.name!r} has {len(self.concepts)} concept(s); cross-modal statistics need at least 2")
         known = set(names)
-        for concept in self.concepts:
-            if concept.partner is not None and concept.partner not in known:
-                # A partner outside the set cannot be measured; keep the concept, drop the pairing.
-                object.__setattr__(concept, "partner", None)
+        strangers = [(c.name, c.partner) for c in self.concepts if c.partner is not None and c.partner not in known]
+        if strangers:
+            # Dropping the pairing would turn specificity into NaN without a word.
+            concept, partner = strangers[0]
+            raise DatasetError(
+                f"dataset {self.name!r}: concept {concept!r} names partner {partner!r}, which is not a concept of the "
+                f"dataset ({len(strangers)} such partner(s)); fix the partner column or add {partner!r}"
+            )
         for img in self.images:
             if img.concept not in known:
                 raise DatasetError(f"image {img.source!r} belongs to unknown concept {img.concept!r}")

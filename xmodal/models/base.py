@@ -9,8 +9,12 @@ after reading ``config.json`` alone.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import operator
+import os
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +30,63 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SENTINEL = "\u2063XMODALCONCEPT\u2063"  # never produced by a tokenizer's normal text
+
+
+# Whole-file hashes of local weights, by path, valid while the file's size and mtime are unchanged:
+# a multi-GB checkpoint is read once, not at every job start.
+HASH_CACHE_ENV = "XMODAL_HASH_CACHE"
+_hashes: dict[str, dict[str, Any]] = {}
+
+
+def _hash_cache_path() -> Path:
+    return Path(os.environ.get(HASH_CACHE_ENV, "~/.cache/xmodal/file_hashes.json")).expanduser()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes; cached by path, size and mtime (in memory and on disk)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    fingerprint = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    cache_file = _hash_cache_path()
+    if not _hashes and cache_file.exists():
+        try:
+            _hashes.update(json.loads(cache_file.read_text()))
+        except json.JSONDecodeError:
+            log.warning("Ignoring the unreadable hash cache %s; it is rewritten", cache_file)
+    known = _hashes.get(str(path))
+    if known is not None and {k: known.get(k) for k in fingerprint} == fingerprint:
+        return known["sha256"]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    _hashes[str(path)] = {**fingerprint, "sha256": digest.hexdigest()}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".file_hashes-", dir=cache_file.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(_hashes, f)
+    os.replace(tmp, cache_file)  # whole or not at all; a concurrent writer's entries are recomputed
+    return _hashes[str(path)]["sha256"]
+
+
+def content_digest(files: Sequence[Path]) -> str:
+    """One hash of several files' names and contents: local weights identified by what they hold,
+    so a checkpoint retrained at the same path is a different model to resume and the caches."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(f) for f in files):
+        digest.update(f"{path.name}\x00{file_sha256(path)}\x00".encode())
+    return digest.hexdigest()[:16]
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "config.json")
+
+
+def local_weights_digest(folder: Path) -> str | None:
+    """content_digest of a local model folder's weight and config files; None for a hub name."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return None
+    return content_digest([p for pattern in WEIGHT_FILES for p in folder.glob(pattern)])
 
 
 def resolve_device(device: str) -> torch.device:
@@ -44,10 +105,7 @@ def hub_load(fn: Callable[..., Any], name_or_path: str, what: str, **kwargs: Any
     """Call a transformers ``from_pretrained`` and turn its failures into one clear line."""
     looks_local = name_or_path.startswith(("/", ".", "~")) or Path(name_or_path).exists()
     if looks_local and not Path(name_or_path).expanduser().exists():
-        raise ModelLoadError(
-            f"local {what} directory {name_or_path!r} does not exist; "
-            "set model.name_or_path to a folder holding config.json and the weights"
-        )
+        raise ModelLoadError(f"local {what} directory {name_or_path!r} does not exist; set model.name_or_path to a folder holding config.json and the weights")
     try:
         return fn(str(Path(name_or_path).expanduser()) if looks_local else name_or_path, **kwargs)
     except OSError as err:
@@ -167,9 +225,7 @@ class ModelAdapter:
         def load_model() -> nn.Module:
             where = f"device_map={placement['device_map']}" if placement else torch_device
             log.info("Loading %s weights from %s (%s, %s)", name, name_or_path, dtype, where)
-            model = hub_load(
-                cls.auto_model_class().from_pretrained, name_or_path, "model", dtype=torch_dtype, **common, **placement
-            )
+            model = hub_load(cls.auto_model_class().from_pretrained, name_or_path, "model", dtype=torch_dtype, **common, **placement)
             return model.eval() if placement else model.to(torch_device).eval()
 
         def load_processor() -> Any:
@@ -182,6 +238,9 @@ class ModelAdapter:
             "commit": getattr(hf_config, "_commit_hash", None),
             "dtype": dtype,
         }
+        weights = local_weights_digest(Path(name_or_path))
+        if weights is not None:  # a local folder: its path says nothing about what it holds now
+            identity["weights"] = weights
         return cls(name, hf_config, load_model, load_processor, identity, torch_device, layer_presets, sae_release)
 
     @cached_property
@@ -266,9 +325,7 @@ class ModelAdapter:
         """The prompt string before tokenisation (image placeholders not yet expanded)."""
         if use_chat_template and self.chat_template:
             template_owner = self.processor if with_image else self.tokenizer
-            return template_owner.apply_chat_template(
-                self.user_message(text, with_image), tokenize=False, add_generation_prompt=True
-            )
+            return template_owner.apply_chat_template(self.user_message(text, with_image), tokenize=False, add_generation_prompt=True)
         return self.plain_prompt(text, with_image)
 
     def plain_prompt(self, text: str, with_image: bool) -> str:
@@ -291,13 +348,9 @@ class ModelAdapter:
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"model {self.name!r} has a slow tokenizer; xmodal needs a fast one for offsets")
         encoded = tokenizer(rendered, add_special_tokens=self._adds_bos(rendered), return_offsets_mapping=True)
-        positions = [
-            i for i, (s, e) in enumerate(encoded["offset_mapping"]) if e > s and s < end and e > start
-        ]
+        positions = [i for i, (s, e) in enumerate(encoded["offset_mapping"]) if e > s and s < end and e > start]
         if not concept_text.strip() or not positions:
-            raise DatasetError(
-                f"concept text {concept_text!r} gives no tokens inside the prompt; give the concept a non-empty text"
-            )
+            raise DatasetError(f"concept text {concept_text!r} gives no tokens inside the prompt; give the concept a non-empty text")
         return TextPrompt(list(encoded["input_ids"]), positions)
 
     def image_inputs(self, images: Sequence[Image.Image], prompt: str, use_chat_template: bool) -> Any:

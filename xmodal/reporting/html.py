@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import base64
 import html
+import json
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pandas as pd
+
+from xmodal.reporting.results import RESULT_FILE
 
 # The figures of a job worth a look beside the numbers: feature cards and patch heat maps.
 JOB_FIGURE_PATTERNS = ("feature_*.png", "crossmodal_patches.png", "group_examples.png", "feature_patches.png", "kernels.png", "hit_rates.png")
@@ -78,8 +82,10 @@ def report_html(sweep_dir: Path, summary: pd.DataFrame, curves: list[Path], key_
                   gradient.to_html(index=False, classes="gradient", float_format=lambda v: f"{v:.3g}", border=0)]  # fmt: skip
     ordered = done.sort_values([c for c in ["model", "layer"] if c in done]) if len(done) else done
     for _, job in ordered.iterrows():
-        figures_dir = sweep_dir / job["job"] / "figures"
-        paths = [p for pattern in JOB_FIGURE_PATTERNS for p in sorted(figures_dir.glob(pattern))][:MAX_JOB_FIGURES]
+        job_dir = sweep_dir / job["job"]
+        listed = json.loads((job_dir / RESULT_FILE).read_text())["figures"]  # what this run wrote, not whatever lies there
+        paths = [job_dir / f for pattern in JOB_FIGURE_PATTERNS for f in sorted(listed) if fnmatch(Path(f).name, pattern)]
+        paths = [p for p in paths if p.exists()][:MAX_JOB_FIGURES]
         if paths:
             title = f"{job.get('experiment', '')}, {job.get('model', '')}, layer {job.get('layer', '')}"
             parts += [f"<h2>{html.escape(title)}</h2>", figure_block(paths, [p.stem for p in paths])]

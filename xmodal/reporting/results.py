@@ -1,5 +1,9 @@
 """A job's output directory: tables, figures and, written last, result.json.
 
+A job starts by clearing what an earlier run wrote there (result.json first), so a
+finished job's folder holds only what that run wrote, and the figures it lists are
+the figures there are.
+
 Every file is written to a temporary name and renamed, so readers never see a
 half-written file. ``result.json`` exists only for a job that finished; a job
 that failed or was killed leaves none, and a rerun treats the directory as unfinished.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +23,7 @@ import pandas as pd
 
 RESULT_FILE = "result.json"
 FAILURE_FILE = "failure.json"  # a failed job's error line; never mistaken for a result
+OUTPUT_DIRS = ("tables", "figures", "images", "exports", "weights", "msae")  # what a job writes (msae: mds trains one there)
 
 
 def _umask() -> int:
@@ -54,9 +60,13 @@ class ResultWriter:
         self.images: list[str] = []
         self.exports: list[str] = []
         self.weights: list[str] = []
-        # Stale outcomes from an earlier run in this directory must not outlive this one.
+        # An earlier run's outputs in this directory must not outlive this one: result.json goes
+        # first, so that no moment shows a result beside a half-cleared folder.
         (self.output_dir / RESULT_FILE).unlink(missing_ok=True)
         (self.output_dir / FAILURE_FILE).unlink(missing_ok=True)
+        for name in OUTPUT_DIRS:
+            if (self.output_dir / name).is_dir():
+                shutil.rmtree(self.output_dir / name)
 
     def table(self, name: str, frame: pd.DataFrame) -> Path:
         """tables/<name>.parquet, with a .csv twin for a quick look."""
@@ -122,6 +132,8 @@ def read_result(output_dir: str | Path) -> dict[str, Any] | None:
 
 
 def write_failure(output_dir: str | Path, error: BaseException, config_hash: str | None) -> Path:
+    """failure.json; an earlier run's result.json goes, also when this run failed before its ResultWriter."""
+    (Path(output_dir) / RESULT_FILE).unlink(missing_ok=True)
     line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     payload = {"status": "failed", "error_type": type(error).__name__, "error": line, "config_hash": config_hash}
     return atomic_write(Path(output_dir) / FAILURE_FILE, lambda p: Path(p).write_text(json.dumps(payload, indent=2)))

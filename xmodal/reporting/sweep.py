@@ -5,9 +5,10 @@ Every job folder (one holding ``.hydra/overrides.yaml``) becomes a row of
 unfinished: killed or still running) and, when it finished, its metrics. Metrics
 that come with a null (``<m>_null_mean``) get a layer curve per experiment: the
 metric against layer (relative depth when the sweep spans models of different
-depths), one line per model and SAE, the null as a band. The layer gradient is
-tested too, not only drawn: per model and SAE, each such metric's Spearman rank
-correlation with relative depth and its permutation p-value (``layer_gradient``).
+depths), one line per configuration (model, SAE and every other override that
+varies), the null as a band. The layer gradient is tested too, not only drawn: per
+configuration, each such metric's Spearman rank correlation with relative depth and
+its permutation p-value (``layer_gradient``), each from that configuration's own jobs.
 """
 
 from __future__ import annotations
@@ -79,46 +80,68 @@ def metrics_with_null(frame: pd.DataFrame) -> list[str]:
     return [c[: -len("_null_mean")] for c in frame.columns if c.endswith("_null_mean") and c[: -len("_null_mean")] in frame.columns]
 
 
+def configuration_columns(frame: pd.DataFrame) -> list[str]:
+    """The columns that tell one configuration from another in a sweep: experiment, model and SAE, and
+    every override that varies across `frame`, except the layer (the x axis)."""
+    varying = [c for c in frame.columns if c.startswith("override.") and c != "override.layer"
+               and frame[c].fillna("").astype(str).nunique() > 1]  # fmt: skip
+    return ["experiment", "model", "sae", *varying]
+
+
 def layer_gradient(summary: pd.DataFrame, n_permutations: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Per experiment, model and SAE with three or more layers: each metric's Spearman rho with relative
-    depth and a two-sided permutation p (exact over every ordering when the layers are few: 4 layers
-    give 24 orderings, so p is at least 1/12)."""
-    columns = ["experiment", "model", "sae", "metric", "n_layers", "spearman_rho", "p"]
+    """Per configuration (experiment, model, SAE and every other override that varies, see
+    configuration_columns) with two or more layers: each metric's Spearman rho with relative depth
+    and a two-sided permutation p (exact over every ordering when the layers are few: 2 layers give
+    p = 1, 4 layers give 24 orderings, so p is at least 1/12). Two jobs of one configuration at the
+    same depth are not dropped to make a curve: the configuration's rows then carry no rho and p, and
+    `note` names the jobs. `jobs` lists the jobs each row was computed from."""
     needed = {"status", "experiment", "model", "sae", "relative_depth"}
     if not needed <= set(summary.columns):
-        return pd.DataFrame(columns=columns)
-    done = summary[summary["status"] == "ok"]
+        return pd.DataFrame(columns=["experiment", "model", "sae", "metric", "n_layers", "spearman_rho", "p", "jobs", "note"])
+    done = summary[summary["status"] == "ok"].dropna(subset=["relative_depth"])
+    keys = configuration_columns(done)
+    columns = [*keys, "metric", "n_layers", "spearman_rho", "p", "jobs", "note"]
     rows = []
-    for (experiment, model, sae), frame in done.groupby(["experiment", "model", "sae"], dropna=False):
-        frame = frame.dropna(subset=["relative_depth"]).drop_duplicates("relative_depth")
-        if len(frame) < 3:
+    for values, frame in done.fillna({k: "" for k in keys[3:]}).groupby(keys, dropna=False):
+        config = dict(zip(keys, values))
+        jobs = " ".join(frame.sort_values("relative_depth")["job"])
+        repeated = frame[frame.duplicated("relative_depth", keep=False)]
+        if len(repeated):
+            note = "several jobs at one depth, refused: " + ", ".join(sorted(repeated["job"]))
+            rows += [{**config, "metric": metric, "n_layers": frame["relative_depth"].nunique(), "spearman_rho": np.nan,
+                      "p": np.nan, "jobs": jobs, "note": note} for metric in metrics_with_null(frame)]  # fmt: skip
+            continue
+        if len(frame) < 2:
             continue
         depth = frame["relative_depth"].to_numpy(float)
         for metric in metrics_with_null(frame):
             values = frame[metric].to_numpy(float)
             keep = np.isfinite(values)
-            if keep.sum() < 3 or np.ptp(values[keep]) == 0:
+            if keep.sum() < 2 or np.ptp(values[keep]) == 0:
                 continue
             test = stats.permutation_test(
                 (values[keep],), lambda v: stats.spearmanr(depth[keep], v).statistic, permutation_type="pairings",
                 n_resamples=n_permutations, alternative="two-sided", rng=np.random.default_rng(seed),
             )  # fmt: skip
-            rows.append({"experiment": experiment, "model": model, "sae": sae, "metric": metric, "n_layers": int(keep.sum()),
-                         "spearman_rho": float(test.statistic), "p": float(test.pvalue)})  # fmt: skip
+            rows.append({**config, "metric": metric, "n_layers": int(keep.sum()), "spearman_rho": float(test.statistic),
+                         "p": float(test.pvalue), "jobs": jobs, "note": ""})  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
 
 
 def layer_curves(summary: pd.DataFrame, figure_dir: Path) -> list[Path]:
+    """One figure per experiment and metric; one line per configuration (see configuration_columns)."""
     paths: list[Path] = []
     done = summary[summary["status"] == "ok"] if "status" in summary else summary.iloc[0:0]
     for experiment, frame in done.groupby("experiment"):
         x = "relative_depth" if frame["num_layers"].nunique() > 1 else "layer"
-        frame = frame.assign(sae_width=frame["sae_width"].fillna("").astype(str))
+        keys = configuration_columns(frame)[1:]
+        frame = frame.fillna({k: "" for k in keys[2:]})
         for metric in metrics_with_null(frame):
             fig, ax = plt.subplots(figsize=(6, 3.8))
-            for (model, sae, width), line in frame.groupby(["model", "sae", "sae_width"]):
+            for values, line in frame.groupby(keys):
                 line = line.sort_values(x)
-                label = f"{model} / {sae}" + (f" {width}" if width and sae != "none" else "")
+                model, sae, *varying = values
+                label = " / ".join([model, sae, *(f"{k.removeprefix('override.')}={v}" for k, v in zip(keys[2:], varying))])
                 (drawn,) = ax.plot(line[x], line[metric], marker="o", label=label)
                 lo, hi = f"{metric}_null_q025", f"{metric}_null_q975"
                 if lo in line and hi in line and line[lo].notna().all():

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from xmodal.errors import SAEError
-from xmodal.models.base import resolve_device
+from xmodal.models.base import content_digest, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ class FeatureSpace:
         self.sae = sae
         self._d_in = d_in
         self.identity = identity
+        # sae.layer: the layer the SAE was trained on, as the user declares it; needed when its
+        # config records no hook_name to read the layer from.
+        self.trained_layer: int | None = None
 
     @property
     def d_in(self) -> int | None:
@@ -110,6 +113,15 @@ class FeatureSpace:
                     f"SAE {self.name!r} was trained on layer {sae_layer} ({self.hook_name}) but layer={layer} "
                     "was requested; load the SAE for that layer (put {layer} in its id or path)"
                 )
+            return
+        if self.trained_layer is None:
+            raise SAEError(
+                f"SAE {self.name!r} records no hook_name, so the layer it was trained on is unknown; set sae.layer=<that layer> (layer={layer} was requested)"
+            )
+        if self.trained_layer != layer:
+            raise SAEError(
+                f"SAE {self.name!r} was trained on layer {self.trained_layer} (sae.layer) but layer={layer} was requested; load the SAE for that layer"
+            )
 
     @torch.inference_mode()
     def encode(self, resid: torch.Tensor, batch_size: int = 4096, on_device: bool = False) -> torch.Tensor:
@@ -129,6 +141,19 @@ class FeatureSpace:
         return self.sae.decode(codes.to(self.sae.W_dec.device, self.sae.W_dec.dtype)).float().cpu()
 
 
+def instantiate_sae(sae_cfg: Any, layer: int) -> FeatureSpace:
+    """The job's FeatureSpace at decoder `layer`, from the sae config group (sae.layer, if set, is
+    the layer the SAE was trained on, not the job's: it goes to FeatureSpace.trained_layer)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(sae_cfg, resolve=True) if OmegaConf.is_config(sae_cfg) else dict(sae_cfg)
+    trained_layer = node.pop("layer", None)
+    features = instantiate(node, layer=layer)
+    features.trained_layer = trained_layer
+    return features
+
+
 def no_sae(name: str = "none", layer: int = 0, device: str = "auto", dtype: str = "float32") -> FeatureSpace:
     return FeatureSpace(name, layer, None, None, {"kind": "none"})
 
@@ -145,8 +170,8 @@ def local_sae(name: str, path: str, layer: int, device: str = "auto", dtype: str
     sae = SAE.load_from_disk(sae_dir, device=str(resolve_device(device)), dtype=dtype)
     check_site(name, sae, site)
     log.info("Loaded SAE %s from %s (d_in=%d, d_sae=%d)", name, sae_dir, sae.cfg.d_in, sae.cfg.d_sae)
-    stat = (sae_dir / "sae_weights.safetensors").stat() if (sae_dir / "sae_weights.safetensors").exists() else None
-    identity = {"kind": "local", "path": str(sae_dir.resolve()), "mtime": stat.st_mtime if stat else None}
+    # By content: an SAE retrained at the same path is another SAE to resume and the caches.
+    identity = {"kind": "local", "path": str(sae_dir.resolve()), "weights": content_digest([p for p in sae_dir.iterdir() if p.is_file()])}
     return FeatureSpace(name, layer, sae.eval(), int(sae.cfg.d_in), identity)
 
 

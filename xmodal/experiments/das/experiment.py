@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from xmodal.activations.capture import run_to_layers
-from xmodal.data.concepts import ConceptDataset
+from xmodal.data.concepts import ConceptDataset, without_partners_outside
 from xmodal.errors import ConfigError, DatasetError
 from xmodal.experiments.base import Experiment, RunContext
 from xmodal.experiments.das import judges
@@ -250,7 +250,7 @@ class DASynthesis(Experiment):
         images = [img for img in dataset.images if img.concept in names]
         if {img.concept for img in images} != set(names):
             raise DatasetError(f"experiment.alignment_concepts={names} need images of each in dataset {dataset.name!r}")
-        return ConceptDataset(f"{dataset.name}_alignment", [dataset.concept(n) for n in names], images)
+        return ConceptDataset(f"{dataset.name}_alignment", without_partners_outside(dataset.concept(n) for n in names), images)
 
     def white_noise_tokens(self, ctx: RunContext, layers: list[int]) -> dict[int, torch.Tensor] | None:
         """Image-token residuals of `alignment_noise_images` uniform-noise images (seeded), per layer."""

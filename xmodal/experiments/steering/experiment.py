@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import ClassVar
 
 import numpy as np
@@ -30,6 +31,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from xmodal.activations.batch_size import Workload, resolve_batch_size
 from xmodal.activations.steering import Steering, steer
 from xmodal.data.concepts import Concept
 from xmodal.errors import ConfigError, DatasetError
@@ -136,13 +138,18 @@ class SteeringEval(Experiment):
         """log p(next token) at the first answer position, (n_images, vocab)."""
         adapter = ctx.model
         adapter.tokenizer.padding_side = "left"
-        rows = []
-        for start in range(0, len(images), ctx.batch_size):
-            inputs = adapter.image_inputs(images[start : start + ctx.batch_size], self.config.prompt, True).to(adapter.device)
+        rows, batch = [], self.generation_batch_size(ctx)
+        for start in range(0, len(images), batch):
+            inputs = adapter.image_inputs(images[start : start + batch], self.config.prompt, True).to(adapter.device)
             with self._maybe_steer(ctx, inputs, steering, layer):
                 logits = adapter.model(**inputs, use_cache=False).logits[:, -1].float()
             rows.append(torch.log_softmax(logits, dim=-1).cpu())
         return torch.cat(rows)
+
+    def generation_batch_size(self, ctx: RunContext) -> int:
+        """positions.batch_size, with `auto` probed on this study's workload: its prompt, a full forward pass and generation."""
+        positions = replace(ctx.positions, image_prompt=self.config.prompt, use_chat_template=True)
+        return resolve_batch_size(ctx.model, positions.batch_size, [ctx.layer], ctx.dataset, positions, Workload.GENERATE, self.config.max_new_tokens)
 
     def _maybe_steer(self, ctx: RunContext, inputs, steering: Steering | None, layer: int):
         if steering is None:
@@ -152,7 +159,7 @@ class SteeringEval(Experiment):
 
     def describe(self, ctx: RunContext, images: list, steering: Steering | None, layer: int) -> list[str]:
         return describe_images(
-            ctx.model, images, self.config.prompt, True, batch_size=ctx.batch_size, seed=ctx.seed,
+            ctx.model, images, self.config.prompt, True, batch_size=self.generation_batch_size(ctx), seed=ctx.seed,
             around=lambda inputs: self._maybe_steer(ctx, inputs, steering, layer), **self.generation,
         )  # fmt: skip
 
