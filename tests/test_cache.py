@@ -143,5 +143,6 @@ def test_memory_holds_one_shard_and_one_batch_whatever_the_dataset(tmp_path, tin
         readout = get_activations(tiny, dataset, [1], positions, ActivationCache(tmp_path / str(per_concept)), progress=False)[1]
         assert len(readout.image_tokens) == len(dataset.images)
         per_image = (readout.tokens_per_image + 1) * readout.width * 4 + 4  # dense tokens, end-of-image row, token count
-        assert readout.progress["peak_buffer_bytes"] < 40_000 + positions.batch_size * per_image
-        assert len(readout.image_tokens.shards) >= len(dataset.images) * per_image // 40_000
+        bound = 40_000 + positions.batch_size * per_image
+        assert readout.progress["peak_buffer_bytes"] < bound
+        assert len(readout.image_tokens.shards) >= len(dataset.images) * per_image // bound  # written as it went
