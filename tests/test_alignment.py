@@ -12,8 +12,9 @@ from tests.conftest import run_cli
 from tests.planted import planted_codes
 from xmodal.errors import ConfigError
 from xmodal.experiments.alignment.config import AlignmentConfig
-from xmodal.experiments.alignment.experiment import RepresentationAlignment, repairings
+from xmodal.experiments.alignment.experiment import RepresentationAlignment
 from xmodal.metrics import alignment as A
+from xmodal.metrics.statistics import repairings
 
 
 def latent_concepts(n_concepts: int, seed: int, n_factors: int = 6) -> np.ndarray:

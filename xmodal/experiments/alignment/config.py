@@ -8,6 +8,7 @@ from typing import Optional
 
 from xmodal.config import ExperimentConfig
 from xmodal.errors import ConfigError
+from xmodal.metrics.statistics import NullPairing
 
 
 class Comparison(StrEnum):
@@ -18,11 +19,6 @@ class Comparison(StrEnum):
 class Representation(StrEnum):
     residual = "residual"  # resid_post pooled over the concept's tokens / the image's soft tokens
     sae = "sae"  # the same, through this job's SAE (sae=...)
-
-
-class NullPairing(StrEnum):
-    all = "all"  # re-pair any concept with any other
-    within_category = "within_category"  # re-pair only inside a category: alignment finer than categories
 
 
 class Modality(StrEnum):
