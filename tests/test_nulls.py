@@ -13,6 +13,9 @@ from xmodal.experiments.lens.config import LensConfig
 from xmodal.experiments.lens.experiment import LogitLens, among_concepts_hits
 from xmodal.experiments.overlap.config import OverlapConfig
 from xmodal.experiments.overlap.experiment import CrossModalOverlap
+from xmodal.experiments.shift.experiment import RepresentationShift
+from xmodal.experiments.steering.config import SteeringConfig
+from xmodal.experiments.steering.experiment import SteeringEval
 from xmodal.metrics import overlap as M
 from xmodal.metrics.statistics import NullPairing, null_groups
 
@@ -93,3 +96,30 @@ def test_crossmodal_feature_p_is_corrected_for_choosing_features_by_their_r():
     assert len(chance) > 50 and (chance["r"] > 0.9).any()
     assert (chance["p_value"] > 0.05).all()
     assert table.set_index("feature").loc[0, "p_value"] == pytest.approx(1 / 201)
+
+
+@pytest.mark.parametrize("mode", ["clamp", "add"])
+def test_steering_other_layer_control_steers_in_the_main_conditions_mode(mode):
+    study = SteeringEval(SteeringConfig(mode=mode))
+    conditions = study.conditions(layer=9, control_layer=5, feature=3, random_feature=7, scale=1.0, random_scale=1.2)
+    assert [c[0] for c in conditions] == ["feature", "random_feature", "feature_other_layer"]
+    assert {c[4] for c in conditions} == {mode}
+    assert conditions[2][1:4] == (5, 3, 1.0)  # the same feature and scale, at the control layer
+
+
+def test_shift_reports_the_distance_with_an_interval_that_tells_two_checkpoints_apart():
+    rng = np.random.default_rng(0)
+
+    def prompts(cosine: float) -> pd.DataFrame:
+        cosines = np.clip(cosine + 0.03 * rng.standard_normal(40), -1, 1)
+        return pd.DataFrame({"cosine": np.append(cosines, np.nan), "relative_l2": np.append(1 - cosines, np.nan)})
+
+    close, far = prompts(0.95), prompts(0.8)
+    near, distant = RepresentationShift.distances(close, seed=0), RepresentationShift.distances(far, seed=0)
+    assert near["cosine_distance"] == pytest.approx(1 - np.nanmean(close["cosine"]))
+    assert near["cosine_distance_n_prompts"] == 40  # the prompt without a cosine is left out
+    for d in (near, distant):
+        assert d["cosine_distance_ci_low"] < d["cosine_distance"] < d["cosine_distance_ci_high"]
+        assert d["relative_l2_ci_low"] < d["relative_l2_ci_high"]
+    assert near["cosine_distance_ci_high"] < distant["cosine_distance_ci_low"]
+    assert RepresentationShift.distances(close, seed=0) == near  # seeded
