@@ -9,6 +9,8 @@ import torch
 
 from xmodal.activations.extract import LayerActivations
 from xmodal.data.concepts import Concept
+from xmodal.experiments.das.config import DASConfig
+from xmodal.experiments.das.experiment import DASynthesis
 from xmodal.experiments.lens.config import LensConfig
 from xmodal.experiments.lens.experiment import LogitLens, among_concepts_hits
 from xmodal.experiments.overlap.config import OverlapConfig
@@ -123,3 +125,13 @@ def test_shift_reports_the_distance_with_an_interval_that_tells_two_checkpoints_
         assert d["relative_l2_ci_low"] < d["relative_l2_ci_high"]
     assert near["cosine_distance_ci_high"] < distant["cosine_distance_ci_low"]
     assert RepresentationShift.distances(close, seed=0) == near  # seeded
+
+
+def test_das_final_cosine_has_its_null_and_no_constant_control():
+    rng = np.random.default_rng(0)
+    cosines = 0.1 * rng.standard_normal((6, 6)) + 0.5 * np.eye(6)  # image i made for concept i
+    metrics = DASynthesis(DASConfig(n_permutations=500)).cosine_metrics(cosines, seed=0)
+    assert "grey_cosine" not in metrics  # the grey image is the baseline, not a measured control
+    null = np.array([np.mean(cosines[p, np.arange(6)]) for p in (np.random.default_rng(0).permutation(6) for _ in range(500))])
+    assert metrics["final_cosine"] == pytest.approx(np.mean(np.diag(cosines)))
+    assert metrics["final_cosine_p"] == pytest.approx((np.sum(null >= metrics["final_cosine"]) + 1) / 501)
