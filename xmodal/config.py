@@ -53,6 +53,10 @@ class ModelConfig:
     sae_release: Optional[str] = None
     # The conf/model/ name of the LLM this VLM's decoder came from (experiment=shift's default).
     base_model: Optional[str] = None
+    # Where a study's model-independent image embedder (experiment=mds) cannot load: use this model's
+    # own vision tower instead ("vision_tower"; only for offline mechanics models: the organism, tiny),
+    # or stop (null). The result records which embedder was used either way.
+    image_embedder_fallback: Optional[str] = None
 
 
 @dataclass
@@ -70,6 +74,7 @@ class PretrainedModelConfig(ModelConfig):
 class TinyClipModelConfig(ModelConfig):
     """A random-weight CLIPModel with a byte-level CLIP tokenizer, built on disk once (mechanics only)."""
 
+    image_embedder_fallback: Optional[str] = "vision_tower"  # mechanics only, offline
     cache_dir: str = "${paths.model_cache}"
     hidden_size: int = 32
     projection_dim: int = 32
@@ -83,6 +88,7 @@ class TinyClipModelConfig(ModelConfig):
 class TinyModelConfig(ModelConfig):
     """A random-weight Gemma 3 multimodal model with the real Gemma 3 tokenizer."""
 
+    image_embedder_fallback: Optional[str] = "vision_tower"  # mechanics only, offline
     num_hidden_layers: int = 6
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -163,9 +169,7 @@ class CocoDatasetConfig(DatasetConfig):
 @dataclass
 class BuiltinDatasetConfig(DatasetConfig):
     image_root: Optional[str] = None  # photos as <image_root>/<concept>/*.jpg
-    categories: list[str] = field(
-        default_factory=lambda: ["landmarks", "animals", "objects", "scenes", "abstract"]
-    )
+    categories: list[str] = field(default_factory=lambda: ["landmarks", "animals", "objects", "scenes", "abstract"])
     max_images_per_concept: Optional[int] = None
 
 
@@ -269,7 +273,6 @@ def check_batch_size(value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"positions.batch_size={value!r} must be a whole number of at least 1, or auto (the largest that fits the GPU)")
-
 
 
 @dataclass
@@ -382,9 +385,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.positions.num_workers < 0:
         raise ConfigError(f"positions.num_workers={cfg.positions.num_workers} must be 0 (load images in the main process) or more")
     if "{concept}" not in cfg.positions.text_prompt:
-        raise ConfigError(
-            f"positions.text_prompt={cfg.positions.text_prompt!r} must contain '{{concept}}' where the concept goes"
-        )
+        raise ConfigError(f"positions.text_prompt={cfg.positions.text_prompt!r} must contain '{{concept}}' where the concept goes")
     experiment = OmegaConf.to_object(cfg.experiment)  # the study's config dataclass
     if isinstance(experiment, ExperimentConfig):
         experiment.validate()

@@ -87,7 +87,10 @@ def apples_oranges(
                                   "cosine": noise_aggregate[c, i], "max_patch_cosine": noise_patchwise[c, i]})  # fmt: skip
             matched_pairs = np.zeros_like(aggregate, dtype=bool)
             matched_pairs[labels, np.arange(len(labels))] = True
-            for metric, cosines, noise_cosines in (("matched_minus_noise", aggregate, noise_aggregate), ("max_patch_matched_minus_noise", patchwise, noise_patchwise)):
+            for metric, cosines, noise_cosines in (
+                ("matched_minus_noise", aggregate, noise_aggregate),
+                ("max_patch_matched_minus_noise", patchwise, noise_patchwise),
+            ):
                 test = matched_minus_noise(cosines[matched_pairs], noise_cosines.ravel(), n_permutations, rng)
                 row |= {metric: test["value"], f"{metric}_null_mean": test["null_mean"], f"{metric}_null_q975": test["null_q975"], f"{metric}_p": test["p"]}
             row["noise_cosine"] = float(noise_aggregate.mean())

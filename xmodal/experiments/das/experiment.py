@@ -281,7 +281,13 @@ class DASynthesis(Experiment):
         noise_tokens = self.white_noise_tokens(ctx, layers)
         labels = np.array([names.index(c) for c in image_acts[layers[0]].image_concepts])
         pairs, summary = apples_oranges(
-            vectors, {layer: image_acts[layer].image_tokens for layer in layers}, grey_means, labels, names, self.config.n_permutations, ctx.seed,
+            vectors,
+            {layer: image_acts[layer].image_tokens for layer in layers},
+            grey_means,
+            labels,
+            names,
+            self.config.n_permutations,
+            ctx.seed,
             noise_tokens,
         )
         ctx.table("alignment_pairs", pairs)
