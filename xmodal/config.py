@@ -169,7 +169,9 @@ class CocoDatasetConfig(DatasetConfig):
 @dataclass
 class BuiltinDatasetConfig(DatasetConfig):
     image_root: Optional[str] = None  # photos as <image_root>/<concept>/*.jpg
-    categories: list[str] = field(default_factory=lambda: ["landmarks", "animals", "objects", "scenes", "abstract"])
+    categories: list[str] = field(
+        default_factory=lambda: ["landmarks", "animals", "objects", "scenes", "abstract"]
+    )
     max_images_per_concept: Optional[int] = None
 
 
@@ -273,6 +275,7 @@ def check_batch_size(value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"positions.batch_size={value!r} must be a whole number of at least 1, or auto (the largest that fits the GPU)")
+
 
 
 @dataclass
@@ -385,7 +388,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.positions.num_workers < 0:
         raise ConfigError(f"positions.num_workers={cfg.positions.num_workers} must be 0 (load images in the main process) or more")
     if "{concept}" not in cfg.positions.text_prompt:
-        raise ConfigError(f"positions.text_prompt={cfg.positions.text_prompt!r} must contain '{{concept}}' where the concept goes")
+        raise ConfigError(
+            f"positions.text_prompt={cfg.positions.text_prompt!r} must contain '{{concept}}' where the concept goes"
+        )
     experiment = OmegaConf.to_object(cfg.experiment)  # the study's config dataclass
     if isinstance(experiment, ExperimentConfig):
         experiment.validate()

@@ -32,7 +32,9 @@ def _scores(top: np.ndarray, random: np.ndarray) -> tuple[float, float]:
     return float(np.nanmean(np.where(np.isfinite(relative), relative, np.nan))), float(np.mean(plus > minus))
 
 
-def feature_interpretability(codes: np.ndarray, embeddings: np.ndarray, features: np.ndarray, m: int, seed: int) -> pd.DataFrame:
+def feature_interpretability(
+    codes: np.ndarray, embeddings: np.ndarray, features: np.ndarray, m: int, seed: int
+) -> pd.DataFrame:
     """I(z) and W(z) for each feature in `features`, with a random-sample null per feature.
 
     codes: (samples, features) activations; embeddings: (samples, d) from the embedder.

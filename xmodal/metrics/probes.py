@@ -87,15 +87,8 @@ def _budget(budget: int | None, n_features: int) -> int | None:
 
 
 def within_modality(
-    x: np.ndarray,
-    y: np.ndarray,
-    seed: int,
-    n_permutations: int,
-    budget: int | None = None,
-    train_per_class: int | None = None,
-    groups: np.ndarray | None = None,
-    what: str = "probe",
-    n_jobs: int | None = None,
+    x: np.ndarray, y: np.ndarray, seed: int, n_permutations: int, budget: int | None = None,
+    train_per_class: int | None = None, groups: np.ndarray | None = None, what: str = "probe", n_jobs: int | None = None,
     train_fraction: float | None = None,
 ) -> ProbeScore:
     """Cross-validated probe inside one modality; null from scikit-learn's permutation_test_score.
@@ -153,14 +146,8 @@ def within_modality(
 
 
 def transfer(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    seed: int,
-    n_permutations: int,
-    budget: int | None = None,
-    what: str = "transfer probe",
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+    seed: int, n_permutations: int, budget: int | None = None, what: str = "transfer probe",
 ) -> ProbeScore:
     """Fit on one modality, score on the other; null: refit on shuffled training labels."""
     check_labels(y_train, what)
@@ -175,16 +162,9 @@ def transfer(
     null = np.array([accuracy_score(y_test, probe.fit(x_train, rng.permutation(y_train)).predict(x_test)) for _ in range(n_permutations)])
     _, counts = np.unique(y_test, return_counts=True)
     return ProbeScore(
-        float(accuracy),
-        float(f1_score(y_test, predicted, average="macro")),
-        float(counts.max() / counts.sum()),
-        float(null.mean()),
-        float(np.quantile(null, 0.975)),
-        float((1 + np.sum(null >= accuracy)) / (1 + len(null))),
-        len(y_train),
-        len(y_test),
-        weights,
-        names,
+        float(accuracy), float(f1_score(y_test, predicted, average="macro")), float(counts.max() / counts.sum()),
+        float(null.mean()), float(np.quantile(null, 0.975)), float((1 + np.sum(null >= accuracy)) / (1 + len(null))),
+        len(y_train), len(y_test), weights, names,
     )
 
 

@@ -44,7 +44,10 @@ def hub_load(fn: Callable[..., Any], name_or_path: str, what: str, **kwargs: Any
     """Call a transformers ``from_pretrained`` and turn its failures into one clear line."""
     looks_local = name_or_path.startswith(("/", ".", "~")) or Path(name_or_path).exists()
     if looks_local and not Path(name_or_path).expanduser().exists():
-        raise ModelLoadError(f"local {what} directory {name_or_path!r} does not exist; set model.name_or_path to a folder holding config.json and the weights")
+        raise ModelLoadError(
+            f"local {what} directory {name_or_path!r} does not exist; "
+            "set model.name_or_path to a folder holding config.json and the weights"
+        )
     try:
         return fn(str(Path(name_or_path).expanduser()) if looks_local else name_or_path, **kwargs)
     except OSError as err:
@@ -164,7 +167,9 @@ class ModelAdapter:
         def load_model() -> nn.Module:
             where = f"device_map={placement['device_map']}" if placement else torch_device
             log.info("Loading %s weights from %s (%s, %s)", name, name_or_path, dtype, where)
-            model = hub_load(cls.auto_model_class().from_pretrained, name_or_path, "model", dtype=torch_dtype, **common, **placement)
+            model = hub_load(
+                cls.auto_model_class().from_pretrained, name_or_path, "model", dtype=torch_dtype, **common, **placement
+            )
             return model.eval() if placement else model.to(torch_device).eval()
 
         def load_processor() -> Any:
@@ -261,7 +266,9 @@ class ModelAdapter:
         """The prompt string before tokenisation (image placeholders not yet expanded)."""
         if use_chat_template and self.chat_template:
             template_owner = self.processor if with_image else self.tokenizer
-            return template_owner.apply_chat_template(self.user_message(text, with_image), tokenize=False, add_generation_prompt=True)
+            return template_owner.apply_chat_template(
+                self.user_message(text, with_image), tokenize=False, add_generation_prompt=True
+            )
         return self.plain_prompt(text, with_image)
 
     def plain_prompt(self, text: str, with_image: bool) -> str:
@@ -284,9 +291,13 @@ class ModelAdapter:
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"model {self.name!r} has a slow tokenizer; xmodal needs a fast one for offsets")
         encoded = tokenizer(rendered, add_special_tokens=self._adds_bos(rendered), return_offsets_mapping=True)
-        positions = [i for i, (s, e) in enumerate(encoded["offset_mapping"]) if e > s and s < end and e > start]
+        positions = [
+            i for i, (s, e) in enumerate(encoded["offset_mapping"]) if e > s and s < end and e > start
+        ]
         if not concept_text.strip() or not positions:
-            raise DatasetError(f"concept text {concept_text!r} gives no tokens inside the prompt; give the concept a non-empty text")
+            raise DatasetError(
+                f"concept text {concept_text!r} gives no tokens inside the prompt; give the concept a non-empty text"
+            )
         return TextPrompt(list(encoded["input_ids"]), positions)
 
     def image_inputs(self, images: Sequence[Image.Image], prompt: str, use_chat_template: bool) -> Any:

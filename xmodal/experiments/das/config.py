@@ -89,9 +89,7 @@ class DASConfig(ExperimentConfig):
         if self.judge == JudgeKind.vlm and not self.judge_model:
             raise ConfigError("experiment.judge=vlm needs experiment.judge_model=<a conf/model name>, e.g. gemma3_12b")
         if len(self.concepts) == 1:
-            raise ConfigError(
-                f"experiment.concepts={list(self.concepts)} needs at least two concepts (each is the other's control), or [] for all the dataset's"
-            )
+            raise ConfigError(f"experiment.concepts={list(self.concepts)} needs at least two concepts (each is the other's control), or [] for all the dataset's")
         alignment = list(self.alignment_concepts)
         if len(alignment) == 1 or len(set(alignment)) != len(alignment):
             raise ConfigError(f"experiment.alignment_concepts={alignment} must name two or more different concepts (or none)")

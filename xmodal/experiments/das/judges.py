@@ -84,7 +84,9 @@ class VLMJudge:
 
     def _answers(self, image: Image.Image, question: str) -> list[str]:
         """`n_samples` sampled answers in one batch: rows sample independently from one seeded generator."""
-        return describe_images(self.adapter, [image] * self.n_samples, question, True, self.max_new_tokens, self.n_samples, do_sample=True, seed=self.seed)
+        return describe_images(
+            self.adapter, [image] * self.n_samples, question, True, self.max_new_tokens, self.n_samples, do_sample=True, seed=self.seed
+        )
 
 
 def vlm_judge(model_name: str, n_samples: int, seed: int, accepted: Mapping[str, Sequence[str]]) -> VLMJudge:

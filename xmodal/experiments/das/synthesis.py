@@ -86,7 +86,8 @@ class MultiResolutionImage(nn.Module):
 
     def forward(self) -> torch.Tensor:
         total = sum(
-            F.interpolate(c, size=(self.side, self.side), mode=self.upsample, align_corners=False) if c.shape[-1] != self.side else c for c in self.components
+            F.interpolate(c, size=(self.side, self.side), mode=self.upsample, align_corners=False) if c.shape[-1] != self.side else c
+            for c in self.components
         )
         return GREY + 0.5 * torch.tanh(total)  # in (0, 1) for any component values
 
@@ -213,7 +214,9 @@ class Synthesis:
     seconds_per_step: float
 
 
-def synthesise(reader: ImageReader, concept_vectors: torch.Tensor, settings: DASSettings, seed: int, progress: bool = True) -> Synthesis:
+def synthesise(
+    reader: ImageReader, concept_vectors: torch.Tensor, settings: DASSettings, seed: int, progress: bool = True
+) -> Synthesis:
     """Optimise one image per concept vector (rows of `concept_vectors`) at the reader's layer."""
     n = concept_vectors.shape[0]
     side = reader.side
@@ -245,7 +248,9 @@ def synthesise(reader: ImageReader, concept_vectors: torch.Tensor, settings: DAS
 
 
 @torch.no_grad()
-def cosine_matrix(reader: ImageReader, images: torch.Tensor, concept_vectors: torch.Tensor, grey_mean: torch.Tensor, settings: DASSettings) -> np.ndarray:
+def cosine_matrix(
+    reader: ImageReader, images: torch.Tensor, concept_vectors: torch.Tensor, grey_mean: torch.Tensor, settings: DASSettings
+) -> np.ndarray:
     """(n_images, n_concepts): cos between each (unaugmented) image's representation and each concept.
 
     The weighted aggregation depends on the target, so each pair is aggregated for its own
