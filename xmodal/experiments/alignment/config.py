@@ -42,6 +42,10 @@ class AlignmentConfig(ExperimentConfig):
     def validate(self) -> None:
         super().validate()
         self.require_at_least_one("k_neighbours", "n_permutations")
+        if self.k_neighbours < 2:
+            raise ConfigError(
+                f"experiment.k_neighbours={self.k_neighbours}: CKNNA needs at least 2 neighbours (as its reference implementation); use 2 or more"
+            )
         if self.compare == Comparison.models:
             if not self.other_model:
                 raise ConfigError(
