@@ -74,9 +74,9 @@ def apples_oranges(
         for metric, cosines in (("gap", aggregate), ("max_patch_gap", patchwise)):
             observed = pair_gap(cosines, labels)
             null = np.array([pair_gap(cosines, rng.permutation(labels)) for _ in range(n_permutations)])
-            summary = summarise_null(observed, null)
-            row |= {metric: observed, f"{metric}_null_mean": summary.null_mean, f"{metric}_null_q025": summary.null_q025,
-                    f"{metric}_null_q975": summary.null_q975, f"{metric}_p": summary.p_value}  # fmt: skip
+            gap_null = summarise_null(observed, null)
+            row |= {metric: observed, f"{metric}_null_mean": gap_null.null_mean, f"{metric}_null_q025": gap_null.null_q025,
+                    f"{metric}_null_q975": gap_null.null_q975, f"{metric}_p": gap_null.p_value}  # fmt: skip
         if noise_tokens is not None and len(noise_tokens[layer]):
             noise = noise_tokens[layer].float() - grey_means[layer].float()
             noise_aggregate = F.cosine_similarity(noise.mean(dim=1).unsqueeze(0), vectors.unsqueeze(1), dim=-1).numpy()
