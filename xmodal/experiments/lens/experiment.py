@@ -53,6 +53,8 @@ class LogitLens(Experiment):
                 f"experiment.concept_top_k={self.config.concept_top_k} must be below the number of concepts "
                 f"({len(ctx.dataset.concepts)}), or every concept is a hit; lower it"
             )
+        # a null the dataset cannot give stops before any extraction
+        group_of = dict(zip([c.name for c in ctx.dataset.concepts], S.null_groups([c.category for c in ctx.dataset.concepts], self.config.null)))
         acts = ctx.activations()[ctx.layer]
         word_ids = concept_word_ids(ctx.model, [self.concept_text(ctx, c) for c in acts.concepts])
         labels = np.array([acts.concepts.index(c) for c in acts.image_concepts])
@@ -70,9 +72,7 @@ class LogitLens(Experiment):
                 "text_logit_lens_concept": among_concepts_hits(concept_scores(word_logprobs, word_ids), self.config.concept_top_k),
             }
             rows = {name: labels if name.startswith("image") else np.arange(len(acts.concepts)) for name in hits}
-            category = {c.name: c.category for c in ctx.dataset.concepts}
-            concept_groups = S.null_groups([category.get(c) for c in acts.concepts], self.config.null)
-            summary = self.rates_with_null(hits, rows, concept_groups, ctx.seed)
+            summary = self.rates_with_null(hits, rows, np.array([group_of[c] for c in acts.concepts]), ctx.seed)
         ctx.table("summary", summary)
         ctx.table("images", self.image_table(ctx.model, acts, image_logprobs, word_ids, nearest, hits))
         ctx.table("words", self.word_table(ctx.model, acts, word_logprobs, word_ids, hits))

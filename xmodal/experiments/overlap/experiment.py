@@ -57,14 +57,14 @@ class CrossModalOverlap(Experiment):
     config: OverlapConfig
 
     def run(self, ctx: RunContext) -> dict[str, float]:
+        # code row i is dataset concept i; a null the dataset cannot give stops before any extraction
+        groups = S.null_groups([c.category for c in ctx.dataset.concepts], self.config.null)
         codes = self.encode(ctx)
         text, image = codes.text, codes.image_by_concept()
         with ctx.timed("metrics"):
             text_top, image_top = M.top_k_features(text, self.config.top_k), M.top_k_features(image, self.config.top_k)
             pair_matrices = self.pair_statistics(text, image, text_top, image_top)
             feature_table = self.feature_correlations(text, image)
-            category = {c.name: c.category for c in ctx.dataset.concepts}
-            groups = S.null_groups([category.get(c) for c in codes.concepts], self.config.null)
             null_table, nulls = self.null_distributions(text, image, pair_matrices, groups, ctx.seed)
             concept_table = self.concept_table(ctx.dataset.concepts, codes, pair_matrices, text_top, image_top)
             crossmodal_table = self.crossmodal_features(text, image, feature_table, ctx.dataset.concepts, groups, ctx.seed)
