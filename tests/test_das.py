@@ -235,7 +235,7 @@ def test_das_sweep_writes_images_tables_and_a_contact_sheet(tmp_path):
         result = json.loads(path.read_text())
         assert len(result["images"]) == 3 and all((path.parent / i).stat().st_size > 100 for i in result["images"])
         metrics = result["metrics"]
-        assert metrics["grey_cosine"] == 0 and 0 < metrics["final_cosine_p"] <= 1
+        assert "grey_cosine" not in metrics and 0 < metrics["final_cosine_p"] <= 1
         assert {"alignment_gap", "alignment_gap_p", "alignment_matched_minus_noise_p", "seconds_per_step"} <= set(metrics)
         trajectory = pd.read_parquet(path.parent / "tables" / "trajectory.parquet")
         assert len(trajectory) == 4 * 3

@@ -38,7 +38,7 @@ def nearest_word_rate(acts: LayerActivations) -> tuple[float, float, float]:
     study = LogitLens(LensConfig(n_permutations=200))
     hits = among_concepts_hits(study.nearest_word_similarity(acts), k=1)
     labels = np.array([acts.concepts.index(c) for c in acts.image_concepts])
-    row = study.rates_with_null({"image_nearest_word": hits}, {"image_nearest_word": labels}, seed=0).iloc[0]
+    row = study.rates_with_null({"image_nearest_word": hits}, {"image_nearest_word": labels}, np.zeros(len(acts.concepts), dtype=int), seed=0).iloc[0]
     return row["rate"], row["null_q975"], row["p"]
 
 

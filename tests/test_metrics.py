@@ -71,28 +71,6 @@ def test_specificity_cross_terms_compare_one_modality_with_the_partners_other():
     assert M.specificity(image, 0, 1, features, partner_codes=text) == pytest.approx((1.0 + 0.0) / 2)
 
 
-def test_permutation_pvalue_exact_case():
-    # Statistic = number of fixed points of the pairing. For n = 4 there are 24 pairings;
-    # only the identity has 4 fixed points, so P(stat >= 4) = 1/24 exactly.
-    def fixed_points(order):
-        return float(np.sum(order == np.arange(4)))
-
-    observed, p, null = M.permutation_pvalue(fixed_points, 4, 1000, seed=0)
-    assert observed == 4.0
-    assert p == pytest.approx(1 / 24)
-    assert len(null) == 24
-
-
-def test_permutation_pvalue_random_case_is_seeded():
-    def statistic(order):
-        return float(np.corrcoef(np.arange(10), np.arange(10)[order])[0, 1])
-
-    a = M.permutation_pvalue(statistic, 10, 999, seed=3)
-    b = M.permutation_pvalue(statistic, 10, 999, seed=3)
-    assert a[1] == b[1] and np.array_equal(a[2], b[2])
-    assert a[0] == pytest.approx(1.0) and a[1] == pytest.approx(1 / 1000)  # nothing beats the identity
-
-
 def test_off_diagonal_mean():
     m = np.array([[1.0, 2.0, 4.0], [0.0, 5.0, 1.0], [3.0, 3.0, 9.0]])
     assert M.off_diagonal_mean(m).tolist() == [3.0, 0.5, 3.0]

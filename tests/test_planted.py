@@ -8,6 +8,7 @@ import pytest
 from planted import planted_codes
 
 from xmodal.metrics import overlap as M
+from xmodal.metrics import statistics as S
 from xmodal.metrics.modality import dominance_groups, modality_dominance, swapped_modalities
 
 EXPECTED_GROUP = {"shared": "CrossD", "image": "ImgD", "text": "TextD"}
@@ -67,7 +68,7 @@ def test_overlap_matched_pairs_beat_their_null_only_when_features_are_shared():
         image = per_concept_means(planted.image, planted.labels)
         jaccard = M.jaccard_matrix(M.top_k_features(text, 5), M.top_k_features(image, 5))
         n = len(jaccard)
-        observed, p, _ = M.permutation_pvalue(lambda order: float(np.nanmean(jaccard[np.arange(n), order])), n, 2000, seed=0)
+        observed, p, _ = S.permutation_test(lambda order: float(np.nanmean(jaccard[np.arange(n), order])), n, 2000, seed=0)
         assert (p < 0.01) == should_beat, (observed, p)
 
 

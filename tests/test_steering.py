@@ -100,7 +100,7 @@ def test_steering_experiment_writes_dose_response_and_controls(tmp_path):
     descriptions = pd.read_parquet(run / "tables" / "descriptions.parquet")
     assert len(descriptions) == 3 * 2 * 4
     assert set(descriptions["image"].str.split("/").str[0]) <= {"synthetic:blue_circle", "synthetic:green_square"}  # the chosen scenes
-    assert set(descriptions["mode"]) == {"clamp", "add"}  # clamp by default; the other-layer control adds
+    assert set(descriptions["mode"]) == {"clamp"}  # clamp by default, the other-layer control too
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -53,6 +53,10 @@ class ModelConfig:
     sae_release: Optional[str] = None
     # The conf/model/ name of the LLM this VLM's decoder came from (experiment=shift's default).
     base_model: Optional[str] = None
+    # Where a study's model-independent image embedder (experiment=mds) cannot load: use this model's
+    # own vision tower instead ("vision_tower"; only for offline mechanics models: the organism, tiny),
+    # or stop (null). The result records which embedder was used either way.
+    image_embedder_fallback: Optional[str] = None
 
 
 @dataclass
@@ -70,6 +74,7 @@ class PretrainedModelConfig(ModelConfig):
 class TinyClipModelConfig(ModelConfig):
     """A random-weight CLIPModel with a byte-level CLIP tokenizer, built on disk once (mechanics only)."""
 
+    image_embedder_fallback: Optional[str] = "vision_tower"  # mechanics only, offline
     cache_dir: str = "${paths.model_cache}"
     hidden_size: int = 32
     projection_dim: int = 32
@@ -83,6 +88,7 @@ class TinyClipModelConfig(ModelConfig):
 class TinyModelConfig(ModelConfig):
     """A random-weight Gemma 3 multimodal model with the real Gemma 3 tokenizer."""
 
+    image_embedder_fallback: Optional[str] = "vision_tower"  # mechanics only, offline
     num_hidden_layers: int = 6
     hidden_size: int = 64
     intermediate_size: int = 128

@@ -90,6 +90,31 @@ def mutual_knn(a: np.ndarray, b: np.ndarray, k: int) -> float:
     return float((nearest_neighbours(a, k) & nearest_neighbours(b, k)).sum(axis=1).mean() / k)
 
 
+def cknna(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Centred kernel nearest-neighbour alignment, as the reference implementation computes it.
+
+    The reference is platonic-rep's ``AlignmentMetrics.cknna`` (Huh et al. 2024, unbiased form),
+    on L2-normalised rows as its pipeline feeds it: K and L are the cosine kernels of the two
+    sides; row i keeps the pairs (i, j) where j is among i's k nearest rows (by the kernel, i
+    itself excluded) in both spaces; CKNNA is the unbiased HSIC (Song et al.) of the two masked
+    kernels over the square root of each kernel's own, with the reference's 1e-6 added to that
+    root so that values compare with published ones. nan when a self-alignment is not positive.
+    The paper's equation form, which xmodal reported before, is ``cknna_paper_eq``.
+    """
+    a, b = _check_paired(a, b, 4)
+    _check_k(a.shape[0], k)
+    if k < 2:
+        raise ValueError(f"CKNNA needs k >= 2 nearest neighbours (as the reference implementation); got k={k}")
+    kernel_a, kernel_b = _unit_rows(a) @ _unit_rows(a).T, _unit_rows(b) @ _unit_rows(b).T
+    near_a, near_b = nearest_neighbours(a, k), nearest_neighbours(b, k)
+    self_a = hsic_unbiased(near_a * kernel_a, near_a * kernel_a)
+    self_b = hsic_unbiased(near_b * kernel_b, near_b * kernel_b)
+    if not self_a * self_b > 0:
+        return float("nan")
+    both = near_a & near_b
+    return float(hsic_unbiased(both * kernel_a, both * kernel_b) / (np.sqrt(self_a * self_b) + 1e-6))
+
+
 def _knn_alignment(k_a: np.ndarray, k_b: np.ndarray, mask: np.ndarray) -> float:
     """Σ_i Σ_j mask(i, j) (K_ij − E_l K_il)(L_ij − E_l L_il), each kernel centred per row."""
     centred_a = k_a - k_a.mean(axis=1, keepdims=True)
@@ -97,12 +122,13 @@ def _knn_alignment(k_a: np.ndarray, k_b: np.ndarray, mask: np.ndarray) -> float:
     return float((mask * centred_a * centred_b).sum())
 
 
-def cknna(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    """Centred kernel nearest-neighbour alignment (the paper's eq. for CKNNA).
+def cknna_paper_eq(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """CKNNA as the paper's equation reads (xmodal's ``cknna`` before it followed the reference code).
 
     CKA restricted to the pairs (i, j) where j is a k-nearest neighbour of i in both spaces,
-    normalised by each space's alignment with itself over its own neighbours. With
-    k = n - 1 every pair counts and it becomes a row-centred CKA.
+    normalised by each space's alignment with itself over its own neighbours, each kernel
+    centred per row. Its values differ from the reference implementation's and from published
+    ones; kept to compare with earlier xmodal results.
     """
     a, b = _check_paired(a, b, 2)
     _check_k(a.shape[0], k)

@@ -17,6 +17,8 @@ import numpy as np
 from sklearn.model_selection import LeaveOneOut
 from sklearn.neighbors import NearestCentroid
 
+from xmodal.metrics.statistics import pvalue
+
 Decode = Callable[[np.ndarray], np.ndarray]
 
 
@@ -67,6 +69,6 @@ def zero_mask_effects(
             "random_mean": float(np.mean(random_accuracy)), "random_q025": float(np.quantile(random_accuracy, 0.025)),
             "random_q975": float(np.quantile(random_accuracy, 0.975)),
             # one-sided: how often a random set of the same size costs at least as much
-            "p_value": float((1 + np.sum(random_accuracy <= accuracy)) / (1 + len(random_accuracy))),
+            "p_value": pvalue(accuracy, random_accuracy, "less"),
         })  # fmt: skip
     return rows

@@ -96,21 +96,3 @@ def off_diagonal_mean(matrix: np.ndarray) -> np.ndarray:
     masked = np.where(np.eye(len(matrix), dtype=bool), np.nan, matrix)
     with np.errstate(all="ignore"):
         return np.nanmean(masked, axis=1)
-
-
-def permutation_pvalue(statistic, n: int, n_permutations: int, seed: int) -> tuple[float, float, np.ndarray]:
-    """Observed value, one-sided p-value (greater) and null distribution of statistic(permutation).
-
-    The null re-pairs text rows with shuffled image rows (scipy's 'pairings' test);
-    with n! <= n_permutations scipy enumerates every pairing exactly.
-    """
-    result = stats.permutation_test(
-        (np.arange(n),),
-        lambda order: statistic(np.asarray(order)),
-        permutation_type="pairings",
-        n_resamples=n_permutations,
-        vectorized=False,
-        alternative="greater",
-        rng=np.random.default_rng(seed),
-    )
-    return float(result.statistic), float(result.pvalue), np.asarray(result.null_distribution)

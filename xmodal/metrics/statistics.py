@@ -14,10 +14,13 @@ enumeration when n! is small); ``pvalue`` takes a null that a study drew itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from enum import StrEnum
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from scipy import stats
+
+from xmodal.errors import ConfigError
 
 Alternative = Literal["greater", "less", "two-sided"]
 
@@ -82,13 +85,52 @@ def null_draws(statistic: Callable[[np.random.Generator], float], n_draws: int, 
     return np.array([statistic(rng) for _ in range(n_draws)], dtype=float)
 
 
-def permutation_test(statistic: Callable[[np.ndarray], float], n: int, n_permutations: int, seed: int) -> tuple[float, float, np.ndarray]:
+def repairings(groups: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """n random re-pairings of the rows, each a permutation that keeps every row inside its group."""
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    orders = []
+    for _ in range(n):
+        order = np.arange(len(groups))
+        for rows in members:
+            order[rows] = rng.permutation(rows)
+        orders.append(order)
+    return orders
+
+
+class NullPairing(StrEnum):
+    """Which re-pairings of concepts a null draws (``experiment.null``)."""
+
+    all = "all"  # re-pair any concept with any other
+    within_category = "within_category"  # re-pair only inside a category: alignment finer than categories
+
+
+def null_groups(categories: Sequence[str | None], null: NullPairing) -> np.ndarray:
+    """Per concept, the group its re-pairings stay in: one group for null=all, else its category."""
+    if NullPairing(null) == NullPairing.all:
+        return np.zeros(len(categories), dtype=int)
+    if len(set(categories)) == len(categories):
+        raise ConfigError(
+            "experiment.null=within_category needs categories with two or more concepts; "
+            f"this dataset's are {sorted(set(map(str, categories)))}; use experiment.null=all"
+        )
+    return np.unique(np.asarray([str(c) for c in categories]), return_inverse=True)[1]
+
+
+def permutation_test(
+    statistic: Callable[[np.ndarray], float], n: int, n_permutations: int, seed: int, groups: np.ndarray | None = None
+) -> tuple[float, float, np.ndarray]:
     """Observed value, one-sided p-value (greater) and null of statistic(order) over re-pairings of n rows.
 
     The identity order gives the observed value. With n! <= n_permutations every pairing is
     enumerated (scipy's exact test, whose p counts the identity among them); otherwise
-    `n_permutations` random orders and the (k + 1) / (n + 1) p-value.
+    `n_permutations` random orders and the (k + 1) / (n + 1) p-value. With `groups` (one label
+    per row, e.g. its category), rows are re-paired only inside their group (`repairings`),
+    always by random draws.
     """
+    if groups is not None and len(np.unique(groups)) > 1:
+        observed = float(statistic(np.arange(n)))
+        null = np.array([statistic(order) for order in repairings(np.asarray(groups), n_permutations, np.random.default_rng(seed))], dtype=float)
+        return observed, pvalue(observed, null), null
     result = stats.permutation_test(
         (np.arange(n),),
         lambda order: statistic(np.asarray(order)),
@@ -99,6 +141,19 @@ def permutation_test(statistic: Callable[[np.ndarray], float], n: int, n_permuta
         rng=np.random.default_rng(seed),
     )
     return float(result.statistic), float(result.pvalue), np.asarray(result.null_distribution)
+
+
+def max_statistic_pvalues(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """Per test, (k + 1) / (n + 1) against the null of the largest statistic over all tests.
+
+    `null` is (draws, tests). The single-step max-T correction (Westfall & Young 1993): valid
+    for tests picked because their statistic is large, as the features above a threshold are.
+    NaN entries of a draw are left out of its maximum; a draw with none finite is left out.
+    """
+    draws = np.asarray(null, dtype=float)
+    finite = np.isfinite(draws).any(axis=1)
+    maxima = np.max(np.where(np.isfinite(draws), draws, -np.inf), axis=1)[finite]
+    return np.array([pvalue(value, maxima) for value in np.asarray(observed, dtype=float)])
 
 
 def bootstrap_ci(values: np.ndarray, seed: int, n_resamples: int = 1000) -> tuple[float, float]:

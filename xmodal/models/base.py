@@ -400,11 +400,13 @@ class ModelAdapter:
 def instantiate_model(model_cfg: Any) -> "ModelAdapter":
     """The adapter a `model` config describes (weights still unloaded).
 
-    `base_model` names the model's base LLM for experiment=shift; it is a fact about
-    the model, not an argument of its loader, so it is left out here.
+    `base_model` names the model's base LLM for experiment=shift, `image_embedder_fallback` what
+    experiment=mds may use when its image embedder cannot load; they are facts about the model,
+    not arguments of its loader, so they are left out here.
     """
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k != "base_model"}
+    facts = ("base_model", "image_embedder_fallback")
+    kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k not in facts}
     return instantiate(kwargs)

@@ -21,6 +21,7 @@ from xmodal.organism.model import Variant
 class OrganismModelConfig(ModelConfig):
     """The model organism: real gemma-3-270m decoder, small trained vision tower (xmodal.organism)."""
 
+    image_embedder_fallback: Optional[str] = "vision_tower"  # the organism runs offline; its results say so
     model_cache: str = "${paths.model_cache}"
     vision_weights: Optional[str] = None  # None: the weights shipped in xmodal/organism/weights
     lora_weights: Optional[str] = None  # a stage-2 lora.safetensors, merged into the decoder on load; None: the variant's

@@ -8,6 +8,7 @@ from typing import Optional
 
 from xmodal.config import ExperimentConfig
 from xmodal.errors import ConfigError
+from xmodal.metrics.statistics import NullPairing
 
 
 class Comparison(StrEnum):
@@ -18,11 +19,6 @@ class Comparison(StrEnum):
 class Representation(StrEnum):
     residual = "residual"  # resid_post pooled over the concept's tokens / the image's soft tokens
     sae = "sae"  # the same, through this job's SAE (sae=...)
-
-
-class NullPairing(StrEnum):
-    all = "all"  # re-pair any concept with any other
-    within_category = "within_category"  # re-pair only inside a category: alignment finer than categories
 
 
 class Modality(StrEnum):
@@ -46,6 +42,10 @@ class AlignmentConfig(ExperimentConfig):
     def validate(self) -> None:
         super().validate()
         self.require_at_least_one("k_neighbours", "n_permutations")
+        if self.k_neighbours < 2:
+            raise ConfigError(
+                f"experiment.k_neighbours={self.k_neighbours}: CKNNA needs at least 2 neighbours (as its reference implementation); use 2 or more"
+            )
         if self.compare == Comparison.models:
             if not self.other_model:
                 raise ConfigError(

@@ -29,9 +29,10 @@ import pandas as pd
 
 from xmodal.activations.codes import ConceptCodes
 from xmodal.errors import ConfigError
-from xmodal.experiments.alignment.config import AlignmentConfig, Comparison, Modality, NullPairing, Representation
+from xmodal.experiments.alignment.config import AlignmentConfig, Comparison, Modality, Representation
 from xmodal.experiments.base import Experiment, RunContext
 from xmodal.metrics import alignment as A
+from xmodal.metrics import statistics as S
 from xmodal.models.base import ModelAdapter
 from xmodal.models.named import load_named_model
 from xmodal.reporting import figures
@@ -133,36 +134,20 @@ class RepresentationAlignment(Experiment):
     # 2-3. the measures and their re-pairing nulls -------------------------------------------
     def null_groups(self, ctx: RunContext, concepts: list[str]) -> np.ndarray:
         """Per concept, the group its re-pairings stay in: one group, or its category."""
-        if self.config.null == NullPairing.all:
-            return np.zeros(len(concepts), dtype=int)
         category = {c.name: c.category for c in ctx.dataset.concepts}
-        names = [category.get(c) for c in concepts]
-        if len(set(names)) == len(names):
-            raise ConfigError(
-                "experiment.null=within_category needs categories with two or more concepts; "
-                f"this dataset's are {sorted(set(map(str, names)))}; use experiment.null=all"
-            )
-        return np.unique(np.asarray(names, dtype=str), return_inverse=True)[1]
+        return S.null_groups([category.get(c) for c in concepts], self.config.null)
 
-    def alignment_with_null(
-        self, side_a: np.ndarray, side_b: np.ndarray, groups: np.ndarray, seed: int
-    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def alignment_with_null(self, side_a: np.ndarray, side_b: np.ndarray, groups: np.ndarray, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         """One row per measure (value, null mean and 95% range, p), and the null draws in long form."""
         k = self.config.k_neighbours
-        orders = repairings(groups, self.config.n_permutations, np.random.default_rng(seed))
+        orders = S.repairings(groups, self.config.n_permutations, np.random.default_rng(seed))
         rows, nulls = [], []
         for metric, score in A.ALIGNMENT_FUNCTIONS.items():
             value = score(side_a, side_b, k)
             null = np.array([score(side_a, side_b[order], k) for order in orders])
-            finite = null[np.isfinite(null)]
-            rows.append({
-                "metric": metric, "value": value,
-                "null_mean": float(finite.mean()) if finite.size else float("nan"),
-                "null_q025": float(np.quantile(finite, 0.025)) if finite.size else float("nan"),
-                "null_q975": float(np.quantile(finite, 0.975)) if finite.size else float("nan"),
-                # one-sided, counting the observed pairing as one of the draws (never 0)
-                "p": float((1 + np.sum(finite >= value)) / (1 + finite.size)) if np.isfinite(value) else float("nan"),
-            })  # fmt: skip
+            summary = S.summarise_null(value, null)  # one-sided, the observed pairing counted among the draws
+            rows.append({"metric": metric, "value": value, "null_mean": summary.null_mean, "null_q025": summary.null_q025,
+                         "null_q975": summary.null_q975, "p": summary.p_value})  # fmt: skip
             nulls.append(pd.DataFrame({"metric": metric, "draw": np.arange(len(null)), "value": null}))
         return pd.DataFrame(rows), pd.concat(nulls, ignore_index=True)
 
@@ -170,15 +155,3 @@ class RepresentationAlignment(Experiment):
 def mean_image_per_concept(codes: ConceptCodes, concepts: list[str]) -> np.ndarray:
     owners = np.asarray(codes.image_concepts)
     return np.stack([codes.image[owners == concept].mean(axis=0) for concept in concepts])
-
-
-def repairings(groups: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """n random re-pairings of the rows, each a permutation that keeps every row inside its group."""
-    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
-    orders = []
-    for _ in range(n):
-        order = np.arange(len(groups))
-        for rows in members:
-            order[rows] = rng.permutation(rows)
-        orders.append(order)
-    return orders

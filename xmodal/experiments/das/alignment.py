@@ -18,6 +18,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from xmodal.metrics.statistics import summarise_null
+
 
 def pair_gap(cosines: np.ndarray, labels: np.ndarray) -> float:
     """Mean matched minus mean mismatched cosine; cosines is (k concepts, n images), labels in 0..k-1."""
@@ -37,9 +39,8 @@ def matched_minus_noise(matched: np.ndarray, noise: np.ndarray, n_permutations: 
     for _ in range(n_permutations):
         order = rng.permutation(len(pooled))
         null.append(pooled[order[: len(matched)]].mean() - pooled[order[len(matched) :]].mean())
-    null = np.array(null)
-    return {"value": observed, "null_mean": float(null.mean()), "null_q975": float(np.quantile(null, 0.975)),
-            "p": float((1 + (null >= observed).sum()) / (1 + n_permutations))}  # fmt: skip
+    summary = summarise_null(observed, np.array(null))
+    return {"value": observed, "null_mean": summary.null_mean, "null_q975": summary.null_q975, "p": summary.p_value}
 
 
 def apples_oranges(
@@ -73,8 +74,9 @@ def apples_oranges(
         for metric, cosines in (("gap", aggregate), ("max_patch_gap", patchwise)):
             observed = pair_gap(cosines, labels)
             null = np.array([pair_gap(cosines, rng.permutation(labels)) for _ in range(n_permutations)])
-            row |= {metric: observed, f"{metric}_null_mean": null.mean(), f"{metric}_null_q025": np.quantile(null, 0.025),
-                    f"{metric}_null_q975": np.quantile(null, 0.975), f"{metric}_p": (1 + (null >= observed).sum()) / (1 + n_permutations)}  # fmt: skip
+            gap_null = summarise_null(observed, null)
+            row |= {metric: observed, f"{metric}_null_mean": gap_null.null_mean, f"{metric}_null_q025": gap_null.null_q025,
+                    f"{metric}_null_q975": gap_null.null_q975, f"{metric}_p": gap_null.p_value}  # fmt: skip
         if noise_tokens is not None and len(noise_tokens[layer]):
             noise = noise_tokens[layer].float() - grey_means[layer].float()
             noise_aggregate = F.cosine_similarity(noise.mean(dim=1).unsqueeze(0), vectors.unsqueeze(1), dim=-1).numpy()
@@ -85,7 +87,10 @@ def apples_oranges(
                                   "cosine": noise_aggregate[c, i], "max_patch_cosine": noise_patchwise[c, i]})  # fmt: skip
             matched_pairs = np.zeros_like(aggregate, dtype=bool)
             matched_pairs[labels, np.arange(len(labels))] = True
-            for metric, cosines, noise_cosines in (("matched_minus_noise", aggregate, noise_aggregate), ("max_patch_matched_minus_noise", patchwise, noise_patchwise)):
+            for metric, cosines, noise_cosines in (
+                ("matched_minus_noise", aggregate, noise_aggregate),
+                ("max_patch_matched_minus_noise", patchwise, noise_patchwise),
+            ):
                 test = matched_minus_noise(cosines[matched_pairs], noise_cosines.ravel(), n_permutations, rng)
                 row |= {metric: test["value"], f"{metric}_null_mean": test["null_mean"], f"{metric}_null_q975": test["null_q975"], f"{metric}_p": test["p"]}
             row["noise_cosine"] = float(noise_aggregate.mean())

@@ -9,9 +9,10 @@ Method (seed 004), at one decoder layer L:
    vector, under random shifts and noise (synthesis.py beside this file). Learning rate and
    temperature come from Appendix E's per-layer presets (Gemma 3 4B layers, matched by
    relative depth) unless set.
-3. Final cosine of each image with its own concept against two controls: the grey
-   image (0 by construction: it is the baseline) and the images synthesised for the
-   other concepts (the mismatched-pair null, with a permutation p-value).
+3. Final cosine of each image with its own concept against the images synthesised for
+   the other concepts (the mismatched-pair null, with a permutation p-value). The grey
+   image is no control here: it is the baseline the representations are centred on, so its
+   own centred representation is zero and its cosine undefined.
 4. Recognisability by an independent judge: programmatic on the organism (colour
    histogram, shape classifier), or another VLM asked the paper's two questions. The
    null is the same judge scoring images made for other concepts of the category.
@@ -49,6 +50,7 @@ from xmodal.experiments.das.alignment import apples_oranges
 from xmodal.experiments.das.concept_vectors import WORD_POSITIONS, baseline_words, concept_vectors, word_dataset
 from xmodal.experiments.das.config import ConceptBaseline, ConceptSource, DASConfig, JudgeKind
 from xmodal.experiments.das.synthesis import DASSettings, ImageReader, cosine_matrix, synthesise, to_pil
+from xmodal.metrics.statistics import pvalue, summarise_null
 from xmodal.reporting import figures
 
 log = logging.getLogger(__name__)
@@ -196,11 +198,11 @@ class DASynthesis(Experiment):
         mismatched = cosines[~np.eye(n, dtype=bool)]
         rng = np.random.default_rng(seed)
         null = np.array([np.mean(cosines[rng.permutation(n), np.arange(n)]) for _ in range(self.config.n_permutations)])
+        summary = summarise_null(matched, null)
         return {
             "final_cosine": matched, "final_cosine_null_mean": float(mismatched.mean()),
-            "final_cosine_null_q025": float(np.quantile(null, 0.025)), "final_cosine_null_q975": float(np.quantile(null, 0.975)),
-            "final_cosine_p": float((1 + (null >= matched).sum()) / (1 + self.config.n_permutations)),
-            "grey_cosine": 0.0,  # the grey image is the image baseline: its centred representation is zero
+            "final_cosine_null_q025": summary.null_q025, "final_cosine_null_q975": summary.null_q975,
+            "final_cosine_p": summary.p_value,
         }  # fmt: skip
 
     # 4. recognition by an independent judge ------------------------------------------------
@@ -229,7 +231,7 @@ class DASynthesis(Experiment):
             null_mean = float(scores[~np.eye(n, dtype=bool)].mean()) if n > 1 else float("nan")
             null = np.array([np.mean(scores[np.arange(n), rng.permutation(n)]) for _ in range(self.config.n_permutations)])
             key = f"recognition_{category or 'all'}" + ("" if protocol in ("programmatic", "category_hint") else f"_{protocol}")
-            p_value = float((1 + (null >= observed).sum()) / (1 + self.config.n_permutations))
+            p_value = pvalue(observed, null)
             metrics |= {key: observed, f"{key}_null_mean": null_mean, f"{key}_p": p_value}
             rows.append({"category": category, "protocol": protocol, "n_concepts": n, "recognition_rate": observed,
                          "null_rate": null_mean, "p": metrics[f"{key}_p"]})  # fmt: skip

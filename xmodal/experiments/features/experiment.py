@@ -32,6 +32,7 @@ from xmodal.experiments.base import Experiment, RunContext
 from xmodal.experiments.features.config import FeaturesConfig, FeatureSelection
 from xmodal.metrics import modality as MD
 from xmodal.metrics import overlap as M
+from xmodal.metrics import statistics as S
 from xmodal.reporting import figures
 from xmodal.saes.loading import FeatureSpace
 
@@ -124,7 +125,7 @@ class FeatureCards(Experiment):
             rows.append({
                 "feature": f, "crossmodal_r": r[f],
                 "crossmodal_r_null_q975": float(np.quantile(draws, 0.975)) if finite else np.nan,
-                "crossmodal_r_p": float((1 + np.sum(draws >= r[f])) / (1 + draws.size)) if finite else np.nan,
+                "crossmodal_r_p": S.pvalue(r[f], draws),
                 "mds": mds[f], "mds_null_q025": float(np.nanquantile(null_mds[:, f], 0.025)) if np.isfinite(mds[f]) else np.nan,
                 "mds_null_q975": float(np.nanquantile(null_mds[:, f], 0.975)) if np.isfinite(mds[f]) else np.nan,
                 "mean_text": float(text[:, f].mean()), "mean_image": float(codes.image[:, f].mean()),
@@ -132,8 +133,8 @@ class FeatureCards(Experiment):
             })  # fmt: skip
         best_null = np.nanmax(np.where(np.isfinite(null_r), null_r, -np.inf), axis=1)
         best = float(np.nanmax(np.where(np.isfinite(r), r, -np.inf)))
-        summary = {"value": best, "null_mean": float(best_null.mean()), "null_q025": float(np.quantile(best_null, 0.025)),
-                   "null_q975": float(np.quantile(best_null, 0.975)), "p": float((1 + np.sum(best_null >= best)) / (1 + len(best_null)))}  # fmt: skip
+        null = S.summarise_null(best, best_null)  # the largest r of each re-pairing: a max-statistic null
+        summary = {"value": best, "null_mean": null.null_mean, "null_q025": null.null_q025, "null_q975": null.null_q975, "p": null.p_value}
         return pd.DataFrame(rows), summary
 
     # 4. the examples on each card ------------------------------------------------------------------

@@ -15,6 +15,8 @@ Method, at one decoder layer:
    ``concept_top_k`` nearest words.
 4. Null: the same rates with the images' (or words') concept labels shuffled, with a one-sided
    permutation p-value; among-concept rates also have their chance level, k / concepts.
+   ``null=within_category`` shuffles labels only inside each concept's category, so that an image
+   which only says its category (a colour word for a colour) stays at its null.
 5. Tables per image and per word (the top tokens decoded), and figures: the rates against
    their nulls, and example images with what their tokens say.
 """
@@ -32,7 +34,7 @@ from xmodal.activations.extract import LayerActivations
 from xmodal.errors import ConfigError
 from xmodal.experiments.base import Experiment, RunContext
 from xmodal.experiments.lens.config import LensConfig
-from xmodal.metrics import overlap as M
+from xmodal.metrics import statistics as S
 from xmodal.models.base import ModelAdapter
 from xmodal.reporting import figures
 
@@ -51,6 +53,8 @@ class LogitLens(Experiment):
                 f"experiment.concept_top_k={self.config.concept_top_k} must be below the number of concepts "
                 f"({len(ctx.dataset.concepts)}), or every concept is a hit; lower it"
             )
+        # a null the dataset cannot give stops before any extraction
+        group_of = dict(zip([c.name for c in ctx.dataset.concepts], S.null_groups([c.category for c in ctx.dataset.concepts], self.config.null)))
         acts = ctx.activations()[ctx.layer]
         word_ids = concept_word_ids(ctx.model, [self.concept_text(ctx, c) for c in acts.concepts])
         labels = np.array([acts.concepts.index(c) for c in acts.image_concepts])
@@ -68,7 +72,7 @@ class LogitLens(Experiment):
                 "text_logit_lens_concept": among_concepts_hits(concept_scores(word_logprobs, word_ids), self.config.concept_top_k),
             }
             rows = {name: labels if name.startswith("image") else np.arange(len(acts.concepts)) for name in hits}
-            summary = self.rates_with_null(hits, rows, ctx.seed)
+            summary = self.rates_with_null(hits, rows, np.array([group_of[c] for c in acts.concepts]), ctx.seed)
         ctx.table("summary", summary)
         ctx.table("images", self.image_table(ctx.model, acts, image_logprobs, word_ids, nearest, hits))
         ctx.table("words", self.word_table(ctx.model, acts, word_logprobs, word_ids, hits))
@@ -124,12 +128,17 @@ class LogitLens(Experiment):
         return images @ words.T
 
     # 4. rates against shuffled labels -------------------------------------------------------------
-    def rates_with_null(self, hits: dict[str, np.ndarray], labels: dict[str, np.ndarray], seed: int) -> pd.DataFrame:
+    def rates_with_null(self, hits: dict[str, np.ndarray], labels: dict[str, np.ndarray], concept_groups: np.ndarray, seed: int) -> pd.DataFrame:
+        """Each rate against its rows' labels re-paired (inside the group of their concept, per `concept_groups`)."""
         rows = []
         for name, hit in hits.items():
             own = labels[name]
-            rate, p_value, null = M.permutation_pvalue(
-                lambda order: float(hit[np.arange(len(own)), own[order]].mean()), len(own), self.config.n_permutations, seed
+            rate, p_value, null = S.permutation_test(
+                lambda order: float(hit[np.arange(len(own)), own[order]].mean()),
+                len(own),
+                self.config.n_permutations,
+                seed,
+                concept_groups[own],
             )
             k = self.config.top_k if name.endswith("topk") else self.config.concept_top_k
             rows.append({"measure": name, "k": k, "rate": rate, "null_mean": float(null.mean()), "null_q025": float(np.quantile(null, 0.025)),

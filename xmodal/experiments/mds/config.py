@@ -27,10 +27,12 @@ class MDSConfig(ExperimentConfig):
     top_m: int = 5  # top activating samples per feature for I(z) and WinRate
     text_embedder: str = MINILM  # or a sentence-transformers directory / hub id
     # The paper's image embedder, independent of the model under study. Where it cannot be loaded
-    # (offline, not in the cache), the fallback is used and the result says so; null: stop instead.
+    # (offline, not in the cache), the fallback is used and result.json says so (image_embedder_is_fallback);
+    # null: stop instead. conf/experiment/mds.yaml takes the model config's choice: vision_tower on the
+    # organism and tiny, null (stop with one line) on every real model.
     image_embedder: ImageEmbedderKind = ImageEmbedderKind.hf
     image_embedder_path: Optional[str] = "google/vit-base-patch16-224-in21k"
-    image_embedder_fallback: Optional[ImageEmbedderKind] = ImageEmbedderKind.vision_tower
+    image_embedder_fallback: Optional[ImageEmbedderKind] = None
     zero_mask: bool = True  # zero-mask interventions with a category readout
     n_random_masks: int = 20  # random feature sets of equal size per group (the null)
     msae: bool = False  # train the paper's multimodal TopK SAE on this layer's tokens and classify its features

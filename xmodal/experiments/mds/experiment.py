@@ -9,9 +9,12 @@ Method (seed 002, Modality Dominance Score), at one decoder layer:
    TextD below, CrossD between.
 4. Null: the same split after swapping the modality labels within each pair at random
    (seeded, `n_null` draws). Without a modality signal every feature sits near 0.5 and
-   the tails hold only what sampling noise puts there.
+   the tails hold only what sampling noise puts there. The spread of MDS (`mds_std`), the
+   study's informative statistic, gets a one-sided p against the spread of each draw.
 5. Interpretability per group (eqs. 5-6): embedding similarity I(z) and WinRate W(z) of
-   each feature's top-m images (image embedder) and top-m concept texts (text embedder,
+   each feature's top-m images (an image embedder independent of the model; where it cannot
+   load, the model's own vision tower only if the model config allows it, recorded as
+   `image_embedder_is_fallback`) and top-m concept texts (text embedder,
    all-MiniLM-L6-v2), against random samples; null: random samples in place of the top m.
    Over all active features too (group "all"): Table 1's I, W per modality and the WinRate
    gap between them.
@@ -36,6 +39,7 @@ from xmodal.experiments.mds.config import ImageEmbedderKind, MDSConfig
 from xmodal.metrics.interpretability import feature_interpretability
 from xmodal.metrics.interventions import zero_mask_effects
 from xmodal.metrics.modality import GROUPS, dominance_groups, modality_dominance, swapped_modalities
+from xmodal.metrics.statistics import pvalue, summarise_null
 from xmodal.models.base import hub_model_reachable
 from xmodal.models.embedders import ImageEmbedder, embed_in_batches, image_embedder, text_embedder
 from xmodal.reporting import figures
@@ -73,8 +77,7 @@ class MDSClassifier(Experiment):
         metrics: dict[str, float] = {
             "n_active_features": int(np.isfinite(mds).sum()),
             "mds_mean": mu,
-            "mds_std": sigma,
-            "mds_std_null_mean": float(np.mean([np.nanstd(m) for m in null_mds])),
+            **self.spread_against_null(sigma, null_mds),
         }
         for row in size_table.to_dict("records"):
             key = f"n_{row['group']}"
@@ -87,10 +90,10 @@ class MDSClassifier(Experiment):
         if self.config.zero_mask:
             metrics |= self.zero_mask_interventions(ctx, codes, groups)
         log.info(
-            "layer %d: %d ImgD, %d CrossD, %d TextD of %d active features (MDS mean %.2f, std %.2f; null std %.2f)",
+            "layer %d: %d ImgD, %d CrossD, %d TextD of %d active features (MDS mean %.2f, std %.2f; null std %.2f, p=%.3g)",
             ctx.layer, metrics["n_ImgD"], metrics["n_CrossD"], metrics["n_TextD"], metrics["n_active_features"],
-            mu, sigma, metrics["mds_std_null_mean"],
-        )
+            mu, sigma, metrics["mds_std_null_mean"], metrics["mds_std_p"],
+        )  # fmt: skip
         return metrics
 
     # 1. codes -------------------------------------------------------------------
@@ -147,6 +150,13 @@ class MDSClassifier(Experiment):
                 null_sizes[g].append(int(np.sum(null_groups == g)))
         return null_sizes, null_mds
 
+    @staticmethod
+    def spread_against_null(sigma: float, null_mds: list[np.ndarray]) -> dict[str, float]:
+        """mds_std against the spread of each swapped-modality draw: one-sided, a modality signal widens it."""
+        summary = summarise_null(sigma, np.array([np.nanstd(m) for m in null_mds]))
+        return {"mds_std": sigma, "mds_std_null_mean": summary.null_mean, "mds_std_null_q025": summary.null_q025,
+                "mds_std_null_q975": summary.null_q975, "mds_std_p": summary.p_value}  # fmt: skip
+
     # 2-3. per feature ---------------------------------------------------------------
     def feature_table(
         self, codes: ConceptCodes, image: np.ndarray, text: np.ndarray, mds: np.ndarray, groups: np.ndarray, n_active: np.ndarray
@@ -185,7 +195,7 @@ class MDSClassifier(Experiment):
                     "null_q025": float(np.quantile(null, 0.025)),
                     "null_q975": float(np.quantile(null, 0.975)),
                     # two-sided: how unusual the observed size is under swapped modalities
-                    "p_value": float((1 + np.sum(np.abs(null - null.mean()) >= abs(observed - null.mean()))) / (1 + len(null))),
+                    "p_value": pvalue(observed, null, "two-sided"),
                 }
             )
         return pd.DataFrame(rows)
@@ -194,7 +204,7 @@ class MDSClassifier(Experiment):
     def interpretability_scores(self, ctx: RunContext, codes: ConceptCodes, groups: np.ndarray) -> dict[str, float]:
         """I(z) and WinRate per group and modality, each beside its random-sample null."""
         embed_text, text_name = text_embedder(self.config.text_embedder)
-        embed_images, image_name = self.image_embedder(ctx)
+        embed_images, image_name, is_fallback = self.image_embedder(ctx)
         texts = [c.text for c in ctx.dataset.concepts]
         with ctx.timed("embeddings"):
             samples = {
@@ -202,7 +212,7 @@ class MDSClassifier(Experiment):
                 # code row i is dataset image i; sources can repeat (the organism's rendered words), so not by source
                 "image": (codes.image, embed_in_batches(embed_images, [image.load() for image in ctx.dataset.images])),
             }
-        rows, metrics = [], {}
+        rows, metrics = [], {"image_embedder_is_fallback": int(is_fallback)}
         with ctx.timed("interpretability"):
             for modality, (matrix, embeddings) in samples.items():
                 for g in (*GROUPS, "all"):  # "all": every active feature, the paper's Table 1
@@ -233,21 +243,26 @@ class MDSClassifier(Experiment):
         log.info("embedders: text %s; images %s", text_name, image_name)
         return metrics
 
-    def image_embedder(self, ctx: RunContext) -> tuple[ImageEmbedder, str]:
-        """The configured image embedder; if it cannot be loaded, the fallback, named as such in the results."""
+    def image_embedder(self, ctx: RunContext) -> tuple[ImageEmbedder, str, bool]:
+        """The configured image embedder, its name and False; if it cannot be loaded, the fallback (where
+        experiment.image_embedder_fallback, by default the model config's, allows one), named as such, and True."""
         c = self.config
         fallback = c.image_embedder_fallback if c.image_embedder_fallback != c.image_embedder else None
         try:
             if fallback is not None and c.image_embedder == ImageEmbedderKind.hf and not hub_model_reachable(str(c.image_embedder_path)):
                 raise ModelLoadError(f"{c.image_embedder_path} is neither on disk nor in the Hugging Face cache, and the hub does not answer")
-            return image_embedder(str(c.image_embedder), ctx.model, c.image_embedder_path)
+            return (*image_embedder(str(c.image_embedder), ctx.model, c.image_embedder_path), False)
         except ModelLoadError as err:
             if fallback is None:
-                raise
+                raise ModelLoadError(
+                    f"image embedder {c.image_embedder_path} cannot be loaded ({str(err).split(';')[0]}) and model "
+                    f"{ctx.model.name!r} allows no fallback; put it in the Hugging Face cache, or set "
+                    "experiment.image_embedder_fallback=vision_tower (not independent of the model) or experiment.interpretability=false"
+                ) from err
             log.warning("image embedder %s cannot be loaded (%s); I(z) on images uses %s instead, which is not independent of "
                         "the model under study", c.image_embedder_path, str(err).split(";")[0], fallback)  # fmt: skip
             embed, name = image_embedder(str(fallback), ctx.model, None)
-            return embed, f"{name}; fallback, {c.image_embedder_path} not loadable"
+            return embed, f"{name}; fallback, {c.image_embedder_path} not loadable", True
 
     # 6. zero-mask interventions ------------------------------------------------------
     def zero_mask_interventions(self, ctx: RunContext, codes: ConceptCodes, groups: np.ndarray) -> dict[str, float]:

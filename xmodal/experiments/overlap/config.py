@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xmodal.config import ExperimentConfig
+from xmodal.metrics.statistics import NullPairing
 
 
 @dataclass
@@ -14,6 +15,7 @@ class OverlapConfig(ExperimentConfig):
     top_k: int = 50  # features per concept and modality for the Jaccard overlap
     corr_threshold: float = 0.6  # the plan's bar for a cross-modal feature
     n_permutations: int = 1000
+    null: NullPairing = NullPairing.all  # within_category: re-pair only inside a category (alignment finer than categories)
     heatmap_features: int = 20
 
     def validate(self) -> None:

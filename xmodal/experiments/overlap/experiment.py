@@ -14,7 +14,10 @@ Method (seed 000, the Gemma Scope 2 cross-modal plan), at one decoder layer:
    modality and across them (text-cat against image-dog, image-cat against text-dog);
    per concept, and per cross-modal feature for the concept it fires for most.
 5. Null: every statistic again for mismatched text-image pairs (image rows shuffled),
-   with a permutation p-value.
+   with a permutation p-value. ``null=within_category`` re-pairs only inside each concept's
+   category, so that what concepts share only with their category stays at its null. A
+   cross-modal feature's p is against the largest feature correlation of each re-pairing
+   (max-statistic null): the features are chosen because their r is large.
 6. Figures: the concepts' text and image codes in one 2-D PCA embedding, each pair joined
    (the concept geometry), and where the top cross-modal features fire on their images.
 """
@@ -26,7 +29,6 @@ from typing import Callable, ClassVar
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 from sklearn.metrics import mutual_info_score
 
 from xmodal.activations.codes import ConceptCodes
@@ -34,6 +36,7 @@ from xmodal.data.concepts import Concept
 from xmodal.experiments.base import Experiment, RunContext
 from xmodal.experiments.overlap.config import OverlapConfig
 from xmodal.metrics import overlap as M
+from xmodal.metrics import statistics as S
 from xmodal.reporting import figures
 
 log = logging.getLogger(__name__)
@@ -54,15 +57,17 @@ class CrossModalOverlap(Experiment):
     config: OverlapConfig
 
     def run(self, ctx: RunContext) -> dict[str, float]:
+        # code row i is dataset concept i; a null the dataset cannot give stops before any extraction
+        groups = S.null_groups([c.category for c in ctx.dataset.concepts], self.config.null)
         codes = self.encode(ctx)
         text, image = codes.text, codes.image_by_concept()
         with ctx.timed("metrics"):
             text_top, image_top = M.top_k_features(text, self.config.top_k), M.top_k_features(image, self.config.top_k)
             pair_matrices = self.pair_statistics(text, image, text_top, image_top)
             feature_table = self.feature_correlations(text, image)
-            null_table, nulls = self.null_distributions(text, image, pair_matrices, ctx.seed)
+            null_table, nulls = self.null_distributions(text, image, pair_matrices, groups, ctx.seed)
             concept_table = self.concept_table(ctx.dataset.concepts, codes, pair_matrices, text_top, image_top)
-            crossmodal_table = self.crossmodal_features(text, image, feature_table, ctx.dataset.concepts)
+            crossmodal_table = self.crossmodal_features(text, image, feature_table, ctx.dataset.concepts, groups, ctx.seed)
         ctx.table("concepts", concept_table)
         ctx.table("null", null_table)
         ctx.table("feature_correlations", feature_table)
@@ -79,9 +84,7 @@ class CrossModalOverlap(Experiment):
 
     # 2. per concept ---------------------------------------------------------
     @staticmethod
-    def pair_statistics(
-        text: np.ndarray, image: np.ndarray, text_top: list[np.ndarray], image_top: list[np.ndarray]
-    ) -> dict[str, np.ndarray]:
+    def pair_statistics(text: np.ndarray, image: np.ndarray, text_top: list[np.ndarray], image_top: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Concept-by-concept matrices (text row i, image column j): the diagonal is matched, the rest the null."""
         return {
             "jaccard_topk": M.jaccard_matrix(text_top, image_top),
@@ -99,20 +102,32 @@ class CrossModalOverlap(Experiment):
         finite = np.flatnonzero(np.isfinite(feature_r))
         return pd.DataFrame({"feature": finite, "r": feature_r[finite]}).sort_values("r", ascending=False)
 
-    def crossmodal_features(self, text: np.ndarray, image: np.ndarray, feature_table: pd.DataFrame, concepts: list[Concept]) -> pd.DataFrame:
+    def crossmodal_features(
+        self, text: np.ndarray, image: np.ndarray, feature_table: pd.DataFrame, concepts: list[Concept], groups: np.ndarray, seed: int
+    ) -> pd.DataFrame:
         """The features above the correlation threshold, with their p-value, MI, top concepts and, for the
-        concept they fire for most in both modalities, the plan's four specificity ratios against its partner."""
+        concept they fire for most in both modalities, the plan's four specificity ratios against its partner.
+
+        The p-value is against the largest feature correlation of each re-pairing of the concepts
+        (max-statistic null): a feature chosen for its large r is compared with the largest r that
+        chance gives any feature, not with a single feature's Pearson null.
+        """
         crossmodal = feature_table[feature_table["r"] > self.config.corr_threshold]
         names = [c.name for c in concepts]
+        p_values = np.array([])
+        if len(crossmodal):
+            orders = S.repairings(groups, self.config.n_permutations, np.random.default_rng(seed))
+            null_r = np.stack([M.feature_correlations(text, image[order]) for order in orders])
+            p_values = S.max_statistic_pvalues(crossmodal["r"].to_numpy(), null_r)
         rows = []
-        for f, r in zip(crossmodal["feature"], crossmodal["r"]):
+        for f, r, p_value in zip(crossmodal["feature"], crossmodal["r"], p_values):
             both = np.minimum(text[:, f], image[:, f])
             owner = int(np.argmax(both))
             partner = names.index(concepts[owner].partner) if concepts[owner].partner in names else None
             row = {
                 "feature": int(f),
                 "r": float(r),
-                "p_value": float(stats.pearsonr(text[:, f], image[:, f]).pvalue),
+                "p_value": float(p_value),
                 "mutual_information": float(mutual_info_score(text[:, f] > 0, image[:, f] > 0)),
                 "n_concepts_text": int((text[:, f] > 0).sum()),
                 "n_concepts_image": int((image[:, f] > 0).sum()),
@@ -158,9 +173,7 @@ class CrossModalOverlap(Experiment):
             for name, mine, theirs in specificity_terms(text, image):
                 row[f"specificity_{name}"] = M.specificity(mine, i, partner, shared, theirs) if partner is not None else np.nan
                 # Null: the same ratio against concepts that are not the partner.
-                row[f"specificity_{name}_null"] = (
-                    np.nanmean([M.specificity(mine, i, j, shared, theirs) for j in others]) if len(shared) and others else np.nan
-                )
+                row[f"specificity_{name}_null"] = np.nanmean([M.specificity(mine, i, j, shared, theirs) for j in others]) if len(shared) and others else np.nan
             row["top_text_features"] = _ids(text_top[i])
             row["top_image_features"] = _ids(image_top[i])
             row["shared_features"] = _ids(shared)
@@ -169,9 +182,9 @@ class CrossModalOverlap(Experiment):
 
     # 5. null ------------------------------------------------------------------
     def null_distributions(
-        self, text: np.ndarray, image: np.ndarray, pair_matrices: dict[str, np.ndarray], seed: int
+        self, text: np.ndarray, image: np.ndarray, pair_matrices: dict[str, np.ndarray], groups: np.ndarray, seed: int
     ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-        """Every matched statistic against mismatched pairings (image rows permuted), with its p-value."""
+        """Every matched statistic against mismatched pairings (image rows permuted inside `groups`), with its p-value."""
         n = len(text)
 
         def pair_statistic(matrix: np.ndarray) -> Callable[[np.ndarray], float]:
@@ -184,7 +197,7 @@ class CrossModalOverlap(Experiment):
         statistics["n_crossmodal_features"] = crossmodal_count
         rows, nulls = [], {}
         for stat_name, statistic in statistics.items():
-            observed, p_value, null = M.permutation_pvalue(statistic, n, self.config.n_permutations, seed)
+            observed, p_value, null = S.permutation_test(statistic, n, self.config.n_permutations, seed, groups)
             nulls[stat_name] = null
             rows.append(
                 {

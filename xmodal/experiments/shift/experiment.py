@@ -10,6 +10,8 @@ Method (seed 001: Gemma 2 2B against PaliGemma 2 3B's decoder), at one decoder l
    lose most; the distribution of all coefficient differences.
 4. Null: the same cosine for mismatched prompts (base prompt i against VLM prompt j),
    with a permutation p-value for the matched mean.
+5. The distance itself, for comparing checkpoints: the mean over prompts of 1 - cosine and the
+   relative L2 distance, each with a bootstrap 95% interval over prompts.
 The two models must share the residual width and tokenise the prompts identically.
 """
 
@@ -28,6 +30,7 @@ from xmodal.errors import ConfigError
 from xmodal.experiments.base import Experiment, RunContext
 from xmodal.experiments.shift.config import PromptSet, ShiftConfig
 from xmodal.metrics import overlap as M
+from xmodal.metrics import statistics as S
 from xmodal.models.base import ModelAdapter
 from xmodal.models.named import load_named_model
 from xmodal.reporting import figures
@@ -46,10 +49,7 @@ def check_compatible(base: ModelAdapter, vlm: ModelAdapter, texts: Sequence[str]
         a = base.tokenizer(text, add_special_tokens=False)["input_ids"]
         b = vlm.tokenizer(text, add_special_tokens=False)["input_ids"]
         if a != b:
-            raise ConfigError(
-                f"base model {base.name!r} and model {vlm.name!r} tokenise {text!r} differently ({a} vs {b}); "
-                "their tokenizers are incompatible"
-            )
+            raise ConfigError(f"base model {base.name!r} and model {vlm.name!r} tokenise {text!r} differently ({a} vs {b}); their tokenizers are incompatible")
 
 
 class RepresentationShift(Experiment):
@@ -64,7 +64,7 @@ class RepresentationShift(Experiment):
         vlm_codes, _ = self.prompt_codes(ctx, ctx.model, dataset)
         with ctx.timed("metrics"):
             cosine = _cosine_matrix(base_codes, vlm_codes)
-            observed, p_value, null = M.permutation_pvalue(
+            observed, p_value, null = S.permutation_test(
                 lambda order: float(np.nanmean(cosine[np.arange(len(prompts)), order])), len(prompts), self.config.n_permutations, ctx.seed
             )
             prompt_table = self.prompt_table(prompts, base_codes, vlm_codes, cosine)
@@ -88,13 +88,17 @@ class RepresentationShift(Experiment):
             "cosine_p": p_value,
             "l2_mean": float(prompt_table["l2"].to_numpy().mean()),
             "relative_l2_mean": float(np.nanmean(prompt_table["relative_l2"])),
+            **self.distances(prompt_table, ctx.seed),
             "fraction_coefficients_changed": float(changed.size / delta.size),
             "abs_change_mean": float(np.abs(delta).mean()),
         }
         log.info(
-            "layer %d: %s vs %s: cosine %.3f (mismatched prompts %.3f, p=%.3g), relative L2 %.3f",
-            ctx.layer, ctx.model.name, base.name, observed, metrics["cosine_null_mean"], p_value, metrics["relative_l2_mean"],
-        )
+            "layer %d: %s vs %s: cosine %.3f (mismatched prompts %.3f, p=%.3g); distance 1 - cosine %.3f [%.3f, %.3f], "
+            "relative L2 %.3f [%.3f, %.3f]",
+            ctx.layer, ctx.model.name, base.name, observed, metrics["cosine_null_mean"], p_value, metrics["cosine_distance"],
+            metrics["cosine_distance_ci_low"], metrics["cosine_distance_ci_high"], metrics["relative_l2_mean"],
+            metrics["relative_l2_ci_low"], metrics["relative_l2_ci_high"],
+        )  # fmt: skip
         return metrics
 
     # 1. the two models --------------------------------------------------------------
@@ -134,6 +138,23 @@ class RepresentationShift(Experiment):
                 "l0_vlm": (vlm_codes > 0).sum(axis=1),
             }
         )
+
+    # 5. the distance, with an interval over prompts ---------------------------------------
+    @staticmethod
+    def distances(prompt_table: pd.DataFrame, seed: int) -> dict[str, float]:
+        """Mean 1 - cosine and mean relative L2 over prompts, each with a bootstrap 95% interval over prompts.
+
+        A prompt whose code vector is all zero in either model has no cosine (or no relative L2)
+        and is left out of that measure; `*_n_prompts` says how many remained.
+        """
+        out: dict[str, float] = {}
+        for name, values in (("cosine_distance", 1 - prompt_table["cosine"].to_numpy(float)), ("relative_l2", prompt_table["relative_l2"].to_numpy(float))):
+            finite = values[np.isfinite(values)]
+            low, high = S.bootstrap_ci(finite, seed) if finite.size else (float("nan"), float("nan"))
+            out |= {f"{name}_ci_low": low, f"{name}_ci_high": high, f"{name}_n_prompts": int(finite.size)}
+            if name == "cosine_distance":
+                out[name] = float(finite.mean()) if finite.size else float("nan")
+        return out
 
     # 3. per feature ----------------------------------------------------------------------
     def feature_shift(self, base_codes: np.ndarray, vlm_codes: np.ndarray) -> pd.DataFrame:

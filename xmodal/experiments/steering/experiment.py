@@ -15,7 +15,7 @@ Method (seed 000, cross-modal steering), at one decoder layer:
    change in log-probability of the concept word's first token at the first answer
    position, and the KL divergence from the unsteered distribution there.
 4. Controls in the same run: strength 0; a random feature of matched scale; the same
-   direction added at another layer. Effects come with bootstrap confidence intervals,
+   feature steered in the same mode (clamp or add) at another layer. Effects come with bootstrap confidence intervals,
    and the feature-minus-random difference with a paired bootstrap interval.
 """
 
@@ -107,15 +107,15 @@ class SteeringEval(Experiment):
             others = np.delete(by_concept, concept_index, axis=0)
             specificity = by_concept[concept_index] - others.mean(axis=0)
             feature = int(np.argmax(specificity))
-            log.info("feature %d is the most specific to %r's %s (specificity %.3f)", feature, self.config.concept, self.config.feature_source, specificity[feature])
+            log.info(
+                "feature %d is the most specific to %r's %s (specificity %.3f)", feature, self.config.concept, self.config.feature_source, specificity[feature]
+            )
         else:
             feature = int(self.config.feature)
             if not 0 <= feature < d_sae:
                 raise ConfigError(f"experiment.feature={feature} is outside the SAE, which has features 0..{d_sae - 1}")
         if scale[feature] <= 0:
-            raise ConfigError(
-                f"feature {feature} never fires on dataset {ctx.dataset.name!r}, so it has no activation scale; pick another feature"
-            )
+            raise ConfigError(f"feature {feature} never fires on dataset {ctx.dataset.name!r}, so it has no activation scale; pick another feature")
         rng = np.random.default_rng(ctx.seed)
         matched = np.flatnonzero((scale >= 0.5 * scale[feature]) & (scale <= 2.0 * scale[feature]))
         matched = matched[matched != feature]
@@ -173,11 +173,7 @@ class SteeringEval(Experiment):
         feature, random_feature, scale, random_scale = self.choose_features(ctx, concept_index)
         control_layer = self.control_layer(ctx)
         images, sources = self.images_to_describe(ctx, concept)
-        conditions = [
-            ("feature", ctx.layer, feature, scale, str(self.config.mode)),
-            ("random_feature", ctx.layer, random_feature, random_scale, str(self.config.mode)),
-            ("feature_other_layer", control_layer, feature, scale, "add"),  # the encoder belongs to layer L: add there
-        ]
+        conditions = self.conditions(ctx.layer, control_layer, feature, random_feature, scale, random_scale)
         with ctx.timed("steering"):
             samples = self.steer_and_describe(ctx, images, sources, conditions, words, word_token)
         summary = self.summarise(samples, ctx.seed)
@@ -200,10 +196,31 @@ class SteeringEval(Experiment):
         metrics["feature_minus_random_ci_high_max_strength"] = float(top.loc["feature", "minus_random_ci_high"])
         log.info(
             "layer %d, feature %d (%s): mention rate %.2f at strength %g vs random feature %.2f and baseline %.2f",
-            ctx.layer, feature, concept.name, metrics["feature_mention_rate_max_strength"], max(self.strengths),
-            metrics["random_feature_mention_rate_max_strength"], metrics["baseline_mention_rate"],
+            ctx.layer,
+            feature,
+            concept.name,
+            metrics["feature_mention_rate_max_strength"],
+            max(self.strengths),
+            metrics["random_feature_mention_rate_max_strength"],
+            metrics["baseline_mention_rate"],
         )
         return metrics
+
+    def conditions(
+        self, layer: int, control_layer: int, feature: int, random_feature: int, scale: float, random_scale: float
+    ) -> list[tuple[str, int, int, float, str]]:
+        """(condition, layer, feature, scale, mode) of the steered run and its two controls, all in one mode.
+
+        The other-layer control differs from the main condition in its layer alone: under clamp it reads
+        the feature's activation there with the same SAE encoder, so a clamp that only works at layer L
+        is what it tests, not clamp against add.
+        """
+        mode = str(self.config.mode)
+        return [
+            ("feature", layer, feature, scale, mode),
+            ("random_feature", layer, random_feature, random_scale, mode),
+            ("feature_other_layer", control_layer, feature, scale, mode),
+        ]
 
     def steer_and_describe(
         self, ctx: RunContext, images: list, sources: list[str], conditions: list[tuple[str, int, int, float, str]],
