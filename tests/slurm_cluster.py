@@ -178,6 +178,7 @@ if __name__ == "__main__":
     import sys
 
     cluster = SlurmCluster(Path(sys.argv[1]).resolve())
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the daemons on TERM as on Ctrl-C
     cluster.start()
     print(f"export SLURM_CONF={cluster.conf}", flush=True)
     try:
