@@ -206,13 +206,17 @@ def test_a_timed_out_task_is_requeued_up_to_max_num_timeout_times(cluster, workd
         # the study has started (so submitit's signal handler is set) on this attempt
         wait_for(lambda: task_log(sweep, task).count("overlap | model=tiny") == attempt, f"attempt {attempt} running", cluster, proc=proc)
         cluster.run("scancel", "--signal=USR2", task)
-        wait_for(lambda: "Requeued job" in task_log(sweep, task) or "timed-out too many times" in task_log(sweep, task), "the signal handled", cluster, timeout=60)
+        wait_for(
+            lambda: "Requeued job" in task_log(sweep, task) or "timed-out too many times" in task_log(sweep, task), "the signal handled", cluster, timeout=60
+        )
     code, output = finish(proc)
     log = task_log(sweep, task)
     assert "this job is timed-out" in log and "Calling checkpoint method" in log and "Requeued job" in log and "(0 remaining timeouts)" in log
     assert "timed-out too many times" in log and log.count("Starting with JobEnvironment") == 2, log[-3000:]
     assert code != 0 and not result_of_exists(sweep, 1)
-    again = subprocess.run(sweep_args(sweep, cache, layers="1"), cwd=workdir, env={**cluster.env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=400)
+    again = subprocess.run(
+        sweep_args(sweep, cache, layers="1"), cwd=workdir, env={**cluster.env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=400
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert_same_summary(sweep, reference["sweep"])
 

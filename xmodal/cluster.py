@@ -132,7 +132,9 @@ def check_request(launcher: dict[str, Any], partition: Partition) -> None:
         unmet.append((f"cpus_per_task={launcher.get('cpus_per_task')}" + (f" x tasks_per_node={launcher.get('tasks_per_node')}" if (launcher.get("tasks_per_node") or 1) > 1 else ""),
                       f"{most_cpus.cpus} CPUs ({most_cpus.name})", f"cpus_per_task={most_cpus.cpus}"))  # fmt: skip
     if memory_mb > most_memory.memory_mb:
-        unmet.append((f"mem_gb={launcher.get('mem_gb')}", f"{_gib(most_memory.memory_mb)} ({most_memory.name})", f"mem_gb={int(most_memory.memory_mb // 1024) or 1}"))
+        unmet.append(
+            (f"mem_gb={launcher.get('mem_gb')}", f"{_gib(most_memory.memory_mb)} ({most_memory.name})", f"mem_gb={int(most_memory.memory_mb // 1024) or 1}")
+        )
     timeout_min = launcher.get("timeout_min")
     if partition.max_time_min is not None and timeout_min and timeout_min > partition.max_time_min:
         unmet.append((f"timeout_min={timeout_min}", f"a time limit of {partition.max_time_min:g} min", f"timeout_min={int(partition.max_time_min)}"))
@@ -154,7 +156,9 @@ def check_slurm_request(launcher: dict[str, Any]) -> None:
     """The whole pre-submission check: SLURM's commands present, the partition known, the request possible."""
     for command in ("sbatch", "scontrol"):
         if shutil.which(command) is None:
-            raise ConfigError(f"cluster=slurm needs SLURM's `{command}` on PATH, and it is not there; run from a SLURM login node, or use cluster=submitit_local")
+            raise ConfigError(
+                f"cluster=slurm needs SLURM's `{command}` on PATH, and it is not there; run from a SLURM login node, or use cluster=submitit_local"
+            )
     name = launcher.get("partition")
     if not name:
         defaults = [_fields(line) for line in _slurm("scontrol", "show", "partition", "-o").splitlines() if "Default=YES" in line]
