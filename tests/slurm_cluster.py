@@ -87,7 +87,8 @@ JobCompLoc={self.jobcomp_log}
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
-ReturnToService=2
+# a node set down stays down until `scontrol update state=resume`
+ReturnToService=1
 KillWait=5
 MinJobAge=600
 SlurmdTimeout=30
@@ -148,23 +149,43 @@ PartitionName=urgent Nodes={self.node} MaxTime=60 State=UP PriorityTier=2 Preemp
     def jobcomp_lines(self) -> list[str]:
         return self.jobcomp_log.read_text().splitlines() if self.jobcomp_log.exists() else []
 
+    def job_processes(self) -> list[psutil.Process]:
+        """Processes of this cluster's jobs: those whose environment names its slurm.conf (jobs
+        inherit it from the submitting process), the slurmstepd above them, and any slurmstepd
+        with a socket in this cluster's spool folder."""
+        found: dict[int, psutil.Process] = {}
+        for proc in psutil.process_iter():
+            try:
+                if proc.name().startswith("slurmstepd") and any(str(c.laddr).startswith(str(self.root)) for c in proc.net_connections(kind="unix")):
+                    found[proc.pid] = proc
+                elif proc.pid != os.getpid() and proc.environ().get("SLURM_CONF") == str(self.conf):
+                    found[proc.pid] = proc
+                    parent = proc.parent()
+                    if parent is not None and parent.name().startswith("slurmstepd"):
+                        found[parent.pid] = parent
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return [p for pid, p in found.items() if pid not in {d.pid for d in self.processes.values()}]
+
     def stop(self) -> list[str]:
-        """Stop the daemons by their pids (slurmd, slurmctld, then munged); the names of any left running."""
+        """Stop the jobs, then the daemons (slurmd, slurmctld, munged), by their pids; what is left running."""
+        for proc in self.job_processes():  # slurmstepd leaves slurmd's tree: its jobs would outlive the daemons
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
         for name in reversed(DAEMONS):
             proc = self.processes.get(name)
             if proc is None or proc.poll() is not None:
                 continue
-            children = psutil.Process(proc.pid).children(recursive=True)
             os.kill(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
-            for child in children:  # slurmstepd and the jobs it ran, if any outlived their daemon
-                if _alive(child.pid):
-                    os.kill(child.pid, signal.SIGKILL)
-        return [f"{name} (pid {proc.pid})" for name, proc in self.processes.items() if _alive(proc.pid)]
+        left = [f"{name} (pid {proc.pid})" for name, proc in self.processes.items() if _alive(proc.pid)]
+        return left + [f"{p.name()} (pid {p.pid})" for p in self.job_processes() if _alive(p.pid)]
 
 
 def _alive(pid: int) -> bool:

@@ -24,12 +24,36 @@ from safetensors import safe_open
 from tests.conftest import TINY_CONFIG
 from tests.slurm_cluster import PARTITION, SlurmCluster, missing_binaries
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+def on_slurm(test):
+    """A test on the cluster: marked `slurm` (CI installs it) and `slow`."""
+    return pytest.mark.slurm(pytest.mark.slow(test))
+
 
 # What the 2-CPU test node can give; the preset's defaults (a GPU, 8 CPUs, 64 GB) it cannot.
 FITS_THE_NODE = [f"hydra.launcher.partition={PARTITION}", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
                  "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=60"]  # fmt: skip
 COMPARED = ["layer", "model", "sae", "dataset", "status", "jaccard_topk", "jaccard_topk_p", "pearson", "n_crossmodal_features", "n_crossmodal_features_p"]
+
+
+def test_the_check_names_each_resource_no_node_can_give_and_passes_one_that_fits():
+    from xmodal.cluster import Node, Partition, check_request, parse_gpus, parse_time_min
+    from xmodal.errors import ConfigError
+
+    gpu = Partition("gpu", (Node("a", 64, 512_000, 8), Node("b", 32, 256_000, parse_gpus("gpu:a100:4(S:0-1),shard:8"))), parse_time_min("2-00:00:00"))
+    assert gpu.max_time_min == 2 * 24 * 60 and gpu.nodes[1].gpus == 4 and parse_time_min("UNLIMITED") is None
+    check_request({"gpus_per_node": 8, "cpus_per_task": 64, "mem_gb": 400, "timeout_min": 240, "nodes": 1, "tasks_per_node": 1}, gpu)
+    with pytest.raises(ConfigError) as err:
+        check_request({"gpus_per_node": 16, "cpus_per_task": 8, "mem_gb": 64, "timeout_min": 4000, "nodes": 1, "tasks_per_node": 1}, gpu)
+    assert str(err.value).startswith("cluster=slurm asks partition gpu for gpus_per_node=16, timeout_min=4000, which no node can ever give")
+    assert "the largest has 8 GPUs (a), a time limit of 2880 min" in str(err.value) and "hydra.launcher.gpus_per_node=8" in str(err.value)
+    with pytest.raises(ConfigError, match="gres=gpu:2"):
+        check_request({"gres": "gpu:2", "cpus_per_task": 1, "nodes": 1}, Partition("cpu", (Node("c", 4, 8000, 0),), None))
+    with pytest.raises(ConfigError, match=r"gpus_per_node=8, cpus=64, mem_gb=500 on one node"):  # each fits some node, none all three
+        check_request(
+            {"gpus_per_node": 8, "cpus_per_task": 64, "mem_gb": 500, "nodes": 1},
+            Partition("mixed", (Node("a", 64, 256_000, 8), Node("b", 8, 600_000, 0)), None),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +69,8 @@ def cluster(tmp_path_factory):
         yield slurm
     finally:
         left = slurm.stop()
-        strays = [p.pid for p in psutil.process_iter(["cmdline"]) if str(slurm.conf) in " ".join(p.info["cmdline"] or [])]
-        assert not left and not strays, f"SLURM daemons left running: {left} {strays}"
+        daemons = [p.pid for p in psutil.process_iter(["cmdline"]) if str(slurm.conf) in " ".join(p.info["cmdline"] or [])]
+        assert not left and not daemons, f"left running after the SLURM tests: {left} {daemons}"
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +157,7 @@ def reference(cluster, workdir):
     return {"sweep": sweep, "array": array, "seen": seen, "names": names, "job": job, "output": output}
 
 
+@on_slurm
 def test_a_sweep_is_one_array_whose_tasks_end_in_the_job_completion_log(cluster, reference):
     sweep, array = reference["sweep"], reference["array"]
     assert set(reference["seen"]) <= {f"{array}_{i}" for i in range(3)}
@@ -150,6 +175,7 @@ def test_a_sweep_is_one_array_whose_tasks_end_in_the_job_completion_log(cluster,
     assert "following the jobs with squeue" in reference["output"] and "Bypassing sacct error" not in reference["output"]
 
 
+@on_slurm
 def test_the_default_preset_fails_before_submission_naming_what_to_change(cluster, workdir):
     env = {**cluster.env, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     base = [sys.executable, "-m", "xmodal.run", TINY_CONFIG, "-m", "experiment=overlap", "layer=1,2", "cluster=slurm"]
@@ -170,6 +196,7 @@ def test_the_default_preset_fails_before_submission_naming_what_to_change(cluste
     assert not (workdir / "default" / ".submitit").exists()
 
 
+@on_slurm
 def test_a_preempted_task_is_requeued_and_resumes_from_the_activation_cache(cluster, workdir, reference):
     """A job in the `urgent` partition preempts the sweep's running tasks: SLURM sends them the user
     signal, submitit calls the launcher's checkpoint and requeues; the rerun reads its layer from the cache."""
@@ -192,6 +219,7 @@ def result_of_exists(sweep: Path, layer: int) -> bool:
     return bool(folders) and (folders[0] / "result.json").exists()
 
 
+@on_slurm
 def test_a_timed_out_task_is_requeued_up_to_max_num_timeout_times(cluster, workdir, reference):
     """The signal SLURM sends `signal_delay_s` before the time limit (USR2), sent by hand on each attempt so that
     the test need not wait out a limit (timeout_min=1: submitit counts any USR2 as a time-out): submitit
@@ -221,6 +249,7 @@ def test_a_timed_out_task_is_requeued_up_to_max_num_timeout_times(cluster, workd
     assert_same_summary(sweep, reference["sweep"])
 
 
+@on_slurm
 def test_after_scancel_the_same_command_runs_only_the_cancelled_task(cluster, workdir, reference):
     sweep, cache = workdir / "cancelled", workdir / "cache_cancelled"
     args = sweep_args(sweep, cache, "hydra.launcher.array_parallelism=1")  # one task at a time: the second still pends
@@ -245,6 +274,7 @@ def array_id_after(sweep: Path, earlier: str) -> str:
     return ids.pop()
 
 
+@on_slurm
 def test_a_sweep_survives_its_node_going_down(cluster, workdir, reference):
     sweep, cache = workdir / "node_down", workdir / "cache_node_down"
     proc = start(cluster, sweep_args(sweep, cache), workdir)
@@ -258,12 +288,15 @@ def test_a_sweep_survives_its_node_going_down(cluster, workdir, reference):
     assert code == 0, output[-3000:]
     states = task_states(cluster, array)
     assert set(states.values()) == {"COMPLETED"}, states
+    requeued = (cluster.root / "log" / "slurmctld.log").read_text().count(f"due to failure of node {cluster.node}")
+    assert requeued >= 1  # SLURM requeued the running tasks
     for line in cluster.jobcomp_lines():  # no task reads as finished without its result.json
         if f"ArrayJobId={array} " in line and "JobState=COMPLETED" in line:
             assert result_of_exists(sweep, int(line.split("ArrayTaskId=")[1].split()[0]) + 1)
     assert_same_summary(sweep, reference["sweep"])
 
 
+@on_slurm
 def test_the_store_runs_as_an_array_and_a_requeued_task_resumes_after_its_last_shard(cluster, workdir):
     """`xmodal.sae_train -m cluster=slurm`, one layer set per task; `scontrol requeue` of task 0 while it
     fills its store. Its rerun resumes after the last entered shard and ends with the same store as task 1's."""
