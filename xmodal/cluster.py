@@ -185,7 +185,14 @@ class SqueueInfoWatcher(submitit_slurm.SlurmInfoWatcher):
 
     def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
         text = string.decode() if isinstance(string, bytes) else string
-        return super().read_info("JobID|State|NodeList\n" + text)
+        info = super().read_info("JobID|State|NodeList\n" + text)
+        # A task cancelled while its array was one pending record leaves no record of its own: squeue
+        # (which answered for its array) no longer lists it, so it will never run; without this it would be waited for forever.
+        listed_arrays = {job_id.split("_")[0] for job_id in info}
+        for job_id in self._registered - self._finished:
+            if job_id not in info and job_id.split("_")[0] in listed_arrays:
+                info[job_id] = {"JobID": job_id, "State": "NOT_IN_SQUEUE", "NodeList": ""}
+        return info
 
 
 def follow_jobs_with_squeue() -> None:
