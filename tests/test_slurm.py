@@ -163,6 +163,10 @@ def test_a_sweep_is_one_array_whose_tasks_end_in_the_job_completion_log(cluster,
     assert set(reference["seen"]) <= {f"{array}_{i}" for i in range(3)}
     assert all(line.split()[1:] == ["run", PARTITION] for line in reference["names"].splitlines())
     assert reference["job"].count(f"ArrayJobId={array} ") == 3, reference["job"]  # one record per task
+    # the sweep ends on its tasks' results; SLURM may log the last completion a moment later
+    wait_for(
+        lambda: len([line for line in cluster.jobcomp_lines() if f"ArrayJobId={array} " in line]) == 3, "3 lines in the job completion log", cluster, timeout=60
+    )
     completed = [line for line in cluster.jobcomp_lines() if f"ArrayJobId={array} " in line]
     assert len(completed) == 3 and all("JobState=COMPLETED" in line and "Partition=debug" in line for line in completed)
     assert {line.split("ArrayTaskId=")[1].split()[0] for line in completed} == {"0", "1", "2"}
@@ -179,7 +183,7 @@ def test_a_sweep_is_one_array_whose_tasks_end_in_the_job_completion_log(cluster,
 def test_the_default_preset_fails_before_submission_naming_what_to_change(cluster, workdir):
     env = {**cluster.env, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     base = [sys.executable, "-m", "xmodal.run", TINY_CONFIG, "-m", "experiment=overlap", "layer=1,2", "cluster=slurm"]
-    before = len(cluster.jobcomp_lines()), cluster.run("squeue", "--states=all", "--noheader")
+    before = set(cluster.run("squeue", "--states=all", "--noheader", "-o", "%i").split())  # job ids
     default = subprocess.run([*base, f"hydra.sweep.dir={workdir / 'default'}"], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
     assert default.returncode == 2
     assert default.stderr.strip().splitlines() == [
@@ -192,7 +196,7 @@ def test_the_default_preset_fails_before_submission_naming_what_to_change(cluste
     assert "asks partition debug for gpus_per_node=1, cpus_per_task=8, mem_gb=64, timeout_min=240" in line
     assert "the largest has 0 GPUs (" in line and "2 CPUs (" in line and "a time limit of 60 min" in line
     assert "set hydra.launcher.gpus_per_node=null hydra.launcher.cpus_per_task=2" in line
-    assert (len(cluster.jobcomp_lines()), cluster.run("squeue", "--states=all", "--noheader")) == before  # nothing was submitted
+    assert set(cluster.run("squeue", "--states=all", "--noheader", "-o", "%i").split()) == before  # nothing was submitted
     assert not (workdir / "default" / ".submitit").exists()
 
 
