@@ -64,3 +64,17 @@ def test_mds_spread_gets_a_p_value_against_swapped_modalities():
         spread = study.spread_against_null(sigma, null_mds)
         assert spread["mds_std"] == sigma and spread["mds_std_null_q025"] <= spread["mds_std_null_mean"] <= spread["mds_std_null_q975"]
         assert (spread["mds_std_p"] < 0.01) == signal, spread
+
+
+def test_result_json_names_the_embedders_mds_used(tmp_path, monkeypatch):
+    import json
+
+    from tests.conftest import run_in_process
+
+    monkeypatch.setattr("xmodal.experiments.mds.experiment.hub_model_reachable", lambda name: False)  # offline: the fallback
+    code = run_in_process("experiment=mds", f"experiment.image_embedder_path={tmp_path / 'no_embedder'}", "experiment.n_null=20",
+                          f"paths.activation_cache={tmp_path / 'cache'}", run_dir=tmp_path / "run")  # fmt: skip
+    assert code == 0
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert record["metrics"]["image_embedder_is_fallback"] == 1
+    assert "fallback" in record["image_embedder"] and record["text_embedder"]

@@ -168,7 +168,7 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
         }
         logger.log_metrics(metrics, identity)
         provenance = {"model_identity": model.identity, "sae_identity": features.identity, **code_version()}
-        extra = {**identity, "config_hash": digest, "weights_hash": weights, "overrides": job.overrides, **provenance}
+        extra = {**identity, "config_hash": digest, "weights_hash": weights, "overrides": job.overrides, **provenance, **ctx.metadata}
         result = writer.finish(experiment.name, metrics, ctx.timings_s, extra)
         ok = True
     finally:

@@ -50,6 +50,7 @@ class RunContext:
     logger: NullLogger = field(default_factory=NullLogger)
     timings_s: dict[str, float] = field(default_factory=dict)
     progress: bool = True
+    metadata: dict[str, Any] = field(default_factory=dict)  # words a study records in result.json beside its metrics (which are numbers)
     cache_also_layers: Sequence[int] = ()  # extracted and cached alongside this job's layer (paths.cache_preset_layers)
 
     @property

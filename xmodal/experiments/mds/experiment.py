@@ -213,6 +213,7 @@ class MDSClassifier(Experiment):
                 "image": (codes.image, embed_in_batches(embed_images, [image.load() for image in ctx.dataset.images])),
             }
         rows, metrics = [], {"image_embedder_is_fallback": int(is_fallback)}
+        ctx.metadata |= {"image_embedder": image_name, "text_embedder": text_name}  # the embedders used, by name, in result.json
         with ctx.timed("interpretability"):
             for modality, (matrix, embeddings) in samples.items():
                 for g in (*GROUPS, "all"):  # "all": every active feature, the paper's Table 1
