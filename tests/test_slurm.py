@@ -19,7 +19,6 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-from safetensors import safe_open
 
 from tests.conftest import TINY_CONFIG
 from tests.slurm_cluster import PARTITION, SlurmCluster, missing_binaries
@@ -119,10 +118,12 @@ def task_states(cluster: SlurmCluster, array: str) -> dict[str, str]:
 
 
 def cached_layers(cache: Path) -> set[int]:
+    """The layers whose streaming readout the cache holds finished (progress.json says complete)."""
     layers = set()
-    for path in cache.rglob("*.safetensors"):
-        with safe_open(str(path), "pt") as f:
-            layers.add(json.loads(f.metadata()["xmodal"])["layer"])
+    for manifest in cache.rglob("readout.json"):
+        progress = manifest.with_name("progress.json")
+        if progress.exists() and json.loads(progress.read_text())["complete"]:
+            layers.add(json.loads(manifest.read_text())["layer"])
     return layers
 
 

@@ -10,10 +10,27 @@ layers of a large-vocabulary model.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def output_replaced(module: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, `module`'s output hidden state (a decoder layer's resid_post: the first element
+    when it returns a tuple) is `replace(hidden)` in every forward pass: steering and SAE splicing."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = replace(hidden)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class StopForward(Exception):

@@ -14,12 +14,13 @@ the prompt is the prompt, and any other pass is generated text.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
+
+from xmodal.activations.capture import output_replaced
 
 WHERE = ("image", "text", "both")
 MODES = ("add", "clamp")
@@ -66,17 +67,6 @@ def steered(hidden: torch.Tensor, steering: Steering, mask: torch.Tensor) -> tor
     return hidden + mask[..., None].to(hidden.dtype) * delta
 
 
-@contextmanager
-def steer(decoder_layer: nn.Module, steering: Steering, image_mask: torch.Tensor) -> Iterator[None]:
+def steer(decoder_layer: nn.Module, steering: Steering, image_mask: torch.Tensor) -> ContextManager[None]:
     """Within the block, every forward pass through `decoder_layer` has its output steered."""
-
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
-        new = steered(hidden, steering, steering_mask(steering.where, image_mask, hidden.shape[1]))
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-    handle = decoder_layer.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return output_replaced(decoder_layer, lambda hidden: steered(hidden, steering, steering_mask(steering.where, image_mask, hidden.shape[1])))

@@ -8,13 +8,13 @@ the answer is teacher-forced after the prompt, so one pass scores every answer t
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
 
+from xmodal.activations.capture import output_replaced
 from xmodal.models.base import ModelAdapter
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]  # (n, d_model) -> (n, d_model)
@@ -51,22 +51,15 @@ def answer_batch(adapter: ModelAdapter, images: Sequence[Any], answers: Sequence
     return AnswerBatch(dict(encoded), predicts, targets, image, text)
 
 
-@contextmanager
-def spliced(decoder_layer: nn.Module, reconstruct: Reconstruct, mask: torch.Tensor) -> Iterator[None]:
+def spliced(decoder_layer: nn.Module, reconstruct: Reconstruct, mask: torch.Tensor) -> ContextManager[None]:
     """Within the block, the output of `decoder_layer` at `mask` (batch, seq) is `reconstruct` of itself."""
 
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
-        new = hidden.clone()
-        where = mask.to(hidden.device)
+    def splice(hidden: torch.Tensor) -> torch.Tensor:
+        new, where = hidden.clone(), mask.to(hidden.device)
         new[where] = reconstruct(hidden[where]).to(hidden.dtype)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return new
 
-    handle = decoder_layer.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return output_replaced(decoder_layer, splice)
 
 
 @torch.inference_mode()
