@@ -33,7 +33,7 @@ def test_the_scale_benchmark_fits_growth_exponents_over_three_sizes(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     report = json.loads(out.read_text())
-    assert report["sizes"] == [12, 24, 48]
+    assert report["sizes"] == [24, 48, 96]
     for key, growth in report["growth"].items():
         assert growth["peak_rss_gb"] < 0.25, (key, growth)  # memory flat in the number of images (1 would be linear)
         assert growth["cache_fraction_of_dense"] < 1, (key, growth)  # pooled and sparse codes, not dense tokens
