@@ -35,8 +35,7 @@ def main(argv: list[str]) -> dict:
             out = Path(arg.removeprefix("out="))
         else:
             overrides.append(arg)
-    report: dict = {"overrides": overrides, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "runs": {}}  # fmt: skip
+    report: dict = {"overrides": overrides, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": {}}
     tables = {}
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         # a first, cheap run fills the activation cache: the attribute probes read their image variants inside
@@ -66,8 +65,10 @@ def main(argv: list[str]) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(pd.DataFrame(tables).assign(difference=difference).to_string())
-    print(f"metrics phase: torch {metrics_s['torch']:.1f} s, sklearn {metrics_s['sklearn']:.1f} s, "
-          f"speedup {report['speedup']:.1f}x; largest accuracy difference {report['max_accuracy_difference']:.4f} -> {out}")  # fmt: skip
+    print(
+        f"metrics phase: torch {metrics_s['torch']:.1f} s, sklearn {metrics_s['sklearn']:.1f} s, "
+        f"speedup {report['speedup']:.1f}x; largest accuracy difference {report['max_accuracy_difference']:.4f} -> {out}"
+    )
     return report
 
 

@@ -105,18 +105,38 @@ def run_job(cfg: ScaleConfig, study: str, n_images: int, work: Path, sae_path: P
     name = f"{study}_{n_images}" + "".join(f"_{e.split('=')[-1]}" for e in extra)
     cache = work / "cache" / name
     run_dir = work / "runs" / name
-    shape = [f"model.hidden_size={cfg.hidden_size}", f"model.num_hidden_layers={cfg.num_layers}", f"model.image_size={cfg.image_size}",
-             f"model.mm_tokens_per_image={cfg.image_tokens}"] if cfg.model == "tiny" else [f"model={cfg.model}"]  # fmt: skip
+    shape = (
+        [
+            f"model.hidden_size={cfg.hidden_size}",
+            f"model.num_hidden_layers={cfg.num_layers}",
+            f"model.image_size={cfg.image_size}",
+            f"model.mm_tokens_per_image={cfg.image_tokens}",
+        ]
+        if cfg.model == "tiny"
+        else [f"model={cfg.model}"]
+    )
     overrides = [
-        "--config-name=config_tiny", f"experiment={study}", "dataset=synthetic", f"dataset.images_per_concept={n_images // N_CONCEPTS}",
-        f"dataset.image_size={cfg.image_size}", *shape, f"model.device={cfg.device}", f"layer={cfg.layer}",
-        f"positions.batch_size={cfg.batch_size}", f"experiment.n_permutations={cfg.n_permutations}", f"seed={cfg.seed}",
-        f"paths.activation_cache={cache}", f"hydra.run.dir={run_dir}", "paths.cache_preset_layers=false",
-        *(["sae=local", f"sae.path={sae_path}"] if sae_path else ["sae=none"]), *extra,
-    ]  # fmt: skip
+        "--config-name=config_tiny",
+        f"experiment={study}",
+        "dataset=synthetic",
+        f"dataset.images_per_concept={n_images // N_CONCEPTS}",
+        f"dataset.image_size={cfg.image_size}",
+        *shape,
+        f"model.device={cfg.device}",
+        f"layer={cfg.layer}",
+        f"positions.batch_size={cfg.batch_size}",
+        f"experiment.n_permutations={cfg.n_permutations}",
+        f"seed={cfg.seed}",
+        f"paths.activation_cache={cache}",
+        f"hydra.run.dir={run_dir}",
+        "paths.cache_preset_layers=false",
+        *(["sae=local", f"sae.path={sae_path}"] if sae_path else ["sae=none"]),
+        *extra,
+    ]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", JOB, *overrides], cwd=work, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", JOB, *overrides], cwd=work, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -125,16 +145,22 @@ def run_job(cfg: ScaleConfig, study: str, n_images: int, work: Path, sae_path: P
     result = json.loads((run_dir / "result.json").read_text())
     timings = result["timings_s"]
     return {
-        "study": study, "n_images": n_images, "extra": extra, "wall_s": wall, "peak_rss_gb": peak_kb / 2**20,
+        "study": study,
+        "n_images": n_images,
+        "extra": extra,
+        "wall_s": wall,
+        "peak_rss_gb": peak_kb / 2**20,
         "cache_bytes_per_image": directory_bytes(cache) / n_images,
         "dense_float32_bytes_per_image": cfg.image_tokens * cfg.hidden_size * 4,
-        "activations_s_per_image": timings.get("activations", 0.0) / n_images, "timings_s": timings,
+        "activations_s_per_image": timings.get("activations", 0.0) / n_images,
+        "timings_s": timings,
         # the image loop alone (forward, encode, pool, write), from the readouts' progress: no model load, no text
         "image_pass_s_per_image": sum(json.loads(p.read_text()).get("image_pass_s", 0.0) for p in cache.rglob("progress.json")) / n_images,
         "images_per_s": n_images / timings["activations"] if timings.get("activations") else None,
         "peak_gpu_gb": int(printed["PEAK_GPU_BYTES"]) / 2**30 if "PEAK_GPU_BYTES" in printed else None,
-        "metrics_s": timings.get("metrics"), "accuracies": {k: v for k, v in result["metrics"].items() if k.endswith("accuracy")},
-    }  # fmt: skip
+        "metrics_s": timings.get("metrics"),
+        "accuracies": {k: v for k, v in result["metrics"].items() if k.endswith("accuracy")},
+    }
 
 
 def exponent(sizes: list[int], values: list[float]) -> float:
@@ -147,8 +173,15 @@ def main() -> None:
     if cfg.quick:
         cfg = quick(cfg)
     sizes = [max(N_CONCEPTS, n - n % N_CONCEPTS) for n in cfg.sizes]
-    report: dict = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "sizes": sizes, "machine": platform.machine(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__, "jobs": [], "growth": {}}  # fmt: skip
+    report: dict = {
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "sizes": sizes,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "jobs": [],
+        "growth": {},
+    }
     with tempfile.TemporaryDirectory(prefix="xmodal-scale-") as tmp:
         work = Path(tmp)
         sae_path = write_random_topk_sae(work / "sae", cfg) if cfg.sae == "topk" else None
@@ -158,8 +191,11 @@ def main() -> None:
                 jobs = []
                 for n in sizes:
                     job = run_job(cfg, study, n, work, sae_path, extra)
-                    print(f"{study} {' '.join(extra)} {n:>6} images: {job['wall_s']:7.1f} s, peak RSS {job['peak_rss_gb']:.2f} GB, "
-                          f"cache {job['cache_bytes_per_image'] / 1e3:.1f} kB/image", flush=True)  # fmt: skip
+                    print(
+                        f"{study} {' '.join(extra)} {n:>6} images: {job['wall_s']:7.1f} s, peak RSS {job['peak_rss_gb']:.2f} GB, "
+                        f"cache {job['cache_bytes_per_image'] / 1e3:.1f} kB/image",
+                        flush=True,
+                    )
                     jobs.append(job)
                 report["jobs"] += jobs
                 key = " ".join([study, *extra])
@@ -167,10 +203,9 @@ def main() -> None:
                     metric: exponent(sizes, [j[metric] for j in jobs]) for metric in ("wall_s", "peak_rss_gb", "image_pass_s_per_image")
                 } | {
                     "peak_rss_growth_first_to_last": jobs[-1]["peak_rss_gb"] / jobs[0]["peak_rss_gb"] - 1,
-                    "image_pass_s_per_image_spread": max(j["image_pass_s_per_image"] for j in jobs)
-                    / min(j["image_pass_s_per_image"] for j in jobs) - 1,
+                    "image_pass_s_per_image_spread": max(j["image_pass_s_per_image"] for j in jobs) / min(j["image_pass_s_per_image"] for j in jobs) - 1,
                     "cache_fraction_of_dense": max(j["cache_bytes_per_image"] / j["dense_float32_bytes_per_image"] for j in jobs),
-                }  # fmt: skip
+                }
     out = Path(cfg.out or REPO / "benchmarks" / "results" / f"scale{'_quick' if cfg.quick else ''}_{cfg.sae}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda p: Path(p).write_text(json.dumps(report, indent=1)))

@@ -115,13 +115,20 @@ def extraction(adapter: ModelAdapter, cfg: SuiteConfig) -> dict[str, float]:
     images_per_s, prompts_per_s = len(dataset.images) / image_s, len(dataset.concepts) / text_s
     naive_images_per_s, naive_prompts_per_s = len(naive_set.images) / naive_image_s, len(naive_set.concepts) / naive_text_s
     return {
-        "speedup_same_inputs": naive_s / same_s, "max_abs_difference": diff,
-        "images_per_s": images_per_s, "naive_images_per_s": naive_images_per_s, "images_speedup": images_per_s / naive_images_per_s,
-        "prompts_per_s": prompts_per_s, "naive_prompts_per_s": naive_prompts_per_s, "prompts_speedup": prompts_per_s / naive_prompts_per_s,
+        "speedup_same_inputs": naive_s / same_s,
+        "max_abs_difference": diff,
+        "images_per_s": images_per_s,
+        "naive_images_per_s": naive_images_per_s,
+        "images_speedup": images_per_s / naive_images_per_s,
+        "prompts_per_s": prompts_per_s,
+        "naive_prompts_per_s": naive_prompts_per_s,
+        "prompts_speedup": prompts_per_s / naive_prompts_per_s,
         "naive_tokens_per_s": (len(text) + image.shape[0] * image.shape[1]) / naive_s,
-        "n_images": len(dataset.images), "n_prompts": len(dataset.concepts), "naive_inputs": len(naive_set.images) + len(naive_set.concepts),
+        "n_images": len(dataset.images),
+        "n_prompts": len(dataset.concepts),
+        "naive_inputs": len(naive_set.images) + len(naive_set.concepts),
         "batch_size": cfg.batch_size,
-    }  # fmt: skip
+    }
 
 
 # -------------------------------------------------------------------------------- SAE encode --
@@ -156,8 +163,14 @@ def store_write(adapter: ModelAdapter, cfg: SuiteConfig, naive_tokens_per_s: flo
         store = build_store(adapter, dataset, Path(tmp) / "store", [cfg.layer], positions, "concepts", cfg.seed, 4096, progress=False)
         seconds = time.perf_counter() - start
         rate = store.n_rows / seconds
-        return {"tokens_per_s": rate, "naive_extraction_tokens_per_s": naive_tokens_per_s, "speedup": rate / naive_tokens_per_s,
-                "rows": store.n_rows, "shards": store.n_shards, "bytes": sum(s["bytes"] for s in store.progress.shards)}  # fmt: skip
+        return {
+            "tokens_per_s": rate,
+            "naive_extraction_tokens_per_s": naive_tokens_per_s,
+            "speedup": rate / naive_tokens_per_s,
+            "rows": store.n_rows,
+            "shards": store.n_shards,
+            "bytes": sum(s["bytes"] for s in store.progress.shards),
+        }
 
 
 # ------------------------------------------------------------------------------------- DAS --
@@ -165,8 +178,12 @@ def das(adapter: ModelAdapter, cfg: SuiteConfig) -> dict[str, float]:
     settings = OmegaConf.create({"batch_size": cfg.das_copies, "steps": cfg.das_steps, "seed": cfg.seed})
     vectors = torch.nn.functional.normalize(torch.randn(cfg.das_concepts, adapter.hidden_size, generator=torch.Generator().manual_seed(cfg.seed)), dim=-1)
     seconds, cosines = timed_synthesis(ImageReader(adapter, cfg.das_layer), vectors, settings)
-    return {"seconds_per_step": seconds, **against_whole_prompt(adapter, cfg.das_layer, vectors, settings, seconds, cosines),
-            "layer": cfg.das_layer, "images_per_step": cfg.das_concepts * cfg.das_copies}  # fmt: skip
+    return {
+        "seconds_per_step": seconds,
+        **against_whole_prompt(adapter, cfg.das_layer, vectors, settings, seconds, cosines),
+        "layer": cfg.das_layer,
+        "images_per_step": cfg.das_concepts * cfg.das_copies,
+    }
 
 
 # -------------------------------------------------------------------------------- steering --
@@ -190,8 +207,13 @@ def steering_generation(adapter: ModelAdapter, cfg: SuiteConfig) -> dict[str, fl
     naive_subset = images[: max(1, min(len(images), cfg.naive_images // 2))]
     naive_s, naive = timed(lambda: generate(1, naive_subset), adapter.device)
     rate, naive_rate = new_tokens(ours) / ours_s, new_tokens(naive) / naive_s
-    return {"tokens_per_s": rate, "naive_tokens_per_s": naive_rate, "speedup": rate / naive_rate, "batch_size": cfg.batch_size,
-            "max_new_tokens": cfg.max_new_tokens}  # fmt: skip
+    return {
+        "tokens_per_s": rate,
+        "naive_tokens_per_s": naive_rate,
+        "speedup": rate / naive_rate,
+        "batch_size": cfg.batch_size,
+        "max_new_tokens": cfg.max_new_tokens,
+    }
 
 
 def main() -> None:
@@ -209,12 +231,16 @@ def main() -> None:
     adapter = instantiate_model(model_cfg)
     adapter.model  # load before timing
     report: dict[str, Any] = {
-        "shape": cfg.shape, "device": str(adapter.device),
+        "shape": cfg.shape,
+        "device": str(adapter.device),
         "device_name": torch.cuda.get_device_name(adapter.device) if adapter.device.type == "cuda" else platform.processor() or platform.machine(),
-        "dtype": str(next(adapter.model.parameters()).dtype).removeprefix("torch."), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "layer": cfg.layer, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "dtype": str(next(adapter.model.parameters()).dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "layer": cfg.layer,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "settings": OmegaConf.to_container(OmegaConf.structured(cfg)),
-    }  # fmt: skip
+    }
     start = time.perf_counter()
     runs: list[tuple[str, Callable[[], dict]]] = [
         ("extraction", lambda: extraction(adapter, cfg)),

@@ -108,8 +108,19 @@ PartitionName=urgent Nodes={self.node} MaxTime=60 State=UP PriorityTier=2 Preemp
     def start(self, timeout_s: float = 60) -> None:
         self.write_config()
         r = self.root
-        self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={self.munge_socket}", f"--key-file={r}/munge/munge.key",
-                               f"--pid-file={r}/munge/munged.pid", f"--log-file={r}/log/munged.log", f"--seed-file={r}/munge/munged.seed"])  # fmt: skip
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={r}/munge/munge.key",
+                f"--pid-file={r}/munge/munged.pid",
+                f"--log-file={r}/log/munged.log",
+                f"--seed-file={r}/munge/munged.seed",
+            ],
+        )
         self._wait_for(lambda: self.munge_socket.exists(), timeout_s, "munged's socket")
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
         self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])

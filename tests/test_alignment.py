@@ -71,8 +71,7 @@ def test_an_unrelated_representation_sits_on_its_null():
 
 def test_a_measure_that_is_undefined_reports_nan_not_a_p_value():
     """Concepts with disjoint features have a flat kernel off the diagonal: unbiased CKA is 0/0."""
-    planted = planted_codes(n_concepts=12, pairs_per_concept=1, image_only_per_concept=0, text_only_per_concept=0,
-                            n_noise=0, fire_rate=1.0)  # fmt: skip
+    planted = planted_codes(n_concepts=12, pairs_per_concept=1, image_only_per_concept=0, text_only_per_concept=0, n_noise=0, fire_rate=1.0)
     flat = (planted.text > 0).astype(float)
     scores, _ = scores_with_null(flat, flat)
     assert np.isnan(scores.loc["cka_unbiased", "value"]) and np.isnan(scores.loc["cka_unbiased", "p"])
@@ -145,8 +144,15 @@ def test_too_few_concepts_for_k_is_one_line_and_no_result(tmp_path):
 
 
 def test_a_model_compared_with_itself_is_aligned_at_one(tmp_path):
-    result = run_cli("experiment=alignment", "layer=2", "experiment.compare=models", "experiment.other_model=tiny",
-                     "experiment.modality=image", "experiment.n_permutations=50", cwd=tmp_path)  # fmt: skip
+    result = run_cli(
+        "experiment=alignment",
+        "layer=2",
+        "experiment.compare=models",
+        "experiment.other_model=tiny",
+        "experiment.modality=image",
+        "experiment.n_permutations=50",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     [job] = list((tmp_path / "outputs").rglob("result.json"))
     metrics = json.loads(job.read_text())["metrics"]

@@ -13,10 +13,25 @@ from tests.conftest import REPO
 def test_the_suite_writes_every_ratio_with_its_baseline(tmp_path):
     out = tmp_path / "tiny.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "suite.py"), "shape=tiny", "layer=2", "das_layer=3", "images_per_concept=1",
-         "sae_tokens=4096", "das_steps=1", "das_concepts=2", "das_copies=2", "max_new_tokens=4", f"out={out}"],
-        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "suite.py"),
+            "shape=tiny",
+            "layer=2",
+            "das_layer=3",
+            "images_per_concept=1",
+            "sae_tokens=4096",
+            "das_steps=1",
+            "das_concepts=2",
+            "das_copies=2",
+            "max_new_tokens=4",
+            f"out={out}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     report = json.loads(out.read_text())
     for name in ("extraction", "sae_encode", "store_write", "das", "steering_generation"):
@@ -29,8 +44,13 @@ def test_the_suite_writes_every_ratio_with_its_baseline(tmp_path):
 def test_the_scale_benchmark_fits_growth_exponents_over_three_sizes(tmp_path):
     """quick=true: overlap and probe at three dataset sizes, each job in its own process and cache."""
     out = tmp_path / "scale.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale.py"), "quick=true", f"out={out}"], cwd=tmp_path,
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "scale.py"), "quick=true", f"out={out}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     report = json.loads(out.read_text())
     assert report["sizes"] == [24, 48, 96]

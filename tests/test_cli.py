@@ -28,8 +28,7 @@ def results_under(root: Path) -> list[Path]:
 
 def test_default_run_is_the_organism_with_its_sae(tmp_path):
     organism = ("model=organism", "sae=organism", "dataset=organism_concepts", "layer=preset:1")  # the shipped defaults
-    proc = run_cli(*organism, "experiment.n_permutations=200", f"paths.activation_cache={tmp_path / 'cache'}",
-                   "hydra.run.dir=outputs/organism", cwd=tmp_path)  # fmt: skip
+    proc = run_cli(*organism, "experiment.n_permutations=200", f"paths.activation_cache={tmp_path / 'cache'}", "hydra.run.dir=outputs/organism", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "outputs" / "organism" / "result.json").read_text())
     assert (result["status"], result["layer"], result["model"], result["sae"]) == ("ok", 9, "organism", "organism")
@@ -83,7 +82,16 @@ def test_multirun_over_layers(workdir):
 
 def test_multirun_through_submitit_local(workdir):
     sweep = workdir / "sweep_submitit"
-    proc = run_cli("-m", "experiment=overlap", "layer=1,2,3", "experiment.n_permutations=200", "hydra/launcher=submitit_local", cache_override(workdir), f"hydra.sweep.dir={sweep}", cwd=workdir)
+    proc = run_cli(
+        "-m",
+        "experiment=overlap",
+        "layer=1,2,3",
+        "experiment.n_permutations=200",
+        "hydra/launcher=submitit_local",
+        cache_override(workdir),
+        f"hydra.sweep.dir={sweep}",
+        cwd=workdir,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = results_under(sweep)
     assert len(results) == 3
@@ -113,19 +121,43 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str, dict]]:
         "corrupt_image": (["dataset=image_folder", f"dataset.root={corrupt}"], "b.jpg' of concept 'dog' cannot be read", {}),
         "sae_width": (["sae=local", f"sae.path={tmp / 'wide_sae'}"], "expects d_in=128 but model 'tiny' has hidden size 64", {}),
         "unknown_model_offline": (["model=gemma3_4b", "model.name_or_path=google/no-such-vlm"], "could not load model config 'google/no-such-vlm'", offline),
-        "embedder_offline": (["experiment=mds", "experiment.text_embedder=sentence-transformers/no-such-embedder", "experiment.zero_mask=false"],
-                             "text embedder 'sentence-transformers/no-such-embedder' cannot be loaded", offline),
-        "image_embedder_offline": (["experiment=mds", "experiment.image_embedder_fallback=null", "experiment.zero_mask=false"],
-                                   "could not load image embedder processor 'google/vit-base-patch16-224-in21k'", offline),
+        "embedder_offline": (
+            ["experiment=mds", "experiment.text_embedder=sentence-transformers/no-such-embedder", "experiment.zero_mask=false"],
+            "text embedder 'sentence-transformers/no-such-embedder' cannot be loaded",
+            offline,
+        ),
+        "image_embedder_offline": (
+            ["experiment=mds", "experiment.image_embedder_fallback=null", "experiment.zero_mask=false"],
+            "could not load image embedder processor 'google/vit-base-patch16-224-in21k'",
+            offline,
+        ),
         "organism_sae_layer": (["model=organism", "sae=organism", "dataset=organism_concepts", "layer=7"], "not layer=7", {}),
-        "organism_sae_width": (["model=organism", "sae=organism", "dataset=organism_concepts", "layer=9", "sae.width=2048"],
-                               "sae.width=2048 is not shipped for the instruct organism; the widths are 512, 1024", {}),
-        "text_only_dataset": (["experiment=overlap", "dataset=das_appendix_e"],
-                              "experiment=overlap needs images, and dataset 'das_appendix_e' has none", {}),
+        "organism_sae_width": (
+            ["model=organism", "sae=organism", "dataset=organism_concepts", "layer=9", "sae.width=2048"],
+            "sae.width=2048 is not shipped for the instruct organism; the widths are 512, 1024",
+            {},
+        ),
+        "text_only_dataset": (["experiment=overlap", "dataset=das_appendix_e"], "experiment=overlap needs images, and dataset 'das_appendix_e' has none", {}),
     }
 
 
-@pytest.mark.parametrize("case", ["layer_out_of_range", "layer_not_int", "missing_root", "concept_without_image", "corrupt_image", "sae_width", "unknown_model_offline", "embedder_offline", "image_embedder_offline", "organism_sae_layer", "organism_sae_width", "text_only_dataset"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "layer_out_of_range",
+        "layer_not_int",
+        "missing_root",
+        "concept_without_image",
+        "corrupt_image",
+        "sae_width",
+        "unknown_model_offline",
+        "embedder_offline",
+        "image_embedder_offline",
+        "organism_sae_layer",
+        "organism_sae_width",
+        "text_only_dataset",
+    ],
+)
 def test_bad_input_gives_one_clear_error_and_no_result(case, tmp_path):
     overrides, message, env = bad_inputs(tmp_path)[case]
     proc = run_cli(*overrides, f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path, env_extra=env, timeout=300)
@@ -140,8 +172,12 @@ def test_wandb_offline_run_is_written_without_the_api_key(workdir):
     secret = "xmodal-test-secret-4f2a"
     run_dir = workdir / "outputs" / "wandb_run"
     proc = run_cli(
-        "logger=wandb", "experiment.n_permutations=100", cache_override(workdir), f"hydra.run.dir={run_dir}",
-        cwd=workdir, env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": secret},
+        "logger=wandb",
+        "experiment.n_permutations=100",
+        cache_override(workdir),
+        f"hydra.run.dir={run_dir}",
+        cwd=workdir,
+        env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": secret},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((run_dir / "wandb").glob("offline-run-*"))
@@ -187,9 +223,19 @@ def test_mds_study_sweeps_over_layers(workdir):
 
 def test_mds_on_a_multimodal_sae_trained_in_the_run(workdir):
     run_dir = workdir / "outputs" / "msae"
-    proc = run_cli("experiment=mds", "experiment.msae=true", "experiment.msae_d_sae=64", "experiment.msae_k=8",
-                   "experiment.msae_epochs=5", "experiment.interpretability=false", "experiment.zero_mask=false",
-                   "experiment.n_null=20", cache_override(workdir), f"hydra.run.dir={run_dir}", cwd=workdir)  # fmt: skip
+    proc = run_cli(
+        "experiment=mds",
+        "experiment.msae=true",
+        "experiment.msae_d_sae=64",
+        "experiment.msae_k=8",
+        "experiment.msae_epochs=5",
+        "experiment.interpretability=false",
+        "experiment.zero_mask=false",
+        "experiment.n_null=20",
+        cache_override(workdir),
+        f"hydra.run.dir={run_dir}",
+        cwd=workdir,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from sae_lens import SAE
 
@@ -222,8 +268,16 @@ def test_probe_study_writes_every_probe_next_to_its_null(workdir):
 
 def test_probe_seed_003_options_top_n_curve_split_ratio_and_shared_features(workdir):
     run_dir = workdir / "outputs" / "probe_seed003"
-    proc = run_cli("experiment=probe", "experiment.n_permutations=20", "experiment.top_n_curve=[1,5]", "experiment.train_split=5:5",
-                   "experiment.attributes=[]", cache_override(workdir), f"hydra.run.dir={run_dir}", cwd=workdir)  # fmt: skip
+    proc = run_cli(
+        "experiment=probe",
+        "experiment.n_permutations=20",
+        "experiment.top_n_curve=[1,5]",
+        "experiment.train_split=5:5",
+        "experiment.attributes=[]",
+        cache_override(workdir),
+        f"hydra.run.dir={run_dir}",
+        cwd=workdir,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     curve = pd.read_parquet(run_dir / "tables" / "top_n_curve.parquet")
     assert list(curve["top_n"]) == ["1", "5", "all"] and curve["macro_f1"].between(0, 1).all()
@@ -237,15 +291,28 @@ def test_probe_seed_003_options_top_n_curve_split_ratio_and_shared_features(work
 
 def test_probe_on_the_vision_tower_reads_images_only(workdir, tiny):
     run_dir = workdir / "outputs" / "probe_tower"
-    proc = run_cli("experiment=probe", "experiment.features=vision_tower", "experiment.n_permutations=20", "experiment.attributes=[brightness]",
-                   cache_override(workdir), f"hydra.run.dir={run_dir}", cwd=workdir)  # fmt: skip
+    proc = run_cli(
+        "experiment=probe",
+        "experiment.features=vision_tower",
+        "experiment.n_permutations=20",
+        "experiment.attributes=[brightness]",
+        cache_override(workdir),
+        f"hydra.run.dir={run_dir}",
+        cwd=workdir,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     probes = pd.read_parquet(run_dir / "tables" / "probes.parquet")
     assert list(probes["probe"]) == ["image_to_image", "brightness"]
     metrics = json.loads((run_dir / "result.json").read_text())["metrics"]
     assert metrics["n_features"] == tiny.model.config.vision_config.hidden_size and metrics["n_text_samples"] == 0
-    proc = run_cli("experiment=probe", "experiment.features=vision_tower", "experiment.top_n_curve=[1]", cache_override(workdir),
-                   f"hydra.run.dir={workdir / 'outputs' / 'tower_bad'}", cwd=workdir)  # fmt: skip
+    proc = run_cli(
+        "experiment=probe",
+        "experiment.features=vision_tower",
+        "experiment.top_n_curve=[1]",
+        cache_override(workdir),
+        f"hydra.run.dir={workdir / 'outputs' / 'tower_bad'}",
+        cwd=workdir,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "with experiment.features=vision_tower there are none" in output and "Traceback" not in output
 
@@ -256,10 +323,20 @@ def test_probe_reads_coco_supercategories_from_captions_and_images(tmp_path):
 
     root = make_coco(tmp_path / "coco", per_label=6)
     run_dir = tmp_path / "run"
-    proc = run_cli("experiment=probe", "dataset=coco_supercategories", f"dataset.root={root}", "dataset.supercategories=[animal,vehicle]",
-                   "dataset.images_per_category=6", "experiment.label=category", "experiment.text_templates=['{concept}']",
-                   "experiment.n_permutations=20", "experiment.attributes=[]", f"paths.activation_cache={tmp_path / 'cache'}",
-                   f"hydra.run.dir={run_dir}", cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        "experiment=probe",
+        "dataset=coco_supercategories",
+        f"dataset.root={root}",
+        "dataset.supercategories=[animal,vehicle]",
+        "dataset.images_per_category=6",
+        "experiment.label=category",
+        "experiment.text_templates=['{concept}']",
+        "experiment.n_permutations=20",
+        "experiment.attributes=[]",
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     probes = pd.read_parquet(run_dir / "tables" / "probes.parquet").set_index("probe")
     assert (probes["chance"] == 0.5).all() and probes.loc["image_to_image", "n_train"] + probes.loc["image_to_image", "n_test"] == 12
@@ -302,8 +379,9 @@ def test_shift_between_a_vlm_and_its_own_decoder_is_zero(workdir):
 def test_shift_on_whole_sentences(workdir, tmp_path):
     """experiment.prompts=sentences: the shipped set by default, or a file of one 'category<TAB>sentence' per line."""
     run_dir = workdir / "outputs" / "shift_sentences"
-    proc = run_cli("experiment=shift", "experiment.prompts=sentences", "experiment.n_permutations=50", cache_override(workdir),
-                   f"hydra.run.dir={run_dir}", cwd=workdir)  # fmt: skip
+    proc = run_cli(
+        "experiment=shift", "experiment.prompts=sentences", "experiment.n_permutations=50", cache_override(workdir), f"hydra.run.dir={run_dir}", cwd=workdir
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     prompts = pd.read_parquet(run_dir / "tables" / "prompts.parquet")
     assert len(prompts) == 24 and "The quick brown fox jumps over the lazy dog." in set(prompts["prompt"])
@@ -311,8 +389,14 @@ def test_shift_on_whole_sentences(workdir, tmp_path):
 
     mine = tmp_path / "mine.txt"
     mine.write_text("# two of my own\nvisual\tA red square.\nabstract\tTime flies.\nbroken line without a tab\n")
-    proc = run_cli("experiment=shift", "experiment.prompts=sentences", f"experiment.sentences_file={mine}", cache_override(workdir),
-                   f"hydra.run.dir={tmp_path / 'bad'}", cwd=workdir)  # fmt: skip
+    proc = run_cli(
+        "experiment=shift",
+        "experiment.prompts=sentences",
+        f"experiment.sentences_file={mine}",
+        cache_override(workdir),
+        f"hydra.run.dir={tmp_path / 'bad'}",
+        cwd=workdir,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "mine.txt, line 4: expected 'category<TAB>sentence'" in output, output[-2000:]
     assert not (tmp_path / "bad" / "result.json").exists()

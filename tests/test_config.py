@@ -89,7 +89,18 @@ def test_typos_and_wrong_types_fail_at_composition(override, error):
     assert isinstance(info.value.__cause__, error)
 
 
-@pytest.mark.parametrize("override, message", [("+experiment.top_kk=5", "unknown config keys: experiment.top_kk"), ("layer=-1", "negative"), ("layer=abc", "layer='abc' is not a layer"), ("layer=rel:1.5", "outside rel:0..rel:1"), ("layer=pre:1", "is not a layer"), ("experiment.top_k=0", "top_k"), ("positions.text_prompt=hello", "{concept}")])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+experiment.top_kk=5", "unknown config keys: experiment.top_kk"),
+        ("layer=-1", "negative"),
+        ("layer=abc", "layer='abc' is not a layer"),
+        ("layer=rel:1.5", "outside rel:0..rel:1"),
+        ("layer=pre:1", "is not a layer"),
+        ("experiment.top_k=0", "top_k"),
+        ("positions.text_prompt=hello", "{concept}"),
+    ],
+)
 def test_semantic_checks(override, message):
     with pytest.raises(ConfigError, match=message):
         schema.validate(compose_with(override))
@@ -106,10 +117,19 @@ def test_size_sweep_configs_validate_without_downloading(model, layer):
 
 def test_readme_slurm_example_composes():
     overrides = [
-        "experiment=overlap", "model=gemma3_27b", "sae=gemma_scope_2", "layer=preset:3",
-        "dataset=builtin", "dataset.image_root=/shared/concept_photos", "cluster=slurm",
-        "hydra.launcher.partition=gpu", "hydra.launcher.account=my_lab", "hydra.launcher.mem_gb=120",
-        'hydra.launcher.setup=["source ~/xmodal/.venv/bin/activate"]', "logger=wandb", "logger.mode=online",
+        "experiment=overlap",
+        "model=gemma3_27b",
+        "sae=gemma_scope_2",
+        "layer=preset:3",
+        "dataset=builtin",
+        "dataset.image_root=/shared/concept_photos",
+        "cluster=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=my_lab",
+        "hydra.launcher.mem_gb=120",
+        'hydra.launcher.setup=["source ~/xmodal/.venv/bin/activate"]',
+        "logger=wandb",
+        "logger.mode=online",
     ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
@@ -144,18 +164,26 @@ def test_whole_study_presets_set_model_sae_dataset_and_study(preset):
     assert cfg.experiment.name == study and isinstance(OmegaConf.to_object(cfg.experiment), STUDY_CONFIGS[study])
     default = compose_with(f"experiment={study}")
     assert (cfg.model.name, cfg.sae.name, cfg.dataset.name, cfg.layer, dict(cfg.experiment)) != (
-        default.model.name, default.sae.name, default.dataset.name, default.layer, dict(default.experiment))
+        default.model.name,
+        default.sae.name,
+        default.dataset.name,
+        default.layer,
+        dict(default.experiment),
+    )
     overridden = compose_with(f"experiment={preset}", "layer=3", "model=tiny")
     assert overridden.layer == 3 and overridden.model.name == "tiny"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["experiment=probe", "experiment.train_split=1:8"], "experiment.train_split='1:8'; use 1:9, 2:8, 3:7, 4:6, 5:5"),
-    (["experiment=probe", "experiment.train_split=2:8", "experiment.train_per_class=2"], "both set the training size"),
-    (["experiment=probe", "experiment.top_n_curve=[0,5]"], "must hold counts of 1 or more"),
-    (["experiment=das", "experiment.prior_placement=before"], None),  # an enum: Hydra refuses it at composition
-    (["experiment=das", "experiment.concepts=[red]"], "or \\[\\] for all the dataset's"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["experiment=probe", "experiment.train_split=1:8"], "experiment.train_split='1:8'; use 1:9, 2:8, 3:7, 4:6, 5:5"),
+        (["experiment=probe", "experiment.train_split=2:8", "experiment.train_per_class=2"], "both set the training size"),
+        (["experiment=probe", "experiment.top_n_curve=[0,5]"], "must hold counts of 1 or more"),
+        (["experiment=das", "experiment.prior_placement=before"], None),  # an enum: Hydra refuses it at composition
+        (["experiment=das", "experiment.concepts=[red]"], "or \\[\\] for all the dataset's"),
+    ],
+)
 def test_seed_options_fail_before_a_model_loads(overrides, message):
     from xmodal.experiments import build_experiment
 

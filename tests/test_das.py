@@ -97,8 +97,7 @@ def test_concept_vector_equals_manual_computation(tiny):
 
 def test_concept_set_baseline_takes_off_the_mean_of_the_concepts(tiny, synthetic, positions):
     """concept_baseline=concept_set: each word's activation minus the mean over the concept words."""
-    ctx = RunContext(model=tiny, features=None, dataset=synthetic, layer=LAYER, seed=0, positions=positions, cache=None,
-                     writer=None, progress=False)  # fmt: skip
+    ctx = RunContext(model=tiny, features=None, dataset=synthetic, layer=LAYER, seed=0, positions=positions, cache=None, writer=None, progress=False)
     words = ["zebra", "red", "snow"]
     vectors = DASynthesis(DASConfig(concepts=words, concept_baseline="concept_set")).text_vectors(ctx, words, [LAYER])[LAYER]
     manual = torch.stack([manual_word_activation(tiny, w, LAYER) for w in words])
@@ -109,8 +108,7 @@ def test_concept_set_baseline_takes_off_the_mean_of_the_concepts(tiny, synthetic
 
 def test_image_concept_vectors_are_each_concepts_mean_image_minus_all_images(tiny, synthetic, positions):
     """The positive control's vectors (concept_source=image), against output_hidden_states image by image."""
-    ctx = RunContext(model=tiny, features=None, dataset=synthetic, layer=LAYER, seed=0, positions=positions, cache=None,
-                     writer=None, progress=False)  # fmt: skip
+    ctx = RunContext(model=tiny, features=None, dataset=synthetic, layer=LAYER, seed=0, positions=positions, cache=None, writer=None, progress=False)
     das = DASynthesis(DASConfig(concepts=["red_circle", "blue_square"], concept_source="image"))
     vectors = das.image_vectors(ctx, das.targets(synthetic))
     means = {}
@@ -224,10 +222,18 @@ def test_reusing_the_text_prefix_reads_the_same_patches_and_gradients(tiny, prom
 def test_das_sweep_writes_images_tables_and_a_contact_sheet(tmp_path):
     sweep = tmp_path / "das_sweep"
     proc = run_cli(
-        "-m", "experiment=das", "layer=1,3", "experiment.concepts=[red_circle,blue_square,green_star]", "experiment.steps=4",
-        "experiment.batch_size=2", "experiment.alignment_concepts=[red_circle,blue_square,green_circle]", "experiment.n_permutations=200",
-        f"paths.activation_cache={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
-    )  # fmt: skip
+        "-m",
+        "experiment=das",
+        "layer=1,3",
+        "experiment.concepts=[red_circle,blue_square,green_star]",
+        "experiment.steps=4",
+        "experiment.batch_size=2",
+        "experiment.alignment_concepts=[red_circle,blue_square,green_circle]",
+        "experiment.n_permutations=200",
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted(sweep.rglob("result.json"))
     assert len(results) == 2
@@ -246,17 +252,21 @@ def test_das_sweep_writes_images_tables_and_a_contact_sheet(tmp_path):
     assert (summary["status"] == "ok").all() and sorted(summary["layer"]) == [1, 3]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["experiment.concepts=[red_circle,'']"], "experiment.concepts has an empty concept ''"),
-    (["experiment.concepts=[red_circle,' ']"], "experiment.concepts has an empty concept ' '"),
-    (["layer=6"], "layer=6 is out of range for model 'tiny'"),
-    (["experiment.judge=vlm"], "experiment.judge=vlm needs experiment.judge_model"),
-    (["experiment.concept_source=pixels"], "Invalid value 'pixels', expected one of [text, image]"),
-    (["experiment.concept_source=image", "experiment.concepts=[red_circle,zebra]"], "has none of ['zebra']"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["experiment.concepts=[red_circle,'']"], "experiment.concepts has an empty concept ''"),
+        (["experiment.concepts=[red_circle,' ']"], "experiment.concepts has an empty concept ' '"),
+        (["layer=6"], "layer=6 is out of range for model 'tiny'"),
+        (["experiment.judge=vlm"], "experiment.judge=vlm needs experiment.judge_model"),
+        (["experiment.concept_source=pixels"], "Invalid value 'pixels', expected one of [text, image]"),
+        (["experiment.concept_source=image", "experiment.concepts=[red_circle,zebra]"], "has none of ['zebra']"),
+    ],
+)
 def test_das_bad_input_is_one_clear_error(tmp_path, overrides, message):
-    proc = run_cli("experiment=das", "experiment.steps=2", "experiment.alignment_concepts=[]", *overrides,
-                   f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        "experiment=das", "experiment.steps=2", "experiment.alignment_concepts=[]", *overrides, f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and sum(message in line for line in output.splitlines()) == 1, output[-2000:]
     assert "Traceback" not in output
@@ -268,9 +278,22 @@ def test_appendix_e_concepts_are_the_papers_list():
 
     dataset = appendix_e_concepts()
     counts = pd.Series([c.category for c in dataset.concepts]).value_counts().to_dict()
-    assert counts == {"animal": 10, "season": 4, "celebration": 6, "school subject": 10, "sensation": 5, "famous person": 10,
-                      "city": 5, "sport": 10, "nationality": 10, "activity": 10, "emotion": 5, "emotion adjective": 5,
-                      "LLM task": 5, "physical object": 10}  # fmt: skip
+    assert counts == {
+        "animal": 10,
+        "season": 4,
+        "celebration": 6,
+        "school subject": 10,
+        "sensation": 5,
+        "famous person": 10,
+        "city": 5,
+        "sport": 10,
+        "nationality": 10,
+        "activity": 10,
+        "emotion": 5,
+        "emotion adjective": 5,
+        "LLM task": 5,
+        "physical object": 10,
+    }
     assert dataset.text_only and not dataset.images and len(dataset.concepts) == 105
     autumn = dataset.concept("autumn")
     assert autumn.synonyms == ("fall",) and autumn.category == "season"
@@ -288,11 +311,22 @@ def test_das_on_appendix_e_asks_the_category_hint_and_logs_the_rubric(tmp_path):
     """The category-hint protocol end to end: a VLM judge (the tiny model) asked 'What season ...'."""
     out = tmp_path / "run"
     proc = run_cli(
-        "experiment=das", "dataset=das_appendix_e", "dataset.categories=[season]", "experiment.concepts=[]", "experiment.steps=2",
-        "experiment.batch_size=2", "experiment.alignment_concepts=[]", "experiment.judge=vlm", "experiment.judge_model=tiny",
-        "experiment.judge_samples=2", "experiment.n_permutations=50", "+experiment.judge_synonyms.winter=[snow]",
-        f"paths.activation_cache={tmp_path / 'cache'}", f"hydra.run.dir={out}", cwd=tmp_path,
-    )  # fmt: skip
+        "experiment=das",
+        "dataset=das_appendix_e",
+        "dataset.categories=[season]",
+        "experiment.concepts=[]",
+        "experiment.steps=2",
+        "experiment.batch_size=2",
+        "experiment.alignment_concepts=[]",
+        "experiment.judge=vlm",
+        "experiment.judge_model=tiny",
+        "experiment.judge_samples=2",
+        "experiment.n_permutations=50",
+        "+experiment.judge_synonyms.winter=[snow]",
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     judgements = pd.read_parquet(out / "tables" / "judgements.parquet")
     assert sorted(judgements["protocol"].unique()) == ["category_hint", "no_hint"] and set(judgements["category"]) == {"season"}
@@ -308,8 +342,17 @@ def test_benchmark_times_whole_steps(tiny):
 
     from xmodal.experiments.das import benchmark
 
-    cfg = OmegaConf.create({"model": {"_target_": "xmodal.models.tiny.tiny_gemma3", "name": "tiny", "device": "cpu"},
-                            "layers": [1, 3], "batch_size": 2, "n_concepts": 1, "steps": 2, "seed": 0, "baseline": True})  # fmt: skip
+    cfg = OmegaConf.create(
+        {
+            "model": {"_target_": "xmodal.models.tiny.tiny_gemma3", "name": "tiny", "device": "cpu"},
+            "layers": [1, 3],
+            "batch_size": 2,
+            "n_concepts": 1,
+            "steps": 2,
+            "seed": 0,
+            "baseline": True,
+        }
+    )
     table = benchmark.benchmark(cfg)
     assert list(table["layer"]) == [1, 3] and (table["seconds_per_step"] > 0).all()
     assert table["image_side"].iloc[0] == 64

@@ -100,8 +100,9 @@ def write_local_hub_dataset(root, n_per_class: int = 3):
     from PIL import Image
 
     labels = [0, 1, 2] * n_per_class
-    features = Features({"img": ImageFeature(), "fine_label": ClassLabel(names=["apple", "pear", "bus"]),
-                         "coarse_label": ClassLabel(names=["fruit", "vehicle"])})  # fmt: skip
+    features = Features(
+        {"img": ImageFeature(), "fine_label": ClassLabel(names=["apple", "pear", "bus"]), "coarse_label": ClassLabel(names=["fruit", "vehicle"])}
+    )
     rows = {
         "img": [Image.new("RGB", (8, 8), (40 * label, 10, 10)) for label in labels],
         "fine_label": labels,
@@ -115,8 +116,9 @@ def test_hub_classification_dataset_reads_classes_categories_and_partners(tmp_pa
     from xmodal.data.hub_datasets import hub_concepts
 
     write_local_hub_dataset(tmp_path)
-    dataset = hub_concepts("local", str(tmp_path), split="test", image_column="img", label_column="fine_label",
-                           category_column="coarse_label", max_images_per_concept=2)  # fmt: skip
+    dataset = hub_concepts(
+        "local", str(tmp_path), split="test", image_column="img", label_column="fine_label", category_column="coarse_label", max_images_per_concept=2
+    )
     by_name = {c.name: c for c in dataset.concepts}
     assert set(by_name) == {"apple", "pear", "bus"}
     assert by_name["apple"].category == "fruit" and by_name["apple"].partner == "pear" and by_name["bus"].partner is None
@@ -138,8 +140,11 @@ def make_coco(root, per_label: int = 4):
 
     (root / "val2017").mkdir(parents=True)
     (root / "annotations").mkdir()
-    categories = [{"id": 1, "name": "dog", "supercategory": "animal"}, {"id": 2, "name": "car", "supercategory": "vehicle"},
-                  {"id": 3, "name": "pizza", "supercategory": "food"}]  # fmt: skip
+    categories = [
+        {"id": 1, "name": "dog", "supercategory": "animal"},
+        {"id": 2, "name": "car", "supercategory": "vehicle"},
+        {"id": 3, "name": "pizza", "supercategory": "food"},
+    ]
     images, objects, captions = [], [], []
     plan = [("animal", 1, (200, 40, 40))] * per_label + [("vehicle", 2, (40, 40, 200))] * per_label + [("food", 3, (40, 200, 40))]
     for image_id, (label, category, colour) in enumerate(plan, start=1):

@@ -58,15 +58,19 @@ def test_embeddings_take_the_place_of_tokens_one_per_text_and_image(clip):
 
 def test_mds_probe_and_overlap_run_on_clip_and_decoder_studies_refuse_it(tmp_path):
     cache = [f"paths.activation_cache={tmp_path / 'cache'}", f"paths.model_cache={tmp_path / 'models'}"]
-    for study, extra in (("mds", ["experiment.n_null=20", "experiment.n_random_masks=3"]), ("probe", ["experiment.n_permutations=20"]),
-                         ("overlap", ["experiment.n_permutations=50"])):  # fmt: skip
+    for study, extra in (
+        ("mds", ["experiment.n_null=20", "experiment.n_random_masks=3"]),
+        ("probe", ["experiment.n_permutations=20"]),
+        ("overlap", ["experiment.n_permutations=50"]),
+    ):
         out = tmp_path / study
         proc = run_cli("model=clip_tiny", "layer=0", f"experiment={study}", *extra, *cache, f"hydra.run.dir={out}", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads((out / "result.json").read_text())
         assert (result["model"], result["layer"], result["sae"]) == ("clip_tiny", 0, "none")
-    proc = run_cli("model=clip_tiny", "experiment=probe", "layer=2", "experiment.n_permutations=20", *cache,
-                   f"hydra.run.dir={tmp_path / 'probe2'}", cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        "model=clip_tiny", "experiment=probe", "layer=2", "experiment.n_permutations=20", *cache, f"hydra.run.dir={tmp_path / 'probe2'}", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "probe2" / "result.json").read_text())["layer"] == 2  # the towers after both blocks
     proc = run_cli("model=clip_tiny", "experiment=probe", "layer=5", *cache, f"hydra.run.dir={tmp_path / 'probe5'}", cwd=tmp_path)
@@ -74,8 +78,9 @@ def test_mds_probe_and_overlap_run_on_clip_and_decoder_studies_refuse_it(tmp_pat
     proc = run_cli("model=clip_tiny", "experiment=steering", *cache, f"hydra.run.dir={tmp_path / 'steer'}", cwd=tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Traceback" not in output
-    assert sum("experiment=steering needs a decoder's residual stream, and model 'clip_tiny' is a dual encoder" in line
-               for line in output.splitlines()) == 1, output[-2000:]  # fmt: skip
+    assert sum("experiment=steering needs a decoder's residual stream, and model 'clip_tiny' is a dual encoder" in line for line in output.splitlines()) == 1, (
+        output[-2000:]
+    )
     assert not (tmp_path / "steer" / "result.json").exists()
 
 
@@ -92,9 +97,17 @@ def test_siglip_pads_texts_to_max_length_so_a_text_embeds_the_same_in_any_batch(
     byte_level_clip_tokenizer_files(tmp_path)  # any tokenizer will do for the mechanics
     tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
     common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = SiglipConfig(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **common),
-                          vision_config=dict(image_size=32, patch_size=8, **common))  # fmt: skip
+    config = SiglipConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=16,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **common,
+        ),
+        vision_config=dict(image_size=32, patch_size=8, **common),
+    )
     torch.manual_seed(0)
     model = SiglipModel(config).eval()
     processor = types.SimpleNamespace(tokenizer=tokenizer, image_processor=SiglipImageProcessorPil(size={"height": 32, "width": 32}))

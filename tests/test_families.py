@@ -37,13 +37,25 @@ def save_llava(path, tiny):
     tok = _tokenizer(tiny)
     config = LlavaConfig(
         text_config=dict(model_type="gemma", **TINY_TEXT),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
+        ),
         image_token_id=tok.convert_tokens_to_ids(IMAGE_SOFT_TOKEN),
     )
     LlavaForConditionalGeneration(config).save_pretrained(path)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
         chat_template=gemma3_chat_template().replace("<start_of_image>", IMAGE_SOFT_TOKEN),
     )
     processor.save_pretrained(path)
@@ -57,7 +69,8 @@ def save_paligemma(path, tiny):
     config = PaliGemmaConfig(
         text_config=dict(model_type="gemma2", **TINY_TEXT),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32),
-        image_token_id=tok.convert_tokens_to_ids(IMAGE_SOFT_TOKEN), projection_dim=32,
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_SOFT_TOKEN),
+        projection_dim=32,
     )
     config.text_config.num_image_tokens = 16
     PaliGemmaForConditionalGeneration(config).save_pretrained(path)

@@ -51,8 +51,9 @@ def test_a_feature_planted_at_known_image_tokens_peaks_there_in_the_heat_map(tmp
 
 def test_the_cli_writes_cards_and_a_neuronpedia_batch(tmp_path):
     save_jumprelu_sae(tmp_path / "sae", d_in=64, d_sae=128)
-    result = run_cli("experiment=features", "sae=local", f"sae.path={tmp_path / 'sae'}", "experiment.n_features=3",
-                     "experiment.n_permutations=50", cwd=tmp_path)  # fmt: skip
+    result = run_cli(
+        "experiment=features", "sae=local", f"sae.path={tmp_path / 'sae'}", "experiment.n_features=3", "experiment.n_permutations=50", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     [job] = list((tmp_path / "outputs").rglob("result.json"))
     record = json.loads(job.read_text())

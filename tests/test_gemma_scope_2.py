@@ -35,9 +35,17 @@ def choices_for(release: str, sae_id: str) -> dict | None:
     all_layers, kind = kind.endswith("-all"), kind.removesuffix("-all")
     site = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_out", "transcoders": "mlp_out"}[kind]
     tuning = match.group(1).rsplit("-", 1)[1]
-    return dict(model_release=f"{match.group(1)[:-2]}{'it' if tuning == 'pt' else 'pt'}-res", layer=int(parsed.group(1)), site=site,
-                width=parsed.group(2), l0=parsed.group(3), all_layers=all_layers, transcoder=kind == "transcoders",
-                affine=bool(parsed.group(4)), tuning=tuning)  # fmt: skip
+    return dict(
+        model_release=f"{match.group(1)[:-2]}{'it' if tuning == 'pt' else 'pt'}-res",
+        layer=int(parsed.group(1)),
+        site=site,
+        width=parsed.group(2),
+        l0=parsed.group(3),
+        all_layers=all_layers,
+        transcoder=kind == "transcoders",
+        affine=bool(parsed.group(4)),
+        tuning=tuning,
+    )
 
 
 def test_every_gemma_scope_2_id_in_the_directory_is_one_xmodal_builds():
@@ -67,7 +75,9 @@ def test_acceptance_mlp_out_262k_small_and_the_transcoders_resolve_for_gemma3_4b
         "transcoder/layer_17_width_65k_l0_medium",
     )
     assert G.gemma_scope_2_id(release, 5, "mlp_out", "16k", "big", all_layers=True, transcoder=True, affine=True) == (
-        f"gemma-scope-2-4b-{tuning}-transcoders-all", "layer_5_width_16k_l0_big_affine")  # fmt: skip
+        f"gemma-scope-2-4b-{tuning}-transcoders-all",
+        "layer_5_width_16k_l0_big_affine",
+    )
     assert G.gemma_scope_2_id(release, 30, "attn_out", "262k", "small", all_layers=True)[0] == f"gemma-scope-2-4b-{tuning}-att-all"
 
 
@@ -80,13 +90,16 @@ def test_the_shipped_config_composes_the_acceptance_choice():
     assert G.gemma_scope_2_id(cfg.sae.release, 9, cfg.sae.site, cfg.sae.width, cfg.sae.l0) == ("gemma-scope-2-4b-it-mlp", "layer_9_width_262k_l0_small")
 
 
-@pytest.mark.parametrize("choices, message", [
-    (dict(layer=10), "no SAE 'layer_10_width_16k_l0_medium' (layer=10, width=16k, l0=medium); the nearest that exist: layer_9_width_16k_l0_medium"),
-    (dict(layer=9, width="1m", site="mlp_out"), "the nearest that exist: layer_9_width_16k_l0_medium, layer_9_width_262k_l0_medium"),
-    (dict(layer=9, all_layers=True), "no SAE 'layer_9_width_16k_l0_medium'"),  # -all releases have no medium
-    (dict(layer=9, transcoder=True), "a transcoder stands for an MLP; set sae.site=mlp_out"),
-    (dict(layer=9, affine=True), "sae.affine=true applies to transcoders only"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "choices, message",
+    [
+        (dict(layer=10), "no SAE 'layer_10_width_16k_l0_medium' (layer=10, width=16k, l0=medium); the nearest that exist: layer_9_width_16k_l0_medium"),
+        (dict(layer=9, width="1m", site="mlp_out"), "the nearest that exist: layer_9_width_16k_l0_medium, layer_9_width_262k_l0_medium"),
+        (dict(layer=9, all_layers=True), "no SAE 'layer_9_width_16k_l0_medium'"),  # -all releases have no medium
+        (dict(layer=9, transcoder=True), "a transcoder stands for an MLP; set sae.site=mlp_out"),
+        (dict(layer=9, affine=True), "sae.affine=true applies to transcoders only"),
+    ],
+)
 def test_an_id_that_does_not_exist_names_the_nearest_that_do(choices, message):
     with pytest.raises(SAEError) as info:
         G.gemma_scope_2_id("gemma-scope-2-4b-it-res", **choices)
@@ -103,8 +116,9 @@ def save_transcoder(path, d_in: int = 64, layer: int = 3):
     from sae_lens.saes.sae import SAEMetadata
 
     torch.manual_seed(0)
-    config = JumpReLUTranscoderConfig(d_in=d_in, d_sae=96, d_out=d_in, apply_b_dec_to_input=False,
-                                      metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_mlp_in"))  # fmt: skip
+    config = JumpReLUTranscoderConfig(
+        d_in=d_in, d_sae=96, d_out=d_in, apply_b_dec_to_input=False, metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_mlp_in")
+    )
     transcoder = JumpReLUTranscoder(config)
     with torch.no_grad():
         transcoder.W_enc.normal_(0, 0.3)
@@ -129,9 +143,24 @@ def test_a_site_the_sae_was_not_trained_on_is_one_line(tmp_path):
     from tests.test_sae import save_jumprelu_sae
 
     save_jumprelu_sae(tmp_path / "sae", d_in=64, layer=3)
-    proc = subprocess.run([sys.executable, "-m", "xmodal.run", "--config-name=config_tiny", "experiment=sae_eval", "layer=3", "sae=local",
-                           f"sae.path={tmp_path / 'sae'}", "sae.site=mlp_out", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xmodal.run",
+            "--config-name=config_tiny",
+            "experiment=sae_eval",
+            "layer=3",
+            "sae=local",
+            f"sae.path={tmp_path / 'sae'}",
+            "sae.site=mlp_out",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"},
+    )
     output = proc.stdout + proc.stderr
     errors = [line for line in output.splitlines() if "ERROR" in line]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in output, output[-2000:]

@@ -28,10 +28,15 @@ def planted_activations(image_follows_word: bool, n_concepts: int = 12, images_p
     image_tokens = sources[owners][:, None, :] + 0.3 * rng.normal(size=(len(owners), tokens, width))
     names = [f"c{i}" for i in range(n_concepts)]
     return LayerActivations(
-        layer=0, concepts=names, text_tokens=torch.tensor(words, dtype=torch.float32), text_offsets=torch.arange(n_concepts + 1),
-        image_concepts=[names[o] for o in owners], image_sources=[f"img{i}" for i in range(len(owners))],
-        image_tokens=torch.tensor(image_tokens, dtype=torch.float32), image_eoi=torch.zeros(len(owners), width),
-    )  # fmt: skip
+        layer=0,
+        concepts=names,
+        text_tokens=torch.tensor(words, dtype=torch.float32),
+        text_offsets=torch.arange(n_concepts + 1),
+        image_concepts=[names[o] for o in owners],
+        image_sources=[f"img{i}" for i in range(len(owners))],
+        image_tokens=torch.tensor(image_tokens, dtype=torch.float32),
+        image_eoi=torch.zeros(len(owners), width),
+    )
 
 
 def nearest_word_rate(acts: LayerActivations) -> tuple[float, float, float]:

@@ -72,8 +72,13 @@ def test_result_json_names_the_embedders_mds_used(tmp_path, monkeypatch):
     from tests.conftest import run_in_process
 
     monkeypatch.setattr("xmodal.experiments.mds.experiment.hub_model_reachable", lambda name: False)  # offline: the fallback
-    code = run_in_process("experiment=mds", f"experiment.image_embedder_path={tmp_path / 'no_embedder'}", "experiment.n_null=20",
-                          f"paths.activation_cache={tmp_path / 'cache'}", run_dir=tmp_path / "run")  # fmt: skip
+    code = run_in_process(
+        "experiment=mds",
+        f"experiment.image_embedder_path={tmp_path / 'no_embedder'}",
+        "experiment.n_null=20",
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        run_dir=tmp_path / "run",
+    )
     assert code == 0
     record = json.loads((tmp_path / "run" / "result.json").read_text())
     assert record["metrics"]["image_embedder_is_fallback"] == 1

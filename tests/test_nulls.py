@@ -65,10 +65,15 @@ def category_only_images(concept_level: bool, seed: int = 0) -> LayerActivations
     image_tokens = words[sources][:, None, :] + 0.3 * rng.normal(size=(len(owners), 6, 32))
     names = [f"c{i}" for i in range(12)]
     return LayerActivations(
-        layer=0, concepts=names, text_tokens=torch.tensor(words, dtype=torch.float32), text_offsets=torch.arange(13),
-        image_concepts=[names[o] for o in owners], image_sources=[f"img{i}" for i in range(len(owners))],
-        image_tokens=torch.tensor(image_tokens, dtype=torch.float32), image_eoi=torch.zeros(len(owners), 32),
-    )  # fmt: skip
+        layer=0,
+        concepts=names,
+        text_tokens=torch.tensor(words, dtype=torch.float32),
+        text_offsets=torch.arange(13),
+        image_concepts=[names[o] for o in owners],
+        image_sources=[f"img{i}" for i in range(len(owners))],
+        image_tokens=torch.tensor(image_tokens, dtype=torch.float32),
+        image_eoi=torch.zeros(len(owners), 32),
+    )
 
 
 @pytest.mark.parametrize("concept_level", [False, True])

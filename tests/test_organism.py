@@ -187,9 +187,15 @@ def test_a_second_round_of_caption_training_starts_from_the_given_weights(organi
     from xmodal.organism.model import SHIPPED_VISION_WEIGHTS, shipped_weights_dir
 
     cfg = train.TrainConfig(
-        init_vision=str(shipped_weights_dir("frozen") / SHIPPED_VISION_WEIGHTS), steps=1, batch_size=4, log_every=1,
-        warmup_steps=1, device="cpu", out_dir=str(tmp_path), model_cache="~/.cache/xmodal/models",
-    )  # fmt: skip
+        init_vision=str(shipped_weights_dir("frozen") / SHIPPED_VISION_WEIGHTS),
+        steps=1,
+        batch_size=4,
+        log_every=1,
+        warmup_steps=1,
+        device="cpu",
+        out_dir=str(tmp_path),
+        model_cache="~/.cache/xmodal/models",
+    )
     written = train.train(cfg)
     assert written == tmp_path / "vision.safetensors" and written.exists()
     assert not (tmp_path / "pretrained_vision.pt").exists() and not (tmp_path / "pretrain_log.csv").exists()

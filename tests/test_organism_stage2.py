@@ -32,9 +32,13 @@ def adapter():
 
 def truth(scene: world.Scene, question_type: str) -> str:
     return {
-        "colour": scene.colour, "shape": scene.shape, "count": COUNT_WORDS.get(scene.count, ""), "background": scene.background,
-        "position": POSITION_WORDS.get(scene.position, ""), "word": scene.word,
-    }[question_type]  # fmt: skip
+        "colour": scene.colour,
+        "shape": scene.shape,
+        "count": COUNT_WORDS.get(scene.count, ""),
+        "background": scene.background,
+        "position": POSITION_WORDS.get(scene.position, ""),
+        "word": scene.word,
+    }[question_type]
 
 
 def test_the_mix_asks_every_question_from_images_and_from_text_with_the_right_answers():
@@ -129,8 +133,20 @@ def test_stage_two_resumes_after_a_kill_with_the_same_adapters(tmp_path, monkeyp
     from xmodal.organism.train import Stage, TrainConfig
 
     def config(out: str) -> TrainConfig:
-        return TrainConfig(stage=Stage.instruct, steps=3, batch_size=4, log_every=1, checkpoint_every=1, warmup_steps=1,
-                           refresh_every=2, lora_rank=2, lr=1e-3, device="cpu", out_dir=str(tmp_path / out), model_cache=MODEL_CACHE)  # fmt: skip
+        return TrainConfig(
+            stage=Stage.instruct,
+            steps=3,
+            batch_size=4,
+            log_every=1,
+            checkpoint_every=1,
+            warmup_steps=1,
+            refresh_every=2,
+            lora_rank=2,
+            lr=1e-3,
+            device="cpu",
+            out_dir=str(tmp_path / out),
+            model_cache=MODEL_CACHE,
+        )
 
     instruct.train_instruct(config("reference"))
     real_mix = instruct.instruction_mix
@@ -207,8 +223,16 @@ def test_a_bad_lora_file_through_the_cli_is_one_line_and_no_result(tmp_path, cas
 
     path = tmp_path / "nope.safetensors" if case == "missing" else wrong_shape_lora(tmp_path / "other.safetensors")
     message = "organism weights not found at" if case == "missing" else "do not fit the decoder"
-    proc = run_cli("model=organism", "sae=organism", "dataset=organism_concepts", "layer=9", f"model.lora_weights={path}",
-                   "dataset.images_per_concept=1", f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        "model=organism",
+        "sae=organism",
+        "dataset=organism_concepts",
+        "layer=9",
+        f"model.lora_weights={path}",
+        "dataset.images_per_concept=1",
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        cwd=tmp_path,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2 and sum(message in line for line in output.splitlines()) == 1, output[-2000:]
     assert "Traceback" not in output and not list(tmp_path.rglob("result.json"))

@@ -115,8 +115,7 @@ def test_interpretability_scores_concept_features_above_noise_and_null():
 def test_zero_mask_of_image_features_hurts_the_image_readout_more_than_random_features():
     from xmodal.metrics.interventions import zero_mask_effects
 
-    planted = planted_codes(n_concepts=4, pairs_per_concept=8, shared_per_concept=1, image_only_per_concept=4,
-                            text_only_per_concept=4, n_noise=8, seed=1)  # fmt: skip
+    planted = planted_codes(n_concepts=4, pairs_per_concept=8, shared_per_concept=1, image_only_per_concept=4, text_only_per_concept=4, n_noise=8, seed=1)
     decode = lambda codes: codes  # an identity decoder: the codes are the residual
     sets = {"ImgD": np.flatnonzero(planted.roles == "image"), "TextD": np.flatnonzero(planted.roles == "text")}
     rows = {r["removed"]: r for r in zero_mask_effects(planted.image, planted.labels, decode, sets, np.arange(len(planted.roles)), 20, 0)}

@@ -35,8 +35,17 @@ def control(request) -> tuple[str, bool]:
 
 def cli_results(tmp_path: Path, model: str, *overrides: str, sweep: bool = False) -> dict[int, dict]:
     """Run the CLI on `model` (a -m sweep when `sweep`) and read every job's result by layer."""
-    proc = run_cli(*(["-m"] if sweep else []), f"model={model}", *COLOURS, *overrides, f"paths.activation_cache={tmp_path / 'cache'}",
-                   "hydra.run.dir=outputs/run", "hydra.sweep.dir=outputs/sweep", cwd=tmp_path, timeout=1200)  # fmt: skip
+    proc = run_cli(
+        *(["-m"] if sweep else []),
+        f"model={model}",
+        *COLOURS,
+        *overrides,
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        "hydra.run.dir=outputs/run",
+        "hydra.sweep.dir=outputs/sweep",
+        cwd=tmp_path,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("result.json")]
     assert results and all(r["status"] == "ok" and r["model"] == model for r in results)
@@ -71,8 +80,7 @@ def test_representation_alignment_finds_the_planted_layer_without_an_sae(tmp_pat
     re-pairing nulls at the planted layer, and unbiased CKA lower far from it."""
     model, planted = control
     layers = ",".join(map(str, (PLANTED_LAYER, *FAR_LAYERS)))
-    by_layer = cli_results(tmp_path, model, "experiment=alignment", f"layer={layers}", "dataset.images_per_concept=16",
-                           "experiment.k_neighbours=3", sweep=True)  # fmt: skip
+    by_layer = cli_results(tmp_path, model, "experiment=alignment", f"layer={layers}", "dataset.images_per_concept=16", "experiment.k_neighbours=3", sweep=True)
     at = by_layer[PLANTED_LAYER]
     met = all(at[f"{metric}_p"] < 0.01 and at[metric] > at[f"{metric}_null_q975"] for metric in ("cka_unbiased", "mutual_knn"))
     met = met and all(by_layer[far]["cka_unbiased"] < at["cka_unbiased"] for far in FAR_LAYERS)

@@ -28,9 +28,21 @@ def chromium() -> str:
 
 def headless(browser: str, *args: str) -> subprocess.CompletedProcess:
     # --no-sandbox: CI runs as root; the page needs no network, and none is allowed (--host-resolver-rules).
-    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=5000", *args],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--virtual-time-budget=5000",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_four_layer_sweep_report_renders_its_table_and_figures_in_chromium(tmp_path):

@@ -92,8 +92,17 @@ def test_sae_eval_writes_every_metric_per_modality_beside_its_null(tiny, synthet
     sae_dir = tmp_path / "sae"
     topk_sae(d_in=tiny.hidden_size).save_model(sae_dir)
     features = local_sae("local", str(sae_dir), LAYER, device="cpu")
-    ctx = RunContext(model=tiny, features=features, dataset=synthetic, layer=LAYER, seed=0, positions=PositionsConfig(batch_size=4),
-                     cache=ActivationCache(tmp_path / "cache"), writer=ResultWriter(tmp_path / "run"), progress=False)  # fmt: skip
+    ctx = RunContext(
+        model=tiny,
+        features=features,
+        dataset=synthetic,
+        layer=LAYER,
+        seed=0,
+        positions=PositionsConfig(batch_size=4),
+        cache=ActivationCache(tmp_path / "cache"),
+        writer=ResultWriter(tmp_path / "run"),
+        progress=False,
+    )
     metrics = SAEEval(SAEEvalConfig(n_images=3, answer="concept", n_random_saes=3)).run(ctx)
     for prefix in ("image", "text"):
         for name in ("explained_variance", "mse", "cossim", "l2_ratio", "l0", "frac_dead", "frac_dense"):

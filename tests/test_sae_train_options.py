@@ -15,8 +15,7 @@ def test_matryoshka_batchtopk_trains_and_loads_as_a_local_sae(tmp_path):
     from xmodal.saes.loading import local_sae
 
     acts = planted_activations()
-    sae = train_topk_sae(acts, layer=3, d_sae=64, k=4, total_samples=40 * len(acts), batch_size=256, lr=4e-3, seed=0,
-                         architecture="matryoshka_batchtopk")  # fmt: skip
+    sae = train_topk_sae(acts, layer=3, d_sae=64, k=4, total_samples=40 * len(acts), batch_size=256, lr=4e-3, seed=0, architecture="matryoshka_batchtopk")
     assert sae.cfg.matryoshka_widths == [8, 16, 32, 64] == default_matryoshka_widths(64)
     sae.save_inference_model(tmp_path / "sae")
     features = local_sae("local", str(tmp_path / "sae"), 3, device="cpu")  # what sae=local loads
@@ -45,10 +44,13 @@ def test_text_only_batches_hold_only_text_rows():
     assert set(seen) <= text_ids and len(set(seen)) > 150  # text rows only, from both shards
 
 
-@pytest.mark.parametrize("training, message", [
-    (dict(modalities=[]), "training.modalities=[] trains on nothing"),
-    (dict(matryoshka_widths=[64, 128]), "training.matryoshka_widths=[64, 128] must rise strictly from at least 1 and end at training.d_sae=512"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "training, message",
+    [
+        (dict(modalities=[]), "training.modalities=[] trains on nothing"),
+        (dict(matryoshka_widths=[64, 128]), "training.matryoshka_widths=[64, 128] must rise strictly from at least 1 and end at training.d_sae=512"),
+    ],
+)
 def test_bad_training_options_are_refused_before_anything_loads(training, message):
     cfg = SAETrainConfig()
     for key, value in training.items():

@@ -25,8 +25,16 @@ def test_trained_sae_reconstructs_and_loads_with_sae_lens(architecture, decoder_
 
     acts = planted_activations()
     sae = train_topk_sae(
-        acts, layer=3, d_sae=64, k=4, total_samples=40 * len(acts), batch_size=256, lr=4e-3, seed=0,
-        architecture=architecture, decoder_init=decoder_init,
+        acts,
+        layer=3,
+        d_sae=64,
+        k=4,
+        total_samples=40 * len(acts),
+        batch_size=256,
+        lr=4e-3,
+        seed=0,
+        architecture=architecture,
+        decoder_init=decoder_init,
     )
     sae.save_inference_model(tmp_path / "sae")
     loaded = SAE.load_from_disk(tmp_path / "sae", device="cpu")

@@ -30,8 +30,13 @@ def on_slurm(test):
 
 
 # What the 2-CPU test node can give; the preset's defaults (a GPU, 8 CPUs, 64 GB) it cannot.
-FITS_THE_NODE = [f"hydra.launcher.partition={PARTITION}", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
-                 "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=60"]  # fmt: skip
+FITS_THE_NODE = [
+    f"hydra.launcher.partition={PARTITION}",
+    "hydra.launcher.gpus_per_node=null",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1",
+    "hydra.launcher.timeout_min=60",
+]
 COMPARED = ["layer", "model", "sae", "dataset", "status", "jaccard_topk", "jaccard_topk_p", "pearson", "n_crossmodal_features", "n_crossmodal_features_p"]
 
 
@@ -78,9 +83,24 @@ def workdir(tmp_path_factory):
 
 
 def sweep_args(sweep: Path, cache: Path, *overrides: str, layers: str = "1,2") -> list[str]:
-    return [sys.executable, "-m", "xmodal.run", TINY_CONFIG, "-m", "experiment=overlap", "model=tiny", "sae=none", "dataset=synthetic",
-            f"layer={layers}", "cluster=slurm", *FITS_THE_NODE, *overrides, f"hydra.sweep.dir={sweep}", f"paths.activation_cache={cache}",
-            "paths.cache_preset_layers=false"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "xmodal.run",
+        TINY_CONFIG,
+        "-m",
+        "experiment=overlap",
+        "model=tiny",
+        "sae=none",
+        "dataset=synthetic",
+        f"layer={layers}",
+        "cluster=slurm",
+        *FITS_THE_NODE,
+        *overrides,
+        f"hydra.sweep.dir={sweep}",
+        f"paths.activation_cache={cache}",
+        "paths.cache_preset_layers=false",
+    ]
 
 
 def start(cluster: SlurmCluster, args: list[str], cwd: Path) -> subprocess.Popen:
@@ -190,8 +210,14 @@ def test_the_default_preset_fails_before_submission_naming_what_to_change(cluste
     assert default.stderr.strip().splitlines() == [
         "Error: hydra.launcher.partition=gpu is not a partition of this cluster (it has: debug, urgent); set hydra.launcher.partition to one of them"
     ]
-    on_debug = subprocess.run([*base, f"hydra.launcher.partition={PARTITION}", f"hydra.sweep.dir={workdir / 'default'}"], cwd=workdir, env=env,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    on_debug = subprocess.run(
+        [*base, f"hydra.launcher.partition={PARTITION}", f"hydra.sweep.dir={workdir / 'default'}"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert on_debug.returncode == 2
     [line] = on_debug.stderr.strip().splitlines()
     assert "asks partition debug for gpus_per_node=1, cpus_per_task=8, mem_gb=64, timeout_min=240" in line
@@ -305,10 +331,29 @@ def test_the_store_runs_as_an_array_and_a_requeued_task_resumes_after_its_last_s
     """`xmodal.sae_train -m cluster=slurm`, one layer set per task; `scontrol requeue` of task 0 while it
     fills its store. Its rerun resumes after the last entered shard and ends with the same store as task 1's."""
     sweep = workdir / "store_sweep"
-    args = [sys.executable, "-m", "xmodal.sae_train", "-m", "cluster=slurm", *FITS_THE_NODE, "model=tiny", "dataset=synthetic", "dataset.images_per_concept=4",
-            "layers=[1],[2]", "store.texts=concepts", "store.shard_tokens=60", "positions.batch_size=1", "store.eval_fraction=0.3",
-            "store.dir=${hydra:sweep.dir}/${hydra:job.num}/store", "out_dir=${hydra:sweep.dir}/${hydra:job.num}/sae",
-            "training.d_sae=64", "training.k=8", "training.training_tokens=5000", "training.batch_size=128", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "xmodal.sae_train",
+        "-m",
+        "cluster=slurm",
+        *FITS_THE_NODE,
+        "model=tiny",
+        "dataset=synthetic",
+        "dataset.images_per_concept=4",
+        "layers=[1],[2]",
+        "store.texts=concepts",
+        "store.shard_tokens=60",
+        "positions.batch_size=1",
+        "store.eval_fraction=0.3",
+        "store.dir=${hydra:sweep.dir}/${hydra:job.num}/store",
+        "out_dir=${hydra:sweep.dir}/${hydra:job.num}/sae",
+        "training.d_sae=64",
+        "training.k=8",
+        "training.training_tokens=5000",
+        "training.batch_size=128",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = start(cluster, args, workdir)
     array = wait_for(lambda: array_id(sweep), "the array's submission", cluster, proc=proc)
     progress = sweep / "0" / "store" / "progress.json"

@@ -80,11 +80,21 @@ def test_generated_tokens_count_as_text_positions():
 def test_steering_experiment_writes_dose_response_and_controls(tmp_path):
     save_jumprelu_sae(tmp_path / "sae", d_in=64, layer=3)
     proc = run_cli(
-        "experiment=steering", "experiment.concept=red_circle", "experiment.images=[blue_circle,green_square]",
-        "experiment.n_images=4", "experiment.strengths=[0,4]", "experiment.where=both",
-        "experiment.max_new_tokens=4", "experiment.n_bootstrap=200", "layer=3", "sae=local", f"sae.path={tmp_path / 'sae'}",
-        f"paths.activation_cache={tmp_path / 'cache'}", "hydra.run.dir=outputs/steer", cwd=tmp_path,
-    )  # fmt: skip
+        "experiment=steering",
+        "experiment.concept=red_circle",
+        "experiment.images=[blue_circle,green_square]",
+        "experiment.n_images=4",
+        "experiment.strengths=[0,4]",
+        "experiment.where=both",
+        "experiment.max_new_tokens=4",
+        "experiment.n_bootstrap=200",
+        "layer=3",
+        "sae=local",
+        f"sae.path={tmp_path / 'sae'}",
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        "hydra.run.dir=outputs/steer",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "outputs" / "steer"
     result = json.loads((run / "result.json").read_text())
@@ -103,18 +113,22 @@ def test_steering_experiment_writes_dose_response_and_controls(tmp_path):
     assert set(descriptions["mode"]) == {"clamp"}  # clamp by default, the other-layer control too
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["experiment.concept=red_circle", "experiment.feature=5000"], "experiment.feature=5000 is outside the SAE, which has features 0..127"),
-    (["experiment.concept=unicorn"], "experiment.concept='unicorn' is not in dataset"),
-    (["experiment.concept=red_circle", "+experiment.concept_words.red_circle=[' ']"], "concept words [' '] of 'red_circle' give no tokens"),
-    (["experiment.concept=red_circle", "experiment.feature_source=pixels"], "Invalid value 'pixels', expected one of [text, image]"),
-    (["experiment.concept=red_circle", "experiment.images=[ocean]"], "experiment.images names ['ocean'], not concepts of dataset 'synthetic'"),
-    (["experiment.concept=red_circle", "experiment.images=[red_circle]"], "includes the steered concept 'red_circle'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["experiment.concept=red_circle", "experiment.feature=5000"], "experiment.feature=5000 is outside the SAE, which has features 0..127"),
+        (["experiment.concept=unicorn"], "experiment.concept='unicorn' is not in dataset"),
+        (["experiment.concept=red_circle", "+experiment.concept_words.red_circle=[' ']"], "concept words [' '] of 'red_circle' give no tokens"),
+        (["experiment.concept=red_circle", "experiment.feature_source=pixels"], "Invalid value 'pixels', expected one of [text, image]"),
+        (["experiment.concept=red_circle", "experiment.images=[ocean]"], "experiment.images names ['ocean'], not concepts of dataset 'synthetic'"),
+        (["experiment.concept=red_circle", "experiment.images=[red_circle]"], "includes the steered concept 'red_circle'"),
+    ],
+)
 def test_steering_bad_input_is_one_clear_error(tmp_path, overrides, message):
     save_jumprelu_sae(tmp_path / "sae", d_in=64, layer=3)
-    proc = run_cli("experiment=steering", "layer=3", "sae=local", f"sae.path={tmp_path / 'sae'}", *overrides,
-                   f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        "experiment=steering", "layer=3", "sae=local", f"sae.path={tmp_path / 'sae'}", *overrides, f"paths.activation_cache={tmp_path / 'cache'}", cwd=tmp_path
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and sum(message in line for line in output.splitlines()) == 1, output[-2000:]
     assert not list(tmp_path.rglob("result.json"))

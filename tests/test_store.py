@@ -165,11 +165,18 @@ def test_hooks_read_the_same_residuals_from_a_model_split_across_devices(tiny, s
 
     tiny.model.save_pretrained(tmp_path / "tiny")
     tiny.processor.save_pretrained(tmp_path / "tiny")
-    device_map = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", "model.language_model.embed_tokens": "cpu",
-                  "model.language_model.rotary_emb": "cpu", "model.language_model.norm": "cpu", "lm_head": "cpu"}  # fmt: skip
+    device_map = {
+        "model.vision_tower": "cpu",
+        "model.multi_modal_projector": "cpu",
+        "model.language_model.embed_tokens": "cpu",
+        "model.language_model.rotary_emb": "cpu",
+        "model.language_model.norm": "cpu",
+        "lm_head": "cpu",
+    }
     device_map |= {f"model.language_model.layers.{i}": ("disk" if i % 2 else "cpu") for i in range(tiny.num_layers)}
-    split = Gemma3Adapter.from_pretrained("tiny-split", str(tmp_path / "tiny"), dtype="float32", device="cpu",
-                                          device_map=device_map, offload_folder=str(tmp_path / "offload"))  # fmt: skip
+    split = Gemma3Adapter.from_pretrained(
+        "tiny-split", str(tmp_path / "tiny"), dtype="float32", device="cpu", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
     assert any(hasattr(layer, "_hf_hook") for layer in split.decoder_layers())  # accelerate dispatched it
     positions = PositionsConfig(batch_size=4)
     want = extract_activations(tiny, synthetic, [1, 4], positions, progress=False)
@@ -184,12 +191,16 @@ def test_device_map_auto_places_whole_gemma3_27b_layers_across_gpus():
     from accelerate import infer_auto_device_map, init_empty_weights
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    config = Gemma3Config(text_config=dict(hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32,
-                                           num_key_value_heads=16, head_dim=128, vocab_size=262208))  # fmt: skip
+    config = Gemma3Config(
+        text_config=dict(
+            hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16, head_dim=128, vocab_size=262208
+        )
+    )
     with init_empty_weights():
         model = Gemma3ForConditionalGeneration(config)
-    device_map = infer_auto_device_map(model, max_memory={i: "16GiB" for i in range(4)} | {"cpu": "1GiB"}, dtype=torch.bfloat16,
-                                       no_split_module_classes=model._no_split_modules)  # fmt: skip
+    device_map = infer_auto_device_map(
+        model, max_memory={i: "16GiB" for i in range(4)} | {"cpu": "1GiB"}, dtype=torch.bfloat16, no_split_module_classes=model._no_split_modules
+    )
     layer_devices = {name: d for name, d in device_map.items() if ".layers." in name}
     assert {d for d in layer_devices.values()} == {0, 1, 2, 3}
     assert all(name.count(".") == 3 for name in layer_devices)  # whole decoder layers, never split
@@ -197,9 +208,21 @@ def test_device_map_auto_places_whole_gemma3_27b_layers_across_gpus():
 
 def test_bad_batch_size_is_one_line_and_no_result(tmp_path):
     for module, extra in (("xmodal.run", ["--config-name=config_tiny"]), ("xmodal.sae_train", ["model=tiny", "dataset=synthetic"])):
-        proc = subprocess.run([sys.executable, "-m", module, *extra, "positions.batch_size=0", f"hydra.run.dir={tmp_path / module}",
-                               f"out_dir={tmp_path / 'sae'}" if module == "xmodal.sae_train" else "seed=0"],
-                              cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                module,
+                *extra,
+                "positions.batch_size=0",
+                f"hydra.run.dir={tmp_path / module}",
+                f"out_dir={tmp_path / 'sae'}" if module == "xmodal.sae_train" else "seed=0",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         output = proc.stdout + proc.stderr
         assert proc.returncode == 2, output[-2000:]
         errors = [line for line in output.splitlines() if "ERROR" in line]
@@ -210,13 +233,27 @@ def test_bad_batch_size_is_one_line_and_no_result(tmp_path):
 def test_sae_train_writes_saes_that_overlap_loads(tmp_path):
     """The whole app on the tiny model: store, train (TopK, then JumpReLU from the same store), evaluate, save; then sae=local."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    base = [sys.executable, "-m", "xmodal.sae_train", "model=tiny", "dataset=synthetic", "dataset.images_per_concept=4", "layers=[2]",
-            "store.texts=concepts", "store.shard_tokens=200", "positions.batch_size=2", "store.eval_fraction=0.3", f"store.dir={tmp_path / 'store'}", "training.d_sae=64", "training.k=8",
-            "training.training_tokens=20000", "training.batch_size=128"]  # fmt: skip
+    base = [
+        sys.executable,
+        "-m",
+        "xmodal.sae_train",
+        "model=tiny",
+        "dataset=synthetic",
+        "dataset.images_per_concept=4",
+        "layers=[2]",
+        "store.texts=concepts",
+        "store.shard_tokens=200",
+        "positions.batch_size=2",
+        "store.eval_fraction=0.3",
+        f"store.dir={tmp_path / 'store'}",
+        "training.d_sae=64",
+        "training.k=8",
+        "training.training_tokens=20000",
+        "training.batch_size=128",
+    ]
     for architecture in ("topk", "jumprelu"):
         out = tmp_path / architecture
-        proc = subprocess.run([*base, f"training.architecture={architecture}", f"out_dir={out}"], cwd=tmp_path, env=env,
-                              capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run([*base, f"training.architecture={architecture}", f"out_dir={out}"], cwd=tmp_path, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         assert (out / "done.json").exists() and (out / "layer_2" / "cfg.json").exists()
         quality = pd.read_csv(out / "quality.csv")
@@ -226,19 +263,41 @@ def test_sae_train_writes_saes_that_overlap_loads(tmp_path):
     assert "reusing it" in proc.stdout + proc.stderr  # the second run read the first run's store
     from tests.conftest import run_cli
 
-    proc = run_cli("experiment=overlap", "layer=2", "sae=local", f"sae.path=\"{tmp_path / 'topk'}/layer_{{layer}}\"", "experiment.n_permutations=50",
-                   f"paths.activation_cache={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'overlap'}", cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        "experiment=overlap",
+        "layer=2",
+        "sae=local",
+        f'sae.path="{tmp_path / "topk"}/layer_{{layer}}"',
+        "experiment.n_permutations=50",
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'overlap'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "overlap" / "result.json").read_text())
     assert result["sae"] == "local" and result["sae_width"] == 64  # the SAE trained above, at its width
 
 
-
 def test_on_the_fly_mode_trains_without_writing_a_store_and_slurm_is_a_launcher_away(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    args = [sys.executable, "-m", "xmodal.sae_train", "model=tiny", "dataset=synthetic", "layers=[2]", "store.texts=concepts",
-            "store.mode=on_the_fly", "store.eval_fraction=0.3", "positions.batch_size=2", f"store.dir={tmp_path / 'store'}",
-            "training.d_sae=64", "training.k=8", "training.training_tokens=5000", "training.batch_size=128", f"out_dir={tmp_path / 'sae'}"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "xmodal.sae_train",
+        "model=tiny",
+        "dataset=synthetic",
+        "layers=[2]",
+        "store.texts=concepts",
+        "store.mode=on_the_fly",
+        "store.eval_fraction=0.3",
+        "positions.batch_size=2",
+        f"store.dir={tmp_path / 'store'}",
+        "training.d_sae=64",
+        "training.k=8",
+        "training.training_tokens=5000",
+        "training.batch_size=128",
+        f"out_dir={tmp_path / 'sae'}",
+    ]
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert not (tmp_path / "store").exists() and (tmp_path / "sae" / "layer_2" / "cfg.json").exists()
@@ -246,14 +305,28 @@ def test_on_the_fly_mode_trains_without_writing_a_store_and_slurm_is_a_launcher_
     hydra_cfg = subprocess.run([*args, "cluster=slurm", "--cfg", "hydra"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in hydra_cfg.stdout, hydra_cfg.stderr[-2000:]
 
+
 def test_saes_trained_through_the_store_explain_both_modalities_of_the_organism(tmp_path):
     """Issue 18's bar, on a third of the default data and budget: FVE at least 0.8 on held-out
     image tokens and on held-out text tokens, far above the shuffled-dimensions null."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     out = tmp_path / "sae"
-    proc = subprocess.run([sys.executable, "-m", "xmodal.sae_train", "dataset.images_per_concept=20", "store.shard_tokens=4096",
-                           "training.training_tokens=300000", f"store.dir={tmp_path / 'store'}", f"out_dir={out}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xmodal.sae_train",
+            "dataset.images_per_concept=20",
+            "store.shard_tokens=4096",
+            "training.training_tokens=300000",
+            f"store.dir={tmp_path / 'store'}",
+            f"out_dir={out}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     quality = pd.read_csv(out / "quality.csv").set_index("tokens")
     assert quality.loc["image", "fve"] >= 0.8 and quality.loc["text", "fve"] >= 0.8, quality.to_string()

@@ -13,19 +13,32 @@ def summary_of(jobs: list[dict]) -> pd.DataFrame:
     rows = []
     for job in jobs:
         layer, width = job["layer"], job["width"]
-        rows.append({
-            "job": f"layer={layer},sae.width={width}", "status": "ok", "experiment": "overlap", "model": "organism", "sae": "organism",
-            "num_layers": 18, "layer": layer, "relative_depth": layer / 17, "override.layer": str(job.get("spec", layer)),
-            "override.sae.width": str(width), "jaccard": job["jaccard"], "jaccard_null_mean": 0.1,
-        })  # fmt: skip
+        rows.append(
+            {
+                "job": f"layer={layer},sae.width={width}",
+                "status": "ok",
+                "experiment": "overlap",
+                "model": "organism",
+                "sae": "organism",
+                "num_layers": 18,
+                "layer": layer,
+                "relative_depth": layer / 17,
+                "override.layer": str(job.get("spec", layer)),
+                "override.sae.width": str(width),
+                "jaccard": job["jaccard"],
+                "jaccard_null_mean": 0.1,
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def test_layer_gradient_has_one_row_per_width_each_from_its_own_jobs():
     rising = {5: 0.2, 9: 0.3, 12: 0.5, 15: 0.6}  # width 512: rises with depth
     falling = {5: 0.6, 9: 0.4, 12: 0.35, 15: 0.1}  # width 1024: falls
-    summary = summary_of([{"layer": layer, "width": 512, "jaccard": v} for layer, v in rising.items()]
-                         + [{"layer": layer, "width": 1024, "jaccard": v} for layer, v in falling.items()])  # fmt: skip
+    summary = summary_of(
+        [{"layer": layer, "width": 512, "jaccard": v} for layer, v in rising.items()]
+        + [{"layer": layer, "width": 1024, "jaccard": v} for layer, v in falling.items()]
+    )
     gradient = layer_gradient(summary).set_index("override.sae.width")
     assert sorted(gradient.index) == ["1024", "512"] and (gradient["metric"] == "jaccard").all()
     assert gradient.loc["512", "spearman_rho"] == pytest.approx(1.0) and gradient.loc["1024", "spearman_rho"] == pytest.approx(-1.0)
@@ -41,8 +54,14 @@ def test_two_layers_give_a_row_with_the_exact_p():
 
 
 def test_two_jobs_at_one_depth_are_refused_not_dropped():
-    summary = summary_of([{"layer": 5, "width": 512, "jaccard": 0.2}, {"layer": 9, "width": 512, "jaccard": 0.3},
-                          {"layer": 9, "width": 512, "jaccard": 0.9, "spec": "preset:1"}, {"layer": 12, "width": 512, "jaccard": 0.4}])  # fmt: skip
+    summary = summary_of(
+        [
+            {"layer": 5, "width": 512, "jaccard": 0.2},
+            {"layer": 9, "width": 512, "jaccard": 0.3},
+            {"layer": 9, "width": 512, "jaccard": 0.9, "spec": "preset:1"},
+            {"layer": 12, "width": 512, "jaccard": 0.4},
+        ]
+    )
     (row,) = layer_gradient(summary).itertuples()
     assert np.isnan(row.spearman_rho) and np.isnan(row.p)
     assert "several jobs at one depth, refused" in row.note

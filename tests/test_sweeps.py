@@ -210,6 +210,7 @@ def test_submitit_interrupted_job_is_requeued_and_resumes_from_the_cache(workdir
         )
     )
     deadline = time.time() + 300
+
     def finished_readout() -> bool:  # the streaming pass entered its last shard (progress.json: complete)
         return any('"complete": true' in p.read_text() for p in cache.rglob("progress.json"))
 
@@ -230,9 +231,20 @@ def test_the_layer_gradient_is_a_rank_correlation_with_its_permutation_p():
     from xmodal.reporting.sweep import layer_gradient
 
     depth = np.linspace(0.1, 0.9, 6)
-    rising = pd.DataFrame({"job": [f"layer={i}" for i in range(6)], "status": "ok", "experiment": "overlap", "model": "m", "sae": "s", "relative_depth": depth,
-                           "rises": depth * 2, "rises_null_mean": 0.0,
-                           "noise": [0.3, 0.1, 0.5, 0.2, 0.4, 0.35], "noise_null_mean": 0.0})  # fmt: skip
+    rising = pd.DataFrame(
+        {
+            "job": [f"layer={i}" for i in range(6)],
+            "status": "ok",
+            "experiment": "overlap",
+            "model": "m",
+            "sae": "s",
+            "relative_depth": depth,
+            "rises": depth * 2,
+            "rises_null_mean": 0.0,
+            "noise": [0.3, 0.1, 0.5, 0.2, 0.4, 0.35],
+            "noise_null_mean": 0.0,
+        }
+    )
     table = layer_gradient(rising).set_index("metric")
     assert table.loc["rises", "spearman_rho"] == pytest.approx(1.0)
     assert table.loc["rises", "p"] == pytest.approx(2 / 720)  # exact: the one ordering, in both directions, of 6! orderings

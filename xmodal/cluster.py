@@ -89,8 +89,10 @@ def read_partition(name: str) -> Partition:
     known = [p.get("PartitionName", "?") for p in listed]
     found = [p for p in listed if p.get("PartitionName") == name]
     if not found:
-        raise ConfigError(f"hydra.launcher.partition={name} is not a partition of this cluster (it has: {', '.join(known) or 'none'}); "
-                          f"set hydra.launcher.partition to one of them")  # fmt: skip
+        raise ConfigError(
+            f"hydra.launcher.partition={name} is not a partition of this cluster (it has: {', '.join(known) or 'none'}); "
+            f"set hydra.launcher.partition to one of them"
+        )
     partition = found[0]
     node_list = partition.get("Nodes", "")
     nodes = []
@@ -129,8 +131,14 @@ def check_request(launcher: dict[str, Any], partition: Partition) -> None:
         asked = f"gres={gres}" if gres and not launcher.get("gpus_per_node") else f"gpus_per_node={gpus}"
         unmet.append((asked, f"{most_gpus.gpus} GPUs ({most_gpus.name})", "gpus_per_node=null" if most_gpus.gpus == 0 else f"gpus_per_node={most_gpus.gpus}"))
     if cpus > most_cpus.cpus:
-        unmet.append((f"cpus_per_task={launcher.get('cpus_per_task')}" + (f" x tasks_per_node={launcher.get('tasks_per_node')}" if (launcher.get("tasks_per_node") or 1) > 1 else ""),
-                      f"{most_cpus.cpus} CPUs ({most_cpus.name})", f"cpus_per_task={most_cpus.cpus}"))  # fmt: skip
+        unmet.append(
+            (
+                f"cpus_per_task={launcher.get('cpus_per_task')}"
+                + (f" x tasks_per_node={launcher.get('tasks_per_node')}" if (launcher.get("tasks_per_node") or 1) > 1 else ""),
+                f"{most_cpus.cpus} CPUs ({most_cpus.name})",
+                f"cpus_per_task={most_cpus.cpus}",
+            )
+        )
     if memory_mb > most_memory.memory_mb:
         unmet.append(
             (f"mem_gb={launcher.get('mem_gb')}", f"{_gib(most_memory.memory_mb)} ({most_memory.name})", f"mem_gb={int(most_memory.memory_mb // 1024) or 1}")
@@ -142,8 +150,13 @@ def check_request(launcher: dict[str, Any], partition: Partition) -> None:
         unmet.append((f"nodes={nodes_needed}", f"{len(partition.nodes)} nodes", f"nodes={len(partition.nodes)}"))
     if not unmet and nodes_needed > sum(fits(n) for n in partition.nodes):
         largest = max(partition.nodes, key=lambda n: (n.gpus, n.cpus, n.memory_mb))
-        unmet.append((f"gpus_per_node={gpus}, cpus={cpus}, mem_gb={launcher.get('mem_gb')} on one node",
-                      f"{largest.gpus} GPUs, {largest.cpus} CPUs, {_gib(largest.memory_mb)} ({largest.name})", "a smaller request"))  # fmt: skip
+        unmet.append(
+            (
+                f"gpus_per_node={gpus}, cpus={cpus}, mem_gb={launcher.get('mem_gb')} on one node",
+                f"{largest.gpus} GPUs, {largest.cpus} CPUs, {_gib(largest.memory_mb)} ({largest.name})",
+                "a smaller request",
+            )
+        )
     if unmet:
         raise ConfigError(
             f"cluster=slurm asks partition {partition.name} for {', '.join(a for a, _, _ in unmet)}, which no node can ever give "

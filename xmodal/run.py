@@ -143,9 +143,16 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
     ctx.timings_s["setup"] = time.perf_counter() - setup_start
     log.info(
         "%s | model=%s layer=%d (%s) sae=%s dataset=%s (%d concepts, %d images) -> %s",
-        experiment.name, model.name, layer, layer_spec, features.name, dataset.name,
-        len(dataset.concepts), len(dataset.images), job.output_dir,
-    )  # fmt: skip
+        experiment.name,
+        model.name,
+        layer,
+        layer_spec,
+        features.name,
+        dataset.name,
+        len(dataset.concepts),
+        len(dataset.images),
+        job.output_dir,
+    )
     run_id = hashlib.sha256(str(job.output_dir.resolve()).encode()).hexdigest()[:16]  # stable across requeues
     logger.start(job.run_name, job.group, OmegaConf.to_container(cfg, resolve=True), job.output_dir, run_id)
     ok = False

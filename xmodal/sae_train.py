@@ -137,9 +137,14 @@ class SAETrainConfig:
         if not self.layers:
             raise ConfigError("layers=[] names no layer; give at least one, e.g. layers=[9]")
         t, s = self.training, self.store
-        for name, value in (("training.d_sae", t.d_sae), ("training.k", t.k), ("training.batch_size", t.batch_size),
-                            ("training.training_tokens", t.training_tokens), ("store.shard_tokens", s.shard_tokens),
-                            ("store.buffer_shards", s.buffer_shards)):  # fmt: skip
+        for name, value in (
+            ("training.d_sae", t.d_sae),
+            ("training.k", t.k),
+            ("training.batch_size", t.batch_size),
+            ("training.training_tokens", t.training_tokens),
+            ("store.shard_tokens", s.shard_tokens),
+            ("store.buffer_shards", s.buffer_shards),
+        ):
             if value < 1:
                 raise ConfigError(f"{name}={value} must be at least 1")
         if t.k > t.d_sae:
@@ -148,8 +153,10 @@ class SAETrainConfig:
             raise ConfigError("training.modalities=[] trains on nothing; use [text], [image] or [text,image]")
         widths = list(t.matryoshka_widths)
         if widths and (widths[-1] != t.d_sae or widths[0] < 1 or any(a >= b for a, b in zip(widths, widths[1:]))):
-            raise ConfigError(f"training.matryoshka_widths={widths} must rise strictly from at least 1 and end at "
-                              f"training.d_sae={t.d_sae}; or leave it [] for d_sae/8, /4, /2 and d_sae")  # fmt: skip
+            raise ConfigError(
+                f"training.matryoshka_widths={widths} must rise strictly from at least 1 and end at "
+                f"training.d_sae={t.d_sae}; or leave it [] for d_sae/8, /4, /2 and d_sae"
+            )
         if not 0 < s.eval_fraction < 1:
             raise ConfigError(f"store.eval_fraction={s.eval_fraction} must lie strictly between 0 and 1")
 
@@ -174,12 +181,15 @@ def fill_store(cfg: SAETrainConfig, adapter: ModelAdapter, dataset: Any, progres
 
 def disk_source(cfg: SAETrainConfig, adapter: ModelAdapter, dataset: Any, progress: bool) -> Source:
     store_cfg, start = cfg.store, time.perf_counter()
-    store = build_store(adapter, dataset, store_cfg.dir, cfg.layers, cfg.positions, store_cfg.texts.value, cfg.seed,
-                        store_cfg.shard_tokens, store_cfg.dtype.value, progress)  # fmt: skip
+    store = build_store(
+        adapter, dataset, store_cfg.dir, cfg.layers, cfg.positions, store_cfg.texts.value, cfg.seed, store_cfg.shard_tokens, store_cfg.dtype.value, progress
+    )
     n_eval = max(1, round(store_cfg.eval_fraction * store.n_shards))
     if store.n_shards - n_eval < 1:
-        raise XmodalError(f"the store holds {store.n_shards} shard(s): too few to hold {n_eval} out for evaluation; "
-                          f"lower store.shard_tokens (now {store_cfg.shard_tokens}) or use a larger dataset")  # fmt: skip
+        raise XmodalError(
+            f"the store holds {store.n_shards} shard(s): too few to hold {n_eval} out for evaluation; "
+            f"lower store.shard_tokens (now {store_cfg.shard_tokens}) or use a larger dataset"
+        )
     # The first shards are held out: full-size random mixes (the last one holds what was left over).
     train_shards = list(range(n_eval, store.n_shards))
     eval_rows = {layer: _cat([store.shard(i, layer) for i in range(n_eval)]) for layer in cfg.layers}
@@ -248,8 +258,7 @@ def streamed_source(cfg: SAETrainConfig, adapter: ModelAdapter, dataset: Any, pr
     sample = {layer: torch.cat([r[layer] for r, _, _ in first]) for layer in cfg.layers}
 
     def streamed(layer: int) -> Iterator[torch.Tensor]:
-        return stream_batches(adapter, dataset, texts, train_plan, layer, cfg.positions, cfg.training.batch_size,
-                              cfg.store.shard_tokens, cfg.seed)  # fmt: skip
+        return stream_batches(adapter, dataset, texts, train_plan, layer, cfg.positions, cfg.training.batch_size, cfg.store.shard_tokens, cfg.seed)
 
     return Source(streamed, eval_rows, sample, {"eval_batches": n_eval, "train_batches": len(train_plan)})
 
@@ -268,10 +277,22 @@ def _cat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, 
 def train(cfg: SAETrainConfig, source: Source, layer: int, model_name: str, device: str) -> Any:
     t = cfg.training
     return train_sae(
-        source.train_batches(layer), source.sample[layer], layer, t.d_sae, t.k, t.training_tokens, t.batch_size, t.lr,
-        cfg.seed, device, model_name, t.architecture.value, t.decoder_init.value, t.l0_coefficient,
+        source.train_batches(layer),
+        source.sample[layer],
+        layer,
+        t.d_sae,
+        t.k,
+        t.training_tokens,
+        t.batch_size,
+        t.lr,
+        cfg.seed,
+        device,
+        model_name,
+        t.architecture.value,
+        t.decoder_init.value,
+        t.l0_coefficient,
         list(t.matryoshka_widths) or None,
-    )  # fmt: skip
+    )
 
 
 # 3. ----------------------------------------------------------------------------------------
@@ -301,25 +322,45 @@ def train_saes(cfg: SAETrainConfig, progress: bool = True) -> pd.DataFrame:
     rows = []
     for layer in cfg.layers:
         start = time.perf_counter()
-        log.info("Layer %d: training a %s SAE (d_sae %d, k %d) on %d tokens", layer, cfg.training.architecture.value,
-                 cfg.training.d_sae, cfg.training.k, cfg.training.training_tokens)  # fmt: skip
+        log.info(
+            "Layer %d: training a %s SAE (d_sae %d, k %d) on %d tokens",
+            layer,
+            cfg.training.architecture.value,
+            cfg.training.d_sae,
+            cfg.training.k,
+            cfg.training.training_tokens,
+        )
         sae = train(cfg, source, layer, adapter.name, device)
         seconds = time.perf_counter() - start
         save_sae(sae, out_dir / f"layer_{layer}")  # 4.
         saved = SAE.load_from_disk(out_dir / f"layer_{layer}", device=device, dtype="float32")
         eval_x, eval_modality = source.eval_rows[layer]
         for row in evaluate(saved, eval_x, eval_modality, cfg.seed):
-            rows.append({"layer": layer, "architecture": cfg.training.architecture.value,
-                         "trained_on": "+".join(m.value for m in cfg.training.modalities), **row, "train_seconds": seconds,
-                         "tokens_per_second": cfg.training.training_tokens / seconds, **source.stats})  # fmt: skip
-        log.info("Layer %d held out: %s", layer, ", ".join(f"{r['tokens']} FVE {r['fve']:.3f} (null {r['fve_null_shuffled_dims']:.3f}) "
-                                                           f"L0 {r['l0']:.1f}" for r in rows[-2:]))  # fmt: skip
+            rows.append(
+                {
+                    "layer": layer,
+                    "architecture": cfg.training.architecture.value,
+                    "trained_on": "+".join(m.value for m in cfg.training.modalities),
+                    **row,
+                    "train_seconds": seconds,
+                    "tokens_per_second": cfg.training.training_tokens / seconds,
+                    **source.stats,
+                }
+            )
+        log.info(
+            "Layer %d held out: %s",
+            layer,
+            ", ".join(f"{r['tokens']} FVE {r['fve']:.3f} (null {r['fve_null_shuffled_dims']:.3f}) L0 {r['l0']:.1f}" for r in rows[-2:]),
+        )
     table = pd.DataFrame(rows)
     atomic_write(out_dir / "quality.csv", lambda p: table.to_csv(p, index=False))
-    atomic_write(out_dir / "done.json", lambda p: Path(p).write_text(json.dumps(
-        {"layers": cfg.layers, "sae_path": str(out_dir / "layer_{layer}"), "store": cfg.store.dir, "mode": cfg.store.mode.value})))  # fmt: skip
-    log.info("Use them: python -m xmodal.run experiment=overlap sae=local 'sae.path=\"%s\"' layer=%d",
-             out_dir.resolve() / "layer_{layer}", cfg.layers[0])  # fmt: skip
+    atomic_write(
+        out_dir / "done.json",
+        lambda p: Path(p).write_text(
+            json.dumps({"layers": cfg.layers, "sae_path": str(out_dir / "layer_{layer}"), "store": cfg.store.dir, "mode": cfg.store.mode.value})
+        ),
+    )
+    log.info("Use them: python -m xmodal.run experiment=overlap sae=local 'sae.path=\"%s\"' layer=%d", out_dir.resolve() / "layer_{layer}", cfg.layers[0])
     return table
 
 

@@ -59,9 +59,14 @@ class Workload(StrEnum):
 
 
 def resolve_batch_size(
-    adapter: ModelAdapter, batch_size: Any, layers: Sequence[int], dataset: Any, positions: Any,
-    workload: Workload = Workload.EARLY_EXIT, max_new_tokens: int = 0,
-) -> int:  # fmt: skip
+    adapter: ModelAdapter,
+    batch_size: Any,
+    layers: Sequence[int],
+    dataset: Any,
+    positions: Any,
+    workload: Workload = Workload.EARLY_EXIT,
+    max_new_tokens: int = 0,
+) -> int:
     """The batch size to use for this model, layers, dataset and workload.
 
     A size found for `auto` is kept per model, layers, workload and probe sequence length (the
@@ -74,8 +79,15 @@ def resolve_batch_size(
     if adapter.device.type != "cuda" or not adapter.has_decoder:
         return DEFAULT_CPU_BATCH
     workload = Workload(workload)
-    probe_key = (adapter.name, dataset.name, len(dataset.concepts), len(dataset.images), positions.image_prompt,
-                 positions.text_prompt, positions.use_chat_template)  # fmt: skip
+    probe_key = (
+        adapter.name,
+        dataset.name,
+        len(dataset.concepts),
+        len(dataset.images),
+        positions.image_prompt,
+        positions.text_prompt,
+        positions.use_chat_template,
+    )
     if probe_key not in _probes:
         _probes[probe_key] = _image_probe(adapter, dataset, positions) if dataset.images else _text_probe(adapter, dataset, positions)
     inputs = _probes[probe_key]
@@ -93,8 +105,14 @@ def resolve_batch_size(
 
         upper = min(MAX_AUTO_BATCH, max(len(dataset.images), len(dataset.concepts)))
         _found[key] = largest_fitting_batch(try_batch, upper)
-        log.info("positions.batch_size=auto: %d fits on %s for %s at layers %s, %d tokens", _found[key], adapter.device,
-                 workload.value, list(layers), sequence_length)  # fmt: skip
+        log.info(
+            "positions.batch_size=auto: %d fits on %s for %s at layers %s, %d tokens",
+            _found[key],
+            adapter.device,
+            workload.value,
+            list(layers),
+            sequence_length,
+        )
     return _found[key]
 
 

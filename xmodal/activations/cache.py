@@ -69,10 +69,15 @@ def scratch_cache() -> ActivationCache:
 
 
 def get_readouts(
-    adapter: ModelAdapter, dataset: ConceptDataset, plans: Sequence[ReadoutPlan], positions: PositionsConfig,
-    cache: ActivationCache | None, progress: bool = True, modalities: Sequence[str] = ("text", "image"),
+    adapter: ModelAdapter,
+    dataset: ConceptDataset,
+    plans: Sequence[ReadoutPlan],
+    positions: PositionsConfig,
+    cache: ActivationCache | None,
+    progress: bool = True,
+    modalities: Sequence[str] = ("text", "image"),
     riders: Sequence[ReadoutPlan] = (),
-) -> dict[int, LayerReadout]:  # fmt: skip
+) -> dict[int, LayerReadout]:
     """Each plan's readout, from the cache or from one streaming pass for all that are missing.
 
     When a pass runs, the `riders` that the cache lacks go along and are cached, not returned
@@ -89,9 +94,16 @@ def get_readouts(
 
 
 def _get_readouts(
-    adapter: ModelAdapter, dataset: ConceptDataset, plans: Sequence[ReadoutPlan], keys: list[str], riders: list[tuple[ReadoutPlan, str]],
-    positions: PositionsConfig, cache: ActivationCache, progress: bool, modalities: Sequence[str],
-) -> dict[int, LayerReadout]:  # fmt: skip
+    adapter: ModelAdapter,
+    dataset: ConceptDataset,
+    plans: Sequence[ReadoutPlan],
+    keys: list[str],
+    riders: list[tuple[ReadoutPlan, str]],
+    positions: PositionsConfig,
+    cache: ActivationCache,
+    progress: bool,
+    modalities: Sequence[str],
+) -> dict[int, LayerReadout]:
     missing = [(plan, key) for plan, key in zip(plans, keys) if not cache.finished(key)]
     cache.hits += len(plans) - len(missing)
     cache.misses += len(missing)

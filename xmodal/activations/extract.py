@@ -124,9 +124,11 @@ def image_input_loader(
         adapter.image_inputs([], "", False)  # raises the family's clear error
     adapter.processor  # load once here, so that forked workers inherit it
     return torch.utils.data.DataLoader(
-        ImageInputBatches(adapter, images, batches, positions.image_prompt, positions.use_chat_template), batch_size=None,
-        num_workers=positions.num_workers, pin_memory=adapter.device.type == "cuda",
-    )  # fmt: skip
+        ImageInputBatches(adapter, images, batches, positions.image_prompt, positions.use_chat_template),
+        batch_size=None,
+        num_workers=positions.num_workers,
+        pin_memory=adapter.device.type == "cuda",
+    )
 
 
 def extract_activations(
@@ -198,8 +200,10 @@ def embedding_activations(
     """
     text_width, image_width = adapter.width(layer, "text"), adapter.width(layer, "image")
     if text_width != image_width and set(modalities) >= {"text", "image"}:
-        raise ConfigError(f"layer={layer} of {adapter.name!r}: its text tower is {text_width} wide and its vision tower "
-                          f"{image_width}, so texts and images share no space there; use layer=0, the shared embedding")  # fmt: skip
+        raise ConfigError(
+            f"layer={layer} of {adapter.name!r}: its text tower is {text_width} wide and its vision tower "
+            f"{image_width}, so texts and images share no space there; use layer=0, the shared embedding"
+        )
     concepts = dataset.concepts if "text" in modalities else []
     texts = [positions.text_prompt.format(concept=c.text) for c in concepts]
     images = dataset.images if "image" in modalities else []

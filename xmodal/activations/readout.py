@@ -407,9 +407,15 @@ def _truncate(writer: _LayerWriter, images_done: int) -> None:
 
 
 def stream_readouts(
-    adapter: ModelAdapter, dataset: ConceptDataset, plans: Sequence[ReadoutPlan], directories: Sequence[Path],
-    positions: PositionsConfig, batch_size: int, modalities: Sequence[str] = ("text", "image"), progress: bool = True,
-) -> None:  # fmt: skip
+    adapter: ModelAdapter,
+    dataset: ConceptDataset,
+    plans: Sequence[ReadoutPlan],
+    directories: Sequence[Path],
+    positions: PositionsConfig,
+    batch_size: int,
+    modalities: Sequence[str] = ("text", "image"),
+    progress: bool = True,
+) -> None:
     """Run `dataset` through the model once (stopping after the deepest layer of `plans`) and write each
     plan's readout into its directory; finished directories are skipped, unfinished ones resumed."""
     concepts = dataset.concepts if "text" in modalities else []
@@ -417,10 +423,16 @@ def stream_readouts(
     writers = []
     for plan, directory in zip(plans, directories):
         manifest = {
-            "format": READOUT_FORMAT, "layer": plan.layer, "width": plan.space.d_sae, **plan.identity(),
-            "eoi": bool(images), "concepts": [c.name for c in concepts], "image_concepts": [i.concept for i in images],
-            "image_sources": [i.source for i in images], "n_images": len(images),
-        }  # fmt: skip
+            "format": READOUT_FORMAT,
+            "layer": plan.layer,
+            "width": plan.space.d_sae,
+            **plan.identity(),
+            "eoi": bool(images),
+            "concepts": [c.name for c in concepts],
+            "image_concepts": [i.concept for i in images],
+            "image_sources": [i.source for i in images],
+            "n_images": len(images),
+        }
         state = _claim(directory, manifest)
         if not state["complete"]:
             writers.append(_LayerWriter(plan, directory, state))

@@ -101,9 +101,15 @@ def batch_plan(n_images: int, n_texts: int, batch_size: int, seed: int) -> list[
 
 
 def stream_rows(
-    adapter: ModelAdapter, dataset: ConceptDataset, texts: Sequence[str], plan: Sequence[tuple[int, list[int]]],
-    layers: Sequence[int], positions: PositionsConfig, progress: bool = True, desc: str = "activations",
-) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]]:  # fmt: skip
+    adapter: ModelAdapter,
+    dataset: ConceptDataset,
+    texts: Sequence[str],
+    plan: Sequence[tuple[int, list[int]]],
+    layers: Sequence[int],
+    positions: PositionsConfig,
+    progress: bool = True,
+    desc: str = "activations",
+) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]]:
     """Per batch of the plan: (layer -> rows, modality per row, item per row), one forward pass each.
 
     Image batches are decoded and resized by `positions.num_workers` DataLoader workers, ahead of the model.
@@ -126,9 +132,17 @@ def stream_rows(
 
 # ----------------------------------------------------------------------------- writing --
 def build_store(
-    adapter: ModelAdapter, dataset: ConceptDataset, directory: str | Path, layers: Sequence[int], positions: PositionsConfig,
-    texts: TextSource = "captions", seed: int = 0, shard_tokens: int = 65536, dtype: str = "float32", progress: bool = True,
-) -> "ActivationStore":  # fmt: skip
+    adapter: ModelAdapter,
+    dataset: ConceptDataset,
+    directory: str | Path,
+    layers: Sequence[int],
+    positions: PositionsConfig,
+    texts: TextSource = "captions",
+    seed: int = 0,
+    shard_tokens: int = 65536,
+    dtype: str = "float32",
+    progress: bool = True,
+) -> "ActivationStore":
     """Write (or finish, or reuse) the store of `layers` for `dataset` in `directory`."""
     from xmodal.activations.batch_size import resolve_batch_size
 
@@ -140,11 +154,21 @@ def build_store(
     text_list = store_texts(dataset, texts)
     batch_size = resolve_batch_size(adapter, positions.batch_size, layers, dataset, positions)
     spec = StoreSpec(
-        model=adapter.name, model_identity=json.loads(json.dumps(adapter.identity, default=str)), layers=tuple(sorted(set(layers))),
-        d_model=adapter.hidden_size, dataset=dataset.name, dataset_hash=dataset.content_hash(), texts=texts,
-        text_prompt=positions.text_prompt, image_prompt=positions.image_prompt, use_chat_template=positions.use_chat_template,
-        seed=seed, batch_size=batch_size, shard_tokens=shard_tokens, dtype=dtype,
-    )  # fmt: skip
+        model=adapter.name,
+        model_identity=json.loads(json.dumps(adapter.identity, default=str)),
+        layers=tuple(sorted(set(layers))),
+        d_model=adapter.hidden_size,
+        dataset=dataset.name,
+        dataset_hash=dataset.content_hash(),
+        texts=texts,
+        text_prompt=positions.text_prompt,
+        image_prompt=positions.image_prompt,
+        use_chat_template=positions.use_chat_template,
+        seed=seed,
+        batch_size=batch_size,
+        shard_tokens=shard_tokens,
+        dtype=dtype,
+    )
     state = _claim(directory, spec)
     if state.complete:
         log.info("Activation store %s is complete (%d shards); reusing it", directory, len(state.shards))
@@ -175,12 +199,17 @@ def _claim(directory: Path, spec: StoreSpec) -> StoreProgress:
     if manifest.exists():
         held = _read_spec(manifest)
         if held != spec:
-            differs = [f"{k}: {getattr(held, k)!r} there, {getattr(spec, k)!r} here" for k in spec.__dataclass_fields__
-                       if getattr(held, k) != getattr(spec, k) and k != "model_identity"]  # fmt: skip
+            differs = [
+                f"{k}: {getattr(held, k)!r} there, {getattr(spec, k)!r} here"
+                for k in spec.__dataclass_fields__
+                if getattr(held, k) != getattr(spec, k) and k != "model_identity"
+            ]
             if held.model_identity != spec.model_identity:
                 differs.insert(0, "the model's weights")
-            raise StoreError(f"store {directory} holds {held.describe()}, but this run asks for {spec.describe()} "
-                             f"(differs in {'; '.join(differs)}); give another store.dir or delete that one")  # fmt: skip
+            raise StoreError(
+                f"store {directory} holds {held.describe()}, but this run asks for {spec.describe()} "
+                f"(differs in {'; '.join(differs)}); give another store.dir or delete that one"
+            )
         return _read_progress(directory)
     if directory.exists() and any(directory.iterdir()):
         raise StoreError(f"store.dir={str(directory)!r} is a non-empty folder without {MANIFEST}; give an empty or new folder")
@@ -194,8 +223,7 @@ def _write_shard(directory: Path, spec: StoreSpec, state: StoreProgress, buffer:
     index = len(state.shards)
     modality = torch.cat([b[1] for b in buffer])
     order = torch.randperm(len(modality), generator=torch.Generator().manual_seed(spec.seed * 1_000_003 + index))
-    tensors = {f"layer_{layer}": torch.cat([b[0][layer] for b in buffer])[order].to(getattr(torch, spec.dtype)).contiguous()
-               for layer in spec.layers}  # fmt: skip
+    tensors = {f"layer_{layer}": torch.cat([b[0][layer] for b in buffer])[order].to(getattr(torch, spec.dtype)).contiguous() for layer in spec.layers}
     tensors |= {"modality": modality[order].contiguous(), "item": torch.cat([b[2] for b in buffer])[order].contiguous()}
     name = f"shard_{index:05d}.safetensors"
 
@@ -204,8 +232,7 @@ def _write_shard(directory: Path, spec: StoreSpec, state: StoreProgress, buffer:
 
     size = save_shard(directory, name, tensors, {"store_format": str(STORE_FORMAT), "rows": str(len(order))}, failed)
     image_rows = int((modality == IMAGE).sum())
-    state.shards.append({"file": name, "rows": len(order), "image_rows": image_rows, "text_rows": len(order) - image_rows,
-                         "bytes": size})  # fmt: skip
+    state.shards.append({"file": name, "rows": len(order), "image_rows": image_rows, "text_rows": len(order) - image_rows, "bytes": size})
     state.batches_done = batches_done
     write_json_atomic(directory / PROGRESS, asdict(state))
 
@@ -235,8 +262,9 @@ class ActivationStore:
         self.spec = _read_spec(self.directory / MANIFEST)
         self.progress = _read_progress(self.directory)
         if not self.progress.complete:
-            raise StoreError(f"store {self.directory} is unfinished ({self.progress.batches_done} of {self.progress.n_batches} batches); "
-                             "rerun the same command to finish it")  # fmt: skip
+            raise StoreError(
+                f"store {self.directory} is unfinished ({self.progress.batches_done} of {self.progress.n_batches} batches); rerun the same command to finish it"
+            )
 
     @property
     def n_shards(self) -> int:
@@ -288,9 +316,16 @@ def mixed_batches(chunks: Iterator[torch.Tensor], buffer_rows: int, batch_size: 
 
 
 def stream_batches(
-    adapter: ModelAdapter, dataset: ConceptDataset, texts: Sequence[str], plan: Sequence[tuple[int, list[int]]], layer: int,
-    positions: PositionsConfig, batch_size: int, buffer_tokens: int, seed: int,
-) -> Iterator[torch.Tensor]:  # fmt: skip
+    adapter: ModelAdapter,
+    dataset: ConceptDataset,
+    texts: Sequence[str],
+    plan: Sequence[tuple[int, list[int]]],
+    layer: int,
+    positions: PositionsConfig,
+    batch_size: int,
+    buffer_tokens: int,
+    seed: int,
+) -> Iterator[torch.Tensor]:
     """On-the-fly mode: endless shuffled batches straight from the model, nothing written to disk.
     Each epoch runs the `plan`'s batches again, in a new order; at most `buffer_tokens` rows are held."""
     generator = torch.Generator().manual_seed(seed)

@@ -24,7 +24,6 @@ def appendix_e_concepts(name: str = "das_appendix_e", categories: list[str] | No
     """The concepts of `categories` (all 14 when none), each with its category and synonyms."""
     table = select_categories(appendix_e_table(), categories, "Appendix E's list")
     concepts = [
-        Concept(row["concept"], row["text"], row["category"], synonyms=tuple(s for s in row["synonyms"].split("|") if s))
-        for row in table.to_dict("records")
+        Concept(row["concept"], row["text"], row["category"], synonyms=tuple(s for s in row["synonyms"].split("|") if s)) for row in table.to_dict("records")
     ]
     return ConceptDataset(name, concepts, text_only=True)

@@ -23,9 +23,7 @@ def read_concept_images(root: Path, concept: str, max_images: int | None) -> lis
     folder = root / concept
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     if not files:
-        raise DatasetError(
-            f"concept folder {str(folder)!r} holds no image (.jpg, .jpeg, .png, .webp, .bmp); add images or remove it"
-        )
+        raise DatasetError(f"concept folder {str(folder)!r} holds no image (.jpg, .jpeg, .png, .webp, .bmp); add images or remove it")
     return [read_image_file(p, concept) for p in files[:max_images]]
 
 

@@ -23,16 +23,24 @@ def shape_outline(shape: str, cx: float, cy: float, r: float, square_scale: floa
         return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
     if shape == "star":
         return [
-            (cx + rr * math.cos(a), cy + rr * math.sin(a))
-            for i in range(10)
-            for a, rr in [(-math.pi / 2 + i * math.pi / 5, r if i % 2 == 0 else r * 0.42)]
+            (cx + rr * math.cos(a), cy + rr * math.sin(a)) for i in range(10) for a, rr in [(-math.pi / 2 + i * math.pi / 5, r if i % 2 == 0 else r * 0.42)]
         ]
     if shape == "cross":
         a, b = r * 0.32, r * 0.95
         return [
-            (cx - a, cy - b), (cx + a, cy - b), (cx + a, cy - a), (cx + b, cy - a), (cx + b, cy + a), (cx + a, cy + a),
-            (cx + a, cy + b), (cx - a, cy + b), (cx - a, cy + a), (cx - b, cy + a), (cx - b, cy - a), (cx - a, cy - a),
-        ]  # fmt: skip
+            (cx - a, cy - b),
+            (cx + a, cy - b),
+            (cx + a, cy - a),
+            (cx + b, cy - a),
+            (cx + b, cy + a),
+            (cx + a, cy + a),
+            (cx + a, cy + b),
+            (cx - a, cy + b),
+            (cx - a, cy + a),
+            (cx - b, cy + a),
+            (cx - b, cy - a),
+            (cx - a, cy - a),
+        ]
     raise ValueError(f"unknown shape {shape!r}; the shapes are {', '.join(SHAPES)}")
 
 

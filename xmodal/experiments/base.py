@@ -155,8 +155,14 @@ class RunContext:
             pooled = feature_maps.mean(axis=1)
             order = [i for i in np.argsort(-pooled, kind="stable")[:top_images] if pooled[i] > 0]
             # activation row i is dataset image i (extraction keeps the order; sources can repeat)
-            rows.append((label, [self.dataset.images[i].load() for i in order],
-                         [feature_maps[i].reshape(grid) for i in order], [readout.image_concepts[i] for i in order]))  # fmt: skip
+            rows.append(
+                (
+                    label,
+                    [self.dataset.images[i].load() for i in order],
+                    [feature_maps[i].reshape(grid) for i in order],
+                    [readout.image_concepts[i] for i in order],
+                )
+            )
         self.figure(name, figures.patch_heatmap_rows(rows, self.layer))
 
     def tensors(self, name: str, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:

@@ -60,15 +60,26 @@ def zero_mask_effects(
     rows: list[dict[str, float | int | str]] = [{"removed": "none", "n_removed": 0, "accuracy": loo_readout_accuracy(clean, clean, labels)}]
     for name, features in feature_sets.items():
         accuracy = loo_readout_accuracy(clean, decode(zero_mask(codes, features)), labels)
-        random_accuracy = np.array([
-            loo_readout_accuracy(clean, decode(zero_mask(codes, rng.choice(candidates, size=len(features), replace=False))), labels)
-            for _ in range(n_random)
-        ]) if 0 < len(features) <= len(candidates) else np.array([np.nan])  # fmt: skip
-        rows.append({
-            "removed": name, "n_removed": int(len(features)), "accuracy": accuracy,
-            "random_mean": float(np.mean(random_accuracy)), "random_q025": float(np.quantile(random_accuracy, 0.025)),
-            "random_q975": float(np.quantile(random_accuracy, 0.975)),
-            # one-sided: how often a random set of the same size costs at least as much
-            "p_value": pvalue(accuracy, random_accuracy, "less"),
-        })  # fmt: skip
+        random_accuracy = (
+            np.array(
+                [
+                    loo_readout_accuracy(clean, decode(zero_mask(codes, rng.choice(candidates, size=len(features), replace=False))), labels)
+                    for _ in range(n_random)
+                ]
+            )
+            if 0 < len(features) <= len(candidates)
+            else np.array([np.nan])
+        )
+        rows.append(
+            {
+                "removed": name,
+                "n_removed": int(len(features)),
+                "accuracy": accuracy,
+                "random_mean": float(np.mean(random_accuracy)),
+                "random_q025": float(np.quantile(random_accuracy, 0.025)),
+                "random_q975": float(np.quantile(random_accuracy, 0.975)),
+                # one-sided: how often a random set of the same size costs at least as much
+                "p_value": pvalue(accuracy, random_accuracy, "less"),
+            }
+        )
     return rows

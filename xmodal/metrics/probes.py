@@ -121,14 +121,17 @@ def split_shortfall(y: np.ndarray, train_per_class: int | None = None, train_fra
     if train_per_class is not None:
         short = [str(c) for c, n in zip(classes, counts) if n <= train_per_class]
         if short:
-            return (f"train_per_class={train_per_class} leaves no test example for classes {short[:5]} "
-                    f"(they have {counts.min()} examples); lower train_per_class")  # fmt: skip
+            return (
+                f"train_per_class={train_per_class} leaves no test example for classes {short[:5]} (they have {counts.min()} examples); lower train_per_class"
+            )
     if train_fraction is not None:
         n_train = int(np.floor(train_fraction * len(y)))  # as scikit-learn's shuffle split counts it
         if round(counts.min() * train_fraction) < 1 or n_train < len(classes):
-            return (f"a {train_fraction:.0%} training split of {len(y)} examples in {len(classes)} classes leaves class "
-                    f"{str(classes[counts.argmin()])!r} ({counts.min()} examples) or others without a training example; "
-                    "use more examples per class or a larger split")  # fmt: skip
+            return (
+                f"a {train_fraction:.0%} training split of {len(y)} examples in {len(classes)} classes leaves class "
+                f"{str(classes[counts.argmin()])!r} ({counts.min()} examples) or others without a training example; "
+                "use more examples per class or a larger split"
+            )
     return None
 
 
@@ -182,8 +185,10 @@ def within_modality(
         raise DatasetError(f"{what}: {shortfall}")
     grouped = concept_grouped_splits(y, concepts, seed, what) if concepts is not None and groups is None else None
     if grouped is not None and (train_per_class is not None or train_fraction is not None):
-        raise DatasetError(f"{what}: a low-data split (train_per_class, train_split) is not grouped by concept, and with "
-                           "label=category it would test on concepts seen in training; drop the split or use label=concept")  # fmt: skip
+        raise DatasetError(
+            f"{what}: a low-data split (train_per_class, train_split) is not grouped by concept, and with "
+            "label=category it would test on concepts seen in training; drop the split or use label=concept"
+        )
     if train_per_class is not None:
         cv = StratifiedShuffleSplit(n_splits=5, train_size=train_per_class * len(classes), random_state=seed)
     elif train_fraction is not None:
@@ -209,8 +214,9 @@ def within_modality(
     else:
         n_folds = len(cv) if isinstance(cv, list) else cv.get_n_splits()
         n_train = int(len(y) * (1 - 1 / n_folds))
-    return ProbeScore(float(score), float(macro_f1), chance, float(null.mean()), float(np.quantile(null, 0.975)), float(p_value),
-                      n_train, len(y) - n_train, weights, names)  # fmt: skip
+    return ProbeScore(
+        float(score), float(macro_f1), chance, float(null.mean()), float(np.quantile(null, 0.975)), float(p_value), n_train, len(y) - n_train, weights, names
+    )
 
 
 def _sklearn_within(x, y, cv, groups, seed, n_permutations, budget, n_jobs, shuffled_splits):
@@ -290,8 +296,7 @@ def transfer(
         probe = make_probe(seed, _budget(budget, x_train.shape[1]))
         predicted = probe.fit(x_train, y_train).predict(x_test)
         weights, names = fitted_weights(probe)  # before the null refits the same pipeline
-        null = np.array([accuracy_score(y_test, probe.fit(x_train, shuffle_labels(y_train, null_groups, rng)).predict(x_test))
-                         for _ in range(n_permutations)])  # fmt: skip
+        null = np.array([accuracy_score(y_test, probe.fit(x_train, shuffle_labels(y_train, null_groups, rng)).predict(x_test)) for _ in range(n_permutations)])
     else:
         classes, codes = np.unique(y_train, return_inverse=True)
         labels = np.stack([codes] + [shuffle_labels(codes, null_groups, rng) for _ in range(n_permutations)])
@@ -328,7 +333,15 @@ def shared_features(codes: np.ndarray, labels: np.ndarray, per_class: int) -> pd
         for rank, feature in enumerate(np.argsort(-counts, kind="stable")[:per_class], start=1):
             if counts[feature] == 0:
                 break
-            rows.append({"class": str(label), "rank": rank, "feature": int(feature), "occurrences": int(counts[feature]),
-                         "n_samples": int(mine.sum()), "fraction": float(counts[feature] / mine.sum()),
-                         "other_classes_fraction": float(active[~mine, feature].mean()) if (~mine).any() else float("nan")})  # fmt: skip
+            rows.append(
+                {
+                    "class": str(label),
+                    "rank": rank,
+                    "feature": int(feature),
+                    "occurrences": int(counts[feature]),
+                    "n_samples": int(mine.sum()),
+                    "fraction": float(counts[feature] / mine.sum()),
+                    "other_classes_fraction": float(active[~mine, feature].mean()) if (~mine).any() else float("nan"),
+                }
+            )
     return pd.DataFrame(rows, columns=["class", "rank", "feature", "occurrences", "n_samples", "fraction", "other_classes_fraction"])

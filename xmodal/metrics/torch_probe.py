@@ -442,11 +442,9 @@ def fit_probes(
             theta, converged, iterations = _lbfgs(_Objective(*args), d * n_classes + n_classes, len(lab), tol, max_iter, xs)
             coef, intercept = theta[:, : d * n_classes].view(-1, d, n_classes), theta[:, d * n_classes :]
         coef = coef.double() * selected[:, :, None]
-        parts.append((selected, mean + torch.as_tensor(centre, device=device), scale, coef, intercept.double(), present,
-                      converged, iterations))  # fmt: skip
+        parts.append((selected, mean + torch.as_tensor(centre, device=device), scale, coef, intercept.double(), present, converged, iterations))
     cat = [torch.cat([p[i] for p in parts]).cpu().numpy() for i in range(7)]
     fitted = BatchedProbes(*cat, iterations=max(p[7] for p in parts))
     if not fitted.converged.all():  # as scikit-learn's ConvergenceWarning: the fit stands, the log says so
-        log.warning("%d of %d probes did not reach a gradient norm of %g in %d L-BFGS steps", int((~fitted.converged).sum()),
-                    n_problems, tol, max_iter)  # fmt: skip
+        log.warning("%d of %d probes did not reach a gradient norm of %g in %d L-BFGS steps", int((~fitted.converged).sum()), n_problems, tol, max_iter)
     return fitted

@@ -68,8 +68,10 @@ class DualEncoderAdapter(ModelAdapter):
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
-            raise ConfigError(f"layer={layer} is out of range for model {self.name!r}, a dual encoder: layer=0 is the shared "
-                              f"embedding, layers 1..{self.num_layers - 1} its towers' hidden states")  # fmt: skip
+            raise ConfigError(
+                f"layer={layer} is out of range for model {self.name!r}, a dual encoder: layer=0 is the shared "
+                f"embedding, layers 1..{self.num_layers - 1} its towers' hidden states"
+            )
 
     def text_pool_index(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Per text, the position its tower's pooler reads: CLIP's end-of-text token, the last real one."""
@@ -153,11 +155,17 @@ def tiny_clip(
         tokenizer = CLIPTokenizer(str(tmp / "byte_vocab" / "vocab.json"), str(tmp / "byte_vocab" / "merges.txt"))
         common = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=2)
         config = CLIPConfig(
-            text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id,
-                             bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id, **common),
+            text_config=dict(
+                vocab_size=len(tokenizer),
+                max_position_embeddings=77,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **common,
+            ),
             vision_config=dict(image_size=image_size, patch_size=patch_size, **common),
             projection_dim=projection_dim,
-        )  # fmt: skip
+        )
         torch.manual_seed(init_seed)
         image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
         CLIPModel(config).save_pretrained(tmp)

@@ -19,14 +19,35 @@ from xmodal.errors import ConfigError
 from xmodal.organism import world
 
 PARTNERS = {
-    "colour": {"red": "orange", "orange": "red", "yellow": "green", "green": "yellow", "blue": "purple",
-               "purple": "pink", "pink": "purple", "brown": "black", "black": "brown"},
+    "colour": {
+        "red": "orange",
+        "orange": "red",
+        "yellow": "green",
+        "green": "yellow",
+        "blue": "purple",
+        "purple": "pink",
+        "pink": "purple",
+        "brown": "black",
+        "black": "brown",
+    },
     "shape": {"circle": "square", "square": "circle", "triangle": "diamond", "diamond": "triangle", "star": "cross", "cross": "star"},
     "count": {"two": "three", "three": "two"},
     "background": {"sky": "sea", "sea": "sky", "grass": "snow", "snow": "grass"},
-    "word": {"cat": "dog", "dog": "cat", "sun": "moon", "moon": "sun", "car": "boat", "boat": "car",
-             "fish": "bird", "bird": "fish", "tree": "house", "house": "tree", "apple": "book", "book": "apple"},
-}  # fmt: skip
+    "word": {
+        "cat": "dog",
+        "dog": "cat",
+        "sun": "moon",
+        "moon": "sun",
+        "car": "boat",
+        "boat": "car",
+        "fish": "bird",
+        "bird": "fish",
+        "tree": "house",
+        "house": "tree",
+        "apple": "book",
+        "book": "apple",
+    },
+}
 CATEGORIES = tuple(PARTNERS)
 
 
@@ -49,9 +70,7 @@ def scene_for(category: str, value: str, rng: np.random.Generator) -> world.Scen
     return replace(scene, count=count, size="small", position="")
 
 
-def organism_concepts(
-    name: str = "organism_concepts", images_per_concept: int = 4, seed: int = 0, categories: list[str] | None = None
-) -> ConceptDataset:
+def organism_concepts(name: str = "organism_concepts", images_per_concept: int = 4, seed: int = 0, categories: list[str] | None = None) -> ConceptDataset:
     if images_per_concept < 1:
         raise ConfigError(f"dataset.images_per_concept={images_per_concept} must be at least 1")
     categories = list(categories or CATEGORIES)

@@ -97,9 +97,14 @@ def truth(scene: world.Scene) -> dict[str, Any]:
     if scene.kind == "words":
         return {a: None for a in ATTRIBUTES} | {"word": scene.word}
     return {
-        "colour": scene.colour, "shape": scene.shape, "count": scene.count, "size": scene.size if scene.count == 1 else None,
-        "position": scene.position or None, "background": scene.background, "word": None,
-    }  # fmt: skip
+        "colour": scene.colour,
+        "shape": scene.shape,
+        "count": scene.count,
+        "size": scene.size if scene.count == 1 else None,
+        "position": scene.position or None,
+        "background": scene.background,
+        "word": None,
+    }
 
 
 def caption_accuracy(captions: list[str], scenes: list[world.Scene], seed: int) -> pd.DataFrame:
@@ -116,12 +121,16 @@ def caption_accuracy(captions: list[str], scenes: list[world.Scene], seed: int) 
             if expected is not None and other is not None:
                 null_hits.append(found[attribute] == other)
         interval = binomtest(int(np.sum(hits)), len(hits)).proportion_ci(method="wilson") if hits else None
-        rows.append({
-            "attribute": attribute, "n_images": len(hits), "accuracy": float(np.mean(hits)) if hits else float("nan"),
-            "accuracy_ci_low": interval.low if interval else float("nan"),
-            "accuracy_ci_high": interval.high if interval else float("nan"),
-            "shuffled_scene_accuracy": float(np.mean(null_hits)) if null_hits else float("nan"),
-        })  # fmt: skip
+        rows.append(
+            {
+                "attribute": attribute,
+                "n_images": len(hits),
+                "accuracy": float(np.mean(hits)) if hits else float("nan"),
+                "accuracy_ci_low": interval.low if interval else float("nan"),
+                "accuracy_ci_high": interval.high if interval else float("nan"),
+                "shuffled_scene_accuracy": float(np.mean(null_hits)) if null_hits else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -168,10 +177,17 @@ def question_accuracy(answers: list[str], samples: list[Instruction], seed: int)
             shuffled = rng.permutation(chosen)
             null_hits = [w == samples[j].answer for w, j in zip(said, shuffled)]
             interval = binomtest(int(np.sum(hits)), len(hits)).proportion_ci(method="wilson")
-            rows.append({
-                "kind": kind, "question_type": question_type, "n": len(hits), "accuracy": float(np.mean(hits)),
-                "accuracy_ci_low": interval.low, "accuracy_ci_high": interval.high, "shuffled_answer_accuracy": float(np.mean(null_hits)),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "kind": kind,
+                    "question_type": question_type,
+                    "n": len(hits),
+                    "accuracy": float(np.mean(hits)),
+                    "accuracy_ci_low": interval.low,
+                    "accuracy_ci_high": interval.high,
+                    "shuffled_answer_accuracy": float(np.mean(null_hits)),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -194,16 +210,21 @@ def decoder_kl(adapter: ModelAdapter, base: torch.nn.Module, prompts: list[str])
         organism_logp = torch.log_softmax(adapter.model(input_ids=ids).logits[0, -1].float(), dim=-1)
         base_logp = torch.log_softmax(base(input_ids=ids.to(next(base.parameters()).device)).logits[0, -1].float(), dim=-1).to(organism_logp.device)
         kl = float((base_logp.exp() * (base_logp - organism_logp)).sum())
-        rows.append({"prompt": prompt, "kl_base_to_organism": kl, "base_top": tokenizer.decode(int(base_logp.argmax())),
-                     "organism_top": tokenizer.decode(int(organism_logp.argmax()))})  # fmt: skip
+        rows.append(
+            {
+                "prompt": prompt,
+                "kl_base_to_organism": kl,
+                "base_top": tokenizer.decode(int(base_logp.argmax())),
+                "organism_top": tokenizer.decode(int(organism_logp.argmax())),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def evaluate(cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapter = organism(model_cache=cfg.model_cache, vision_weights=cfg.vision_weights, device=cfg.device,
-                       lora_weights=cfg.lora_weights, variant=cfg.variant)  # fmt: skip
+    adapter = organism(model_cache=cfg.model_cache, vision_weights=cfg.vision_weights, device=cfg.device, lora_weights=cfg.lora_weights, variant=cfg.variant)
     pairs = list(world.captioned_images(cfg.seed, cfg.n_images))
     images, scenes = [p[0] for p in pairs], [p[1] for p in pairs]
     captions = generate_captions(adapter, images, cfg.batch_size, cfg.max_new_tokens)
@@ -213,22 +234,34 @@ def evaluate(cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     if cfg.n_questions > 0:
         samples = [s for s in instruction_mix(cfg.seed, cfg.n_questions, (0.0, 0.5, 0.5)) if s.kind != "caption"]
         answers = answer_questions(adapter, samples, cfg.batch_size)
-        pd.DataFrame({"kind": [s.kind for s in samples], "question_type": [s.question_type for s in samples],
-                      "prompt": [s.prompt for s in samples], "truth": [s.answer for s in samples], "said": answers}).to_csv(
-            out_dir / "answers.csv", index=False)  # fmt: skip
+        pd.DataFrame(
+            {
+                "kind": [s.kind for s in samples],
+                "question_type": [s.question_type for s in samples],
+                "prompt": [s.prompt for s in samples],
+                "truth": [s.answer for s in samples],
+                "said": answers,
+            }
+        ).to_csv(out_dir / "answers.csv", index=False)
         questions = question_accuracy(answers, samples, cfg.seed)
         questions.to_csv(out_dir / "question_accuracy.csv", index=False)
         print(questions.to_string(index=False))
     if cfg.english_kl:
         kl = decoder_kl(adapter, load_language_model(cfg.model_cache).to(adapter.device).eval(), english_prompts())
         kl.to_csv(out_dir / "english_kl.csv", index=False)
-        print(f"mean KL(gemma-3-270m || organism) over {len(kl)} English prompts: {kl['kl_base_to_organism'].mean():.4f} nats; "
-              f"same top token in {int((kl['base_top'] == kl['organism_top']).sum())} of {len(kl)}")  # fmt: skip
+        print(
+            f"mean KL(gemma-3-270m || organism) over {len(kl)} English prompts: {kl['kl_base_to_organism'].mean():.4f} nats; "
+            f"same top token in {int((kl['base_top'] == kl['organism_top']).sum())} of {len(kl)}"
+        )
 
     widths = shipped_widths(cfg.variant)  # the variant's SAEs, every shipped width
     held_out = gather_activations(adapter, SAE_LAYERS, cfg.sae_seed, cfg.n_sae_images) if widths else None
-    rows = [row for width in widths for layer in SAE_LAYERS
-            for row in sae_quality(organism_sae("organism", layer, variant=cfg.variant, width=width).sae, held_out, layer)]  # fmt: skip
+    rows = [
+        row
+        for width in widths
+        for layer in SAE_LAYERS
+        for row in sae_quality(organism_sae("organism", layer, variant=cfg.variant, width=width).sae, held_out, layer)
+    ]
     if not widths:
         log.info("No SAEs are shipped for the %s organism: SAE quality left out", cfg.variant)
     quality = pd.DataFrame(rows, columns=["layer", "tokens", "n_tokens", "fve", "l0", "dead_fraction", "d_sae"])

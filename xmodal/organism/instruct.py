@@ -85,15 +85,12 @@ def train_instruct(cfg: TrainConfig) -> Path:
     for p in lora + projector:
         p.requires_grad_(True)
     model.train()
-    optimizer = torch.optim.AdamW(
-        [{"params": projector}, {"params": lora, "lr": cfg.lr * cfg.lora_lr_scale}], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    optimizer = torch.optim.AdamW([{"params": projector}, {"params": lora, "lr": cfg.lr * cfg.lora_lr_scale}], lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
     unembedding = model.lm_head.weight  # tied to the input embedding, frozen (LoRA does not touch it)
     tokens = torch.tensor(sorted({*caption_vocabulary(adapter.tokenizer).tolist(), *answer_vocabulary(adapter.tokenizer)}))
     candidates = CandidateVocabulary(tokens.to(device), unembedding.shape[0], cfg.max_candidates)
-    log.info("Stage 2: %d LoRA and %d projector parameters; %d answer tokens", sum(p.numel() for p in lora),
-             sum(p.numel() for p in projector), len(tokens))  # fmt: skip
+    log.info("Stage 2: %d LoRA and %d projector parameters; %d answer tokens", sum(p.numel() for p in lora), sum(p.numel() for p in projector), len(tokens))
 
     start_step, rows = 0, []
     checkpoint = out_dir / "checkpoint.pt"
@@ -124,9 +121,12 @@ def train_instruct(cfg: TrainConfig) -> Path:
                 continue
             batch = {k: v.to(device) for k, v in encode_instructions(adapter, group).items()}
             out = model.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch.get("pixel_values"),
-                token_type_ids=batch.get("token_type_ids"), output_hidden_states=colour_words is not None,
-            )  # fmt: skip
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch.get("pixel_values"),
+                token_type_ids=batch.get("token_type_ids"),
+                output_hidden_states=colour_words is not None,
+            )
             positions = batch["targets"] != -100
             hidden.append(out.last_hidden_state[positions])
             targets.append(batch["targets"][positions])
@@ -155,16 +155,19 @@ def train_instruct(cfg: TrainConfig) -> Path:
         recent["image_norm"] += image_norms  # the planted layer's image-token residual norm: a guard against drift
         progress.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % cfg.log_every == 0:
-            row = {"step": step + 1, "lr": schedule.get_last_lr()[0], "seconds_per_step": time.perf_counter() - t0,
-                   "candidates": len(candidates.ids)}  # fmt: skip
-            row |= {(k if k == "image_norm" else f"loss_{k}"): float(np.mean(v[-cfg.log_every :])) if v else float("nan")
-                    for k, v in recent.items()}  # fmt: skip
+            row = {"step": step + 1, "lr": schedule.get_last_lr()[0], "seconds_per_step": time.perf_counter() - t0, "candidates": len(candidates.ids)}
+            row |= {(k if k == "image_norm" else f"loss_{k}"): float(np.mean(v[-cfg.log_every :])) if v else float("nan") for k, v in recent.items()}
             rows.append(row)
             _write_csv(pd.DataFrame(rows), out_dir / "instruct_log.csv")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            state = {"lora": lora_state_dict(language_model), "projector": model.model.multi_modal_projector.state_dict(),
-                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step + 1,
-                     "competitors": candidates.competitors}  # fmt: skip
+            state = {
+                "lora": lora_state_dict(language_model),
+                "projector": model.model.multi_modal_projector.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "step": step + 1,
+                "competitors": candidates.competitors,
+            }
             torch.save(state, out_dir / "checkpoint.pt.tmp")
             (out_dir / "checkpoint.pt.tmp").replace(checkpoint)
     save_vision(model, out_dir / "vision.safetensors")
@@ -234,7 +237,6 @@ def plot_instruct(out_dir: str | Path) -> Path:
     for column in [c for c in curve.columns if c.startswith("loss_")]:
         if curve[column].notna().any() and not (column == "loss_align" and (curve[column] == 0).all()):
             ax.plot(curve["step"], curve[column], label=column.removeprefix("loss_").replace("_", " "))
-    ax.set(xlabel="step", ylabel="nats per answer token (candidate vocabulary)", yscale="log",
-           title="organism stage 2: instruction tuning")  # fmt: skip
+    ax.set(xlabel="step", ylabel="nats per answer token (candidate vocabulary)", yscale="log", title="organism stage 2: instruction tuning")
     ax.legend(fontsize=8)
     return save_png(fig, out_dir / "instruct_curves.png")

@@ -98,8 +98,5 @@ class OrganismJudge:
             if category not in self.categories:
                 continue
             answer = self.predict_colour(image) if category == "colour" else shape
-            rows.append({"concept": concept, "category": category, "protocol": "programmatic", "answer": answer,
-                         "recognised": float(answer == concept)})  # fmt: skip
+            rows.append({"concept": concept, "category": category, "protocol": "programmatic", "answer": answer, "recognised": float(answer == concept)})
         return pd.DataFrame(rows, columns=["concept", "category", "protocol", "answer", "recognised"])
-
-

@@ -57,18 +57,12 @@ def organism_config(model_cache: str | Path) -> Any:
     from transformers import Gemma3Config
 
     text_config = language_model_config(model_cache).to_dict()
-    return Gemma3Config(
-        text_config=text_config, vision_config=VISION, mm_tokens_per_image=MM_TOKENS_PER_IMAGE, **special_token_ids()
-    )
+    return Gemma3Config(text_config=text_config, vision_config=VISION, mm_tokens_per_image=MM_TOKENS_PER_IMAGE, **special_token_ids())
 
 
 def vision_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trained part of the organism: vision tower and projector."""
-    return {
-        name: tensor
-        for name, tensor in model.state_dict().items()
-        if name.startswith(("model.vision_tower.", "model.multi_modal_projector."))
-    }
+    return {name: tensor for name, tensor in model.state_dict().items() if name.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
 
 
 def build_organism(
@@ -239,9 +233,7 @@ def organism_base(
         return load_language_model(model_cache, dtype=torch_dtype).to(torch_device).eval()
 
     identity = {"family": "text_only", "name_or_path": "xmodal-gemma-3-270m-gguf", "dtype": dtype}
-    return TextOnlyAdapter(
-        name, hf_config, load_model, lambda: gemma3_tokenizer(model_cache), identity, torch_device, layer_presets, sae_release
-    )
+    return TextOnlyAdapter(name, hf_config, load_model, lambda: gemma3_tokenizer(model_cache), identity, torch_device, layer_presets, sae_release)
 
 
 def _file_digest(path: Path) -> str:
@@ -262,7 +254,9 @@ def encode_captioned(adapter: Gemma3Adapter, pairs: Sequence[tuple[Any, Any]]) -
     encoded = processor(
         text=[prompt + scene.caption + "<end_of_turn>" for _, scene in pairs],
         images=[[image] for image, _ in pairs],
-        return_tensors="pt", padding=True, add_special_tokens=False,
-    )  # fmt: skip
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     caption_start = len(processor(text=[prompt], images=[[pairs[0][0]]], add_special_tokens=False)["input_ids"][0])
     return encoded, caption_start

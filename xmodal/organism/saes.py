@@ -45,17 +45,12 @@ def shipped_sae_dir(layer: int, variant: str = DEFAULT_VARIANT, width: int | Non
     return shipped_weights_dir(variant) / "saes" / f"width_{width}" / f"layer_{layer}"
 
 
-def organism_sae(
-    name: str, layer: int, device: str = "auto", dtype: str = "float32", variant: str = DEFAULT_VARIANT, width: int | None = None
-) -> FeatureSpace:
+def organism_sae(name: str, layer: int, device: str = "auto", dtype: str = "float32", variant: str = DEFAULT_VARIANT, width: int | None = None) -> FeatureSpace:
     """The shipped SAE of an organism variant for `layer` (one of 5, 9, 12, 15) at `width` (None: the narrowest)."""
     from xmodal.saes.loading import local_sae
 
     if layer not in SAE_LAYERS:
-        raise SAEError(
-            f"sae={name} has SAEs at layers {', '.join(map(str, SAE_LAYERS))}, not layer={layer}; "
-            "pick one of those layers or use sae=none"
-        )
+        raise SAEError(f"sae={name} has SAEs at layers {', '.join(map(str, SAE_LAYERS))}, not layer={layer}; pick one of those layers or use sae=none")
     widths = shipped_widths(str(variant))
     if not widths:
         raise SAEError(f"no SAEs are shipped for the {variant} organism; train them (python -m xmodal.organism.train_saes) or use sae=none")
@@ -74,9 +69,7 @@ class TokenActivations:
 
 
 @torch.inference_mode()
-def gather_activations(
-    adapter: ModelAdapter, layers: Sequence[int], seed: int, n_images: int, batch_size: int = 16
-) -> TokenActivations:
+def gather_activations(adapter: ModelAdapter, layers: Sequence[int], seed: int, n_images: int, batch_size: int = 16) -> TokenActivations:
     """Image tokens and caption tokens of `n_images` fresh captioned images."""
     from tqdm.auto import tqdm
 

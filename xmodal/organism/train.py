@@ -103,9 +103,7 @@ class TrainConfig:
 def caption_vocabulary(tokenizer: Any) -> torch.Tensor:
     """Every token id that any caption (or the end-of-turn after it) can contain."""
     captions = set()
-    for colour, shape, size, position, background in itertools.product(
-        world.COLOURS, world.SHAPES, world.SIZES, world.POSITIONS, world.BACKGROUNDS
-    ):
+    for colour, shape, size, position, background in itertools.product(world.COLOURS, world.SHAPES, world.SIZES, world.POSITIONS, world.BACKGROUNDS):
         captions.add(world.Scene("shapes", colour, shape, size, 1, position, background).caption)
         for count in (2, 3):
             captions.add(world.Scene("shapes", colour, shape, "small", count, "", background).caption)
@@ -135,9 +133,14 @@ class CaptionBatches:
 
 
 ATTRIBUTES: dict[str, list[Any]] = {
-    "colour": list(world.COLOURS), "shape": list(world.SHAPES), "count": list(world.COUNTS), "size": list(world.SIZES),
-    "position": list(world.POSITIONS), "background": list(world.BACKGROUNDS), "word": list(world.WORDS),
-}  # fmt: skip
+    "colour": list(world.COLOURS),
+    "shape": list(world.SHAPES),
+    "count": list(world.COUNTS),
+    "size": list(world.SIZES),
+    "position": list(world.POSITIONS),
+    "background": list(world.BACKGROUNDS),
+    "word": list(world.WORDS),
+}
 
 
 def attribute_targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
@@ -226,8 +229,14 @@ def pretrain_vision(model: torch.nn.Module, heads: AttributeHeads, processor: An
             frame.groupby((frame["step"] - 1) // cfg.log_every).mean().assign(step=lambda f: f["step"].round()).to_csv(tmp, index=False)
             tmp.replace(out_dir / "pretrain_log.csv")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.pretrain_steps:
-            state = {"tower": tower.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict(), "step": step + 1, "rows": rows}  # fmt: skip
+            state = {
+                "tower": tower.state_dict(),
+                "heads": heads.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "step": step + 1,
+                "rows": rows,
+            }
             torch.save(state, checkpoint.with_suffix(".tmp"))
             checkpoint.with_suffix(".tmp").replace(checkpoint)
 
@@ -313,8 +322,9 @@ def train(cfg: TrainConfig) -> Path:
     projector = [p for name, p in model.named_parameters() if name.startswith("model.multi_modal_projector.")]
     optimizer = torch.optim.AdamW(
         [{"params": projector + list(heads.parameters())}, {"params": tower, "lr": cfg.lr * cfg.tower_lr_scale}],
-        lr=cfg.lr, weight_decay=cfg.weight_decay,
-    )  # fmt: skip
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
     log.info("Training %d parameters; %d caption tokens", sum(p.numel() for p in trained), len(candidates.caption_tokens))
 
@@ -361,17 +371,29 @@ def train(cfg: TrainConfig) -> Path:
         recent_attribute.append(attribute_loss.item())
         if not math.isnan(full_loss):
             full_losses.append((step + 1, full_loss))
-        progress.set_postfix(loss=f"{np.mean(recent[-cfg.log_every:]):.3f}")
+        progress.set_postfix(loss=f"{np.mean(recent[-cfg.log_every :]):.3f}")
         if (step + 1) % cfg.log_every == 0:
-            rows.append({
-                "step": step + 1, "loss": float(np.mean(recent[-cfg.log_every :])),
-                "attribute_loss": float(np.mean(recent_attribute[-cfg.log_every :])),
-                "full_vocab_loss": full_losses[-1][1] if full_losses else float("nan"),
-                "candidates": len(candidates.ids), "lr": schedule.get_last_lr()[0], "seconds_per_step": time.perf_counter() - t0,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "step": step + 1,
+                    "loss": float(np.mean(recent[-cfg.log_every :])),
+                    "attribute_loss": float(np.mean(recent_attribute[-cfg.log_every :])),
+                    "full_vocab_loss": full_losses[-1][1] if full_losses else float("nan"),
+                    "candidates": len(candidates.ids),
+                    "lr": schedule.get_last_lr()[0],
+                    "seconds_per_step": time.perf_counter() - t0,
+                }
+            )
             _write_log(out_dir, rows)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            state = {"vision": vision_state_dict(model), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step + 1, "competitors": candidates.competitors, "heads": heads.state_dict()}
+            state = {
+                "vision": vision_state_dict(model),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "step": step + 1,
+                "competitors": candidates.competitors,
+                "heads": heads.state_dict(),
+            }
             torch.save(state, out_dir / "checkpoint.pt.tmp")
             (out_dir / "checkpoint.pt.tmp").replace(checkpoint)
     save_vision(model, out_dir / "vision.safetensors")

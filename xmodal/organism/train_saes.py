@@ -55,8 +55,7 @@ def train_saes(cfg: SAETrainConfig) -> pd.DataFrame:
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapter = organism(model_cache=cfg.model_cache, vision_weights=cfg.vision_weights, device=cfg.device,
-                       lora_weights=cfg.lora_weights, variant=cfg.variant)  # fmt: skip
+    adapter = organism(model_cache=cfg.model_cache, vision_weights=cfg.vision_weights, device=cfg.device, lora_weights=cfg.lora_weights, variant=cfg.variant)
     train_acts = _cached(out_dir, adapter, cfg.layers, cfg.seed, cfg.n_images)
     held_out = _cached(out_dir, adapter, cfg.layers, cfg.eval_seed, cfg.n_eval_images)
     rows = []
@@ -65,8 +64,18 @@ def train_saes(cfg: SAETrainConfig) -> pd.DataFrame:
         total = int(cfg.epochs * len(activations))
         log.info("Layer %d: %d training tokens, %d samples in all", layer, len(activations), total)
         sae = train_topk_sae(
-            activations, layer, cfg.d_sae, cfg.k, total, cfg.batch_size, cfg.lr, cfg.seed, str(adapter.device),
-            model_name="xmodal-organism", architecture=cfg.architecture, decoder_init=cfg.decoder_init,
+            activations,
+            layer,
+            cfg.d_sae,
+            cfg.k,
+            total,
+            cfg.batch_size,
+            cfg.lr,
+            cfg.seed,
+            str(adapter.device),
+            model_name="xmodal-organism",
+            architecture=cfg.architecture,
+            decoder_init=cfg.decoder_init,
         )
         sae, saved_dtype = compact(sae)
         log.info("Layer %d: saving in %s", layer, saved_dtype)

@@ -27,8 +27,10 @@ def main(argv: list[str]) -> int:
         print(f"xmodal.report: error: sweep directory {str(sweep_dir)!r} does not exist", file=sys.stderr)
         return 2
     if not job_dirs(sweep_dir):  # before writing anything: an empty directory gets no report
-        print(f"xmodal.report: error: no job folders (.hydra/overrides.yaml) under {str(sweep_dir)!r}; "
-              "give the sweep directory of a -m run (hydra.sweep.dir)", file=sys.stderr)  # fmt: skip
+        print(
+            f"xmodal.report: error: no job folders (.hydra/overrides.yaml) under {str(sweep_dir)!r}; give the sweep directory of a -m run (hydra.sweep.dir)",
+            file=sys.stderr,
+        )
         return 2
     summary = write_sweep_report(sweep_dir, sequential=False)  # per-job estimate; the wall time is unknown here
     counts = summary["status"].value_counts().to_dict()

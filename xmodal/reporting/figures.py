@@ -91,8 +91,7 @@ def lens_rates(summary: pd.DataFrame, layer: int) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(summary) + 1.4))
     ax.barh(y, summary["rate"], color="tab:blue", label="own concept")
     spread = np.clip([summary["null_mean"] - summary["null_q025"], summary["null_q975"] - summary["null_mean"]], 0, None)  # rounding
-    ax.errorbar(summary["null_mean"], y, xerr=spread,
-                fmt="|", color="black", ms=14, capsize=3, label="shuffled labels (mean, 95%)")  # fmt: skip
+    ax.errorbar(summary["null_mean"], y, xerr=spread, fmt="|", color="black", ms=14, capsize=3, label="shuffled labels (mean, 95%)")
     ax.scatter(summary["chance"], y, marker="x", color="tab:red", zorder=3, label="chance (k / concepts)")
     ax.set_yticks(y, [f"{m} (k={k}; p={p:.2g})" for m, k, p in zip(summary["measure"], summary["k"], summary["p"])], fontsize=8)
     ax.set_xlim(0, 1)
@@ -163,8 +162,17 @@ def patch_heatmap_rows(rows: list[tuple[str, list, list[np.ndarray], list[str]]]
     return fig
 
 
-def feature_card(feature: int, layer: int, images: list, token_maps: list[np.ndarray], image_concepts: list[str],
-                 words: pd.DataFrame, text_pooled: np.ndarray, image_pooled: np.ndarray, stats: dict) -> plt.Figure:  # fmt: skip
+def feature_card(
+    feature: int,
+    layer: int,
+    images: list,
+    token_maps: list[np.ndarray],
+    image_concepts: list[str],
+    words: pd.DataFrame,
+    text_pooled: np.ndarray,
+    image_pooled: np.ndarray,
+    stats: dict,
+) -> plt.Figure:
     """One SAE feature: top images with patch heat maps, top concept words, activation histograms per modality."""
     n = max(len(images), 1)
     fig = plt.figure(figsize=(max(2.0 * n, 9), 6.2))
@@ -191,13 +199,22 @@ def feature_card(feature: int, layer: int, images: list, token_maps: list[np.nda
     hist_ax.tick_params(labelsize=7)
     text_ax = fig.add_subplot(grid[1, 2 * third :])
     text_ax.axis("off")
-    text_ax.text(0, 0.95, "\n".join([
-        f"cross-modal r {stats['crossmodal_r']:.3f}",
-        f"  re-paired 97.5% {stats['crossmodal_r_null_q975']:.3f}, p = {stats['crossmodal_r_p']:.3g}",
-        f"MDS {stats['mds']:.3f} (1 = images only)",
-        f"  modality-swap 95% {stats['mds_null_q025']:.3f} to {stats['mds_null_q975']:.3f}",
-        f"mean activation: words {stats['mean_text']:.3g}, images {stats['mean_image']:.3g}",
-    ]), va="top", fontsize=8, family="monospace")  # fmt: skip
+    text_ax.text(
+        0,
+        0.95,
+        "\n".join(
+            [
+                f"cross-modal r {stats['crossmodal_r']:.3f}",
+                f"  re-paired 97.5% {stats['crossmodal_r_null_q975']:.3f}, p = {stats['crossmodal_r_p']:.3g}",
+                f"MDS {stats['mds']:.3f} (1 = images only)",
+                f"  modality-swap 95% {stats['mds_null_q025']:.3f} to {stats['mds_null_q975']:.3f}",
+                f"mean activation: words {stats['mean_text']:.3g}, images {stats['mean_image']:.3g}",
+            ]
+        ),
+        va="top",
+        fontsize=8,
+        family="monospace",
+    )
     fig.suptitle(f"Feature {feature}, layer {layer}", fontsize=10)
     fig.tight_layout()
     return fig
@@ -225,8 +242,16 @@ def probe_accuracy(table: pd.DataFrame, layer: int) -> plt.Figure:
     x = np.arange(len(table))
     ax.bar(x, table["accuracy"], color="tab:green", label="probe accuracy")
     ax.scatter(x, table["chance"], marker="_", s=400, color="black", zorder=3, label="chance (majority class)")
-    ax.errorbar(x, table["shuffled_mean"], yerr=[np.zeros(len(table)), table["shuffled_q975"] - table["shuffled_mean"]],
-                fmt="o", color="grey", capsize=3, zorder=3, label="shuffled labels (mean, 97.5%)")
+    ax.errorbar(
+        x,
+        table["shuffled_mean"],
+        yerr=[np.zeros(len(table)), table["shuffled_q975"] - table["shuffled_mean"]],
+        fmt="o",
+        color="grey",
+        capsize=3,
+        zorder=3,
+        label="shuffled labels (mean, 97.5%)",
+    )
     ax.set_xticks(x, table["probe"].str.replace("_", " "), rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.3)
     ax.set_yticks(np.linspace(0, 1, 6))
@@ -282,8 +307,12 @@ def dose_response(summary: pd.DataFrame, concept: str, layer: int) -> plt.Figure
         ax1.fill_between(group["strength"], group["mention_rate_ci_low"], group["mention_rate_ci_high"], color=line.get_color(), alpha=0.15)
         ax2.plot(group["strength"], group["delta_logprob"], marker="o", color=line.get_color(), label=label)
         ax2.fill_between(group["strength"], group["delta_logprob_ci_low"], group["delta_logprob_ci_high"], color=line.get_color(), alpha=0.15)
-    ax1.set(xlabel="strength (x the feature's largest activation)", ylabel=f"descriptions naming '{concept}'", ylim=(-0.05, 1.05),
-            title=f"steering at layer {layer} (bands: 95% bootstrap CI)")  # fmt: skip
+    ax1.set(
+        xlabel="strength (x the feature's largest activation)",
+        ylabel=f"descriptions naming '{concept}'",
+        ylim=(-0.05, 1.05),
+        title=f"steering at layer {layer} (bands: 95% bootstrap CI)",
+    )
     ax2.set(xlabel="strength", ylabel=f"change in log p('{concept}') at the first answer token", title="first-token effect")
     ax2.axhline(0, color="grey", lw=0.8)
     ax1.legend(loc="upper left", fontsize=8)
@@ -339,13 +368,17 @@ def apples_oranges(pairs: pd.DataFrame, summary: pd.DataFrame, names: tuple[str,
     if len(names) == 2:  # every concept-images pair
         means = pairs.groupby(["layer", "concept", "image_concept"])["cosine"].mean().reset_index()
         for (concept, image_concept), group in means.groupby(["concept", "image_concept"], sort=False):
-            ax1.plot(group["layer"], group["cosine"], marker=".", ls="-" if concept == image_concept else "--",
-                     label=f"'{concept}' vs {image_concept} images")  # fmt: skip
+            ax1.plot(group["layer"], group["cosine"], marker=".", ls="-" if concept == image_concept else "--", label=f"'{concept}' vs {image_concept} images")
     else:  # k^2 lines would hide the point: matched against mismatched pairs
         means = pairs.groupby(["layer", "matched"])["cosine"].mean().reset_index()
         for matched, group in means.groupby("matched"):
-            ax1.plot(group["layer"], group["cosine"], marker=".", ls="-" if matched else "--",
-                     label=f"{'matched' if matched else 'mismatched'} pairs ({len(names)} concepts)")  # fmt: skip
+            ax1.plot(
+                group["layer"],
+                group["cosine"],
+                marker=".",
+                ls="-" if matched else "--",
+                label=f"{'matched' if matched else 'mismatched'} pairs ({len(names)} concepts)",
+            )
     ax1.set(xlabel="decoder layer", ylabel="cosine (mean over images)", title="concept vector vs real images")
     ax1.legend(fontsize=7)
     ax2.plot(summary["layer"], summary["gap"], marker="o", label="matched - mismatched")

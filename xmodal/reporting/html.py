@@ -62,8 +62,9 @@ def summary_table(done: pd.DataFrame, key_metrics: list[str]) -> str:
     return f'<div class="scroll">{table}</div>'  # wide sweeps scroll instead of overflowing the page
 
 
-def report_html(sweep_dir: Path, summary: pd.DataFrame, curves: list[Path], key_metrics: list[str], overhead: str | None,
-                gradient: pd.DataFrame | None = None) -> str:  # fmt: skip
+def report_html(
+    sweep_dir: Path, summary: pd.DataFrame, curves: list[Path], key_metrics: list[str], overhead: str | None, gradient: pd.DataFrame | None = None
+) -> str:
     counts = summary["status"].value_counts().to_dict() if len(summary) else {}
     parts = [
         f"<h1>Sweep report: {html.escape(sweep_dir.name)}</h1>",
@@ -78,8 +79,10 @@ def report_html(sweep_dir: Path, summary: pd.DataFrame, curves: list[Path], key_
     if curves:
         parts += ["<h2>Layer curves</h2>", figure_block(curves, [p.stem.replace("__", ": ") for p in curves])]
     if gradient is not None and len(gradient):
-        parts += ["<h2>Layer gradient</h2><p>Spearman rank correlation of each metric with relative depth, two-sided permutation p.</p>",
-                  gradient.to_html(index=False, classes="gradient", float_format=lambda v: f"{v:.3g}", border=0)]  # fmt: skip
+        parts += [
+            "<h2>Layer gradient</h2><p>Spearman rank correlation of each metric with relative depth, two-sided permutation p.</p>",
+            gradient.to_html(index=False, classes="gradient", float_format=lambda v: f"{v:.3g}", border=0),
+        ]
     ordered = done.sort_values([c for c in ["model", "layer"] if c in done]) if len(done) else done
     for _, job in ordered.iterrows():
         job_dir = sweep_dir / job["job"]

@@ -44,7 +44,9 @@ class NullLogger:
 
 
 class WandbLogger(NullLogger):
-    def __init__(self, project: str = "xmodal", entity: str | None = None, mode: str = "offline", group: str | None = None, tags: list[str] | None = None) -> None:
+    def __init__(
+        self, project: str = "xmodal", entity: str | None = None, mode: str = "offline", group: str | None = None, tags: list[str] | None = None
+    ) -> None:
         self.project, self.entity, self.mode, self.group, self.tags = project, entity, mode, group, list(tags or [])
         self.run: Any = None
 

@@ -83,8 +83,7 @@ def metrics_with_null(frame: pd.DataFrame) -> list[str]:
 def configuration_columns(frame: pd.DataFrame) -> list[str]:
     """The columns that tell one configuration from another in a sweep: experiment, model and SAE, and
     every override that varies across `frame`, except the layer (the x axis)."""
-    varying = [c for c in frame.columns if c.startswith("override.") and c != "override.layer"
-               and frame[c].fillna("").astype(str).nunique() > 1]  # fmt: skip
+    varying = [c for c in frame.columns if c.startswith("override.") and c != "override.layer" and frame[c].fillna("").astype(str).nunique() > 1]
     return ["experiment", "model", "sae", *varying]
 
 
@@ -108,8 +107,10 @@ def layer_gradient(summary: pd.DataFrame, n_permutations: int = 1000, seed: int 
         repeated = frame[frame.duplicated("relative_depth", keep=False)]
         if len(repeated):
             note = "several jobs at one depth, refused: " + ", ".join(sorted(repeated["job"]))
-            rows += [{**config, "metric": metric, "n_layers": frame["relative_depth"].nunique(), "spearman_rho": np.nan,
-                      "p": np.nan, "jobs": jobs, "note": note} for metric in metrics_with_null(frame)]  # fmt: skip
+            rows += [
+                {**config, "metric": metric, "n_layers": frame["relative_depth"].nunique(), "spearman_rho": np.nan, "p": np.nan, "jobs": jobs, "note": note}
+                for metric in metrics_with_null(frame)
+            ]
             continue
         if len(frame) < 2:
             continue
@@ -120,11 +121,24 @@ def layer_gradient(summary: pd.DataFrame, n_permutations: int = 1000, seed: int 
             if keep.sum() < 2 or np.ptp(values[keep]) == 0:
                 continue
             test = stats.permutation_test(
-                (values[keep],), lambda v: stats.spearmanr(depth[keep], v).statistic, permutation_type="pairings",
-                n_resamples=n_permutations, alternative="two-sided", rng=np.random.default_rng(seed),
-            )  # fmt: skip
-            rows.append({**config, "metric": metric, "n_layers": int(keep.sum()), "spearman_rho": float(test.statistic),
-                         "p": float(test.pvalue), "jobs": jobs, "note": ""})  # fmt: skip
+                (values[keep],),
+                lambda v: stats.spearmanr(depth[keep], v).statistic,
+                permutation_type="pairings",
+                n_resamples=n_permutations,
+                alternative="two-sided",
+                rng=np.random.default_rng(seed),
+            )
+            rows.append(
+                {
+                    **config,
+                    "metric": metric,
+                    "n_layers": int(keep.sum()),
+                    "spearman_rho": float(test.statistic),
+                    "p": float(test.pvalue),
+                    "jobs": jobs,
+                    "note": "",
+                }
+            )
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -176,8 +190,9 @@ def overhead_line(summary: pd.DataFrame, wall_s: float | None, sequential: bool)
     return None
 
 
-def report_markdown(sweep_dir: Path, summary: pd.DataFrame, figures: list[Path], wall_s: float | None, sequential: bool = True,
-                    gradient: pd.DataFrame | None = None) -> str:  # fmt: skip
+def report_markdown(
+    sweep_dir: Path, summary: pd.DataFrame, figures: list[Path], wall_s: float | None, sequential: bool = True, gradient: pd.DataFrame | None = None
+) -> str:
     counts = summary["status"].value_counts().to_dict() if len(summary) else {}
     lines = [
         f"# Sweep report: `{sweep_dir.name}`",
@@ -203,8 +218,7 @@ def report_markdown(sweep_dir: Path, summary: pd.DataFrame, figures: list[Path],
         ]
         lines += ["", "## Results", "", done[cols].sort_values(cols[:3]).to_markdown(index=False, floatfmt=".3g")]
     if gradient is not None and len(gradient):
-        lines += ["", "## Layer gradient (Spearman rho with relative depth, permutation p)", "",
-                  gradient.to_markdown(index=False, floatfmt=".3g")]  # fmt: skip
+        lines += ["", "## Layer gradient (Spearman rho with relative depth, permutation p)", "", gradient.to_markdown(index=False, floatfmt=".3g")]
     return "\n".join(lines) + "\n"
 
 
@@ -225,7 +239,7 @@ def das_contact_sheets(summary: pd.DataFrame, sweep_dir: Path) -> list[Path]:
         columns = {
             "\n".join([f"layer {int(row['layer'])}", *(f"{c.rsplit('.', 1)[-1]}={row[c]}" for c in varying)]): sweep_dir / row["job"] / "images"
             for _, row in frame.iterrows()
-        }  # fmt: skip
+        }
         concepts = sorted({p.stem.removeprefix("das_") for d in columns.values() for p in d.glob("das_*.png")})
         if not concepts:
             continue

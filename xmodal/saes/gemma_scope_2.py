@@ -29,8 +29,7 @@ def directory() -> dict[str, Any]:
     return get_pretrained_saes_directory()
 
 
-def release_name(model_release: str, site: str = "resid_post", all_layers: bool = False, transcoder: bool = False,
-                 tuning: str = "model") -> str:  # fmt: skip
+def release_name(model_release: str, site: str = "resid_post", all_layers: bool = False, transcoder: bool = False, tuning: str = "model") -> str:
     """The sae-lens release for a model's Gemma Scope 2 release (e.g. gemma-scope-2-4b-it-res) and the choices."""
     match = _BASE.match(model_release or "")
     if match is None:
@@ -69,8 +68,17 @@ def nearest_ids(known: list[str], layer: int, width: str, l0: str, affine: bool,
     return sorted(known, key=distance)[:n]
 
 
-def gemma_scope_2_id(model_release: str, layer: int, site: str = "resid_post", width: str = "16k", l0: str = "medium",
-                     all_layers: bool = False, transcoder: bool = False, affine: bool = False, tuning: str = "model") -> tuple[str, str]:  # fmt: skip
+def gemma_scope_2_id(
+    model_release: str,
+    layer: int,
+    site: str = "resid_post",
+    width: str = "16k",
+    l0: str = "medium",
+    all_layers: bool = False,
+    transcoder: bool = False,
+    affine: bool = False,
+    tuning: str = "model",
+) -> tuple[str, str]:
     """(release, id) that exist in sae-lens's directory; SAEError naming the nearest ids otherwise."""
     site, l0, tuning = (str(getattr(v, "value", v)) for v in (site, l0, tuning))
     release = release_name(model_release, site, all_layers, transcoder, tuning)
@@ -88,9 +96,20 @@ def gemma_scope_2_id(model_release: str, layer: int, site: str = "resid_post", w
     return release, wanted
 
 
-def gemma_scope_2_sae(name: str, release: str, layer: int, site: str = "resid_post", width: str = "16k", l0: str = "medium",
-                      all_layers: bool = False, transcoder: bool = False, affine: bool = False, tuning: str = "model",
-                      device: str = "auto", dtype: str = "float32") -> FeatureSpace:  # fmt: skip
+def gemma_scope_2_sae(
+    name: str,
+    release: str,
+    layer: int,
+    site: str = "resid_post",
+    width: str = "16k",
+    l0: str = "medium",
+    all_layers: bool = False,
+    transcoder: bool = False,
+    affine: bool = False,
+    tuning: str = "model",
+    device: str = "auto",
+    dtype: str = "float32",
+) -> FeatureSpace:
     """The Gemma Scope 2 SAE (or transcoder) the choices name, loaded through sae-lens."""
     resolved, wanted = gemma_scope_2_id(release, layer, site, width, l0, all_layers, transcoder, affine, tuning)
     # the id holds no braces, so pretrained_sae's template is the id itself

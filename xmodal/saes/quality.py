@@ -25,12 +25,16 @@ def sae_quality(sae: Any, x: torch.Tensor, modality: dict[str, torch.Tensor], ch
     rows = []
     for name, mask in modality.items():
         xs, rs = x[mask].float(), x_hat[mask]
-        rows.append({
-            "tokens": name, "n_tokens": int(mask.sum()),
-            "fve": float(1 - (xs - rs).pow(2).sum() / (xs - xs.mean(dim=0)).pow(2).sum()) if len(xs) else float("nan"),
-            "l0": float(on[mask].sum(dim=1).float().mean()) if len(xs) else float("nan"),
-            "dead_fraction": dead, "d_sae": int(on.shape[1]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "tokens": name,
+                "n_tokens": int(mask.sum()),
+                "fve": float(1 - (xs - rs).pow(2).sum() / (xs - xs.mean(dim=0)).pow(2).sum()) if len(xs) else float("nan"),
+                "l0": float(on[mask].sum(dim=1).float().mean()) if len(xs) else float("nan"),
+                "dead_fraction": dead,
+                "d_sae": int(on.shape[1]),
+            }
+        )
     return rows
 
 

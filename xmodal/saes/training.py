@@ -24,9 +24,17 @@ def shuffled_batches(activations: torch.Tensor, batch_size: int, seed: int) -> I
 
 
 def train_topk_sae(
-    activations: torch.Tensor, layer: int, d_sae: int, k: int, total_samples: int, batch_size: int, lr: float, seed: int,
-    device: str = "cpu", **options: Any,
-) -> Any:  # fmt: skip
+    activations: torch.Tensor,
+    layer: int,
+    d_sae: int,
+    k: int,
+    total_samples: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str = "cpu",
+    **options: Any,
+) -> Any:
     """A sae-lens SAE fitted to `activations` held in memory; `options` (architecture, ...) as in `train_sae`."""
     batches = shuffled_batches(activations.to(device), batch_size, seed)
     return train_sae(batches, activations, layer, d_sae, k, total_samples, batch_size, lr, seed, device, **options)
@@ -81,21 +89,25 @@ def train_sae(
         raise ValueError(f"decoder_init='data' needs at least d_sae={d_sae} activation rows, got {len(sample)}")
     torch.manual_seed(seed)
     common = dict(
-        d_in=sample.shape[1], d_sae=d_sae, device=device,
+        d_in=sample.shape[1],
+        d_sae=d_sae,
+        device=device,
         normalize_activations="expected_average_only_in",  # folded back into the weights after training
         metadata=SAEMetadata(model_name=model_name, hook_name=f"model.layers.{layer}", hook_layer=layer),
-    )  # fmt: skip
+    )
     if architecture == "jumprelu":
-        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
-            **common, target_l0=float(k), l0_coefficient=l0_coefficient, jumprelu_sparsity_loss_mode="quadratic"
-        ))
+        sae = JumpReLUTrainingSAE(
+            JumpReLUTrainingSAEConfig(**common, target_l0=float(k), l0_coefficient=l0_coefficient, jumprelu_sparsity_loss_mode="quadratic")
+        )
     elif architecture == "matryoshka_batchtopk":
         widths = list(matryoshka_widths or default_matryoshka_widths(d_sae))
         if widths[-1] != d_sae or any(a >= b for a, b in zip(widths, widths[1:])) or widths[0] < 1:
             raise ValueError(f"matryoshka_widths={widths} must rise strictly from at least 1 and end at d_sae={d_sae}")
         sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**common, k=k, matryoshka_widths=widths))
     else:
-        sae_class, config_class = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig), "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig)}[architecture]
+        sae_class, config_class = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig), "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig)}[
+            architecture
+        ]
         sae = sae_class(config_class(**common, k=k))
     # Start the decoder bias at the data mean (in the trainer's normalised units): residual
     # streams share a large mean direction, and with b_dec at zero the same few features win

@@ -52,8 +52,10 @@ class RepresentationAlignment(Experiment):
             scores, null = self.alignment_with_null(side_a, side_b, categories, ctx.seed)
         ctx.table("alignment", scores)
         ctx.table("null", null)
-        ctx.table("concepts", pd.DataFrame({"concept": concepts, "l2_" + labels[0]: np.linalg.norm(side_a, axis=1),
-                                            "l2_" + labels[1]: np.linalg.norm(side_b, axis=1)}))  # fmt: skip
+        ctx.table(
+            "concepts",
+            pd.DataFrame({"concept": concepts, "l2_" + labels[0]: np.linalg.norm(side_a, axis=1), "l2_" + labels[1]: np.linalg.norm(side_b, axis=1)}),
+        )
         with ctx.timed("figures"):
             ctx.figure("kernels", figures.concept_kernels(side_a, side_b, concepts, labels, ctx.layer))
             null_table = scores.rename(columns={"metric": "statistic", "value": "observed", "p": "p_value"})
@@ -62,15 +64,29 @@ class RepresentationAlignment(Experiment):
 
         metrics: dict[str, float] = {"n_concepts": len(concepts), "k_neighbours": self.config.k_neighbours}
         for row in scores.itertuples():
-            metrics.update({row.metric: row.value, f"{row.metric}_null_mean": row.null_mean,
-                            f"{row.metric}_null_q025": row.null_q025, f"{row.metric}_null_q975": row.null_q975,
-                            f"{row.metric}_p": row.p})  # fmt: skip
+            metrics.update(
+                {
+                    row.metric: row.value,
+                    f"{row.metric}_null_mean": row.null_mean,
+                    f"{row.metric}_null_q025": row.null_q025,
+                    f"{row.metric}_null_q975": row.null_q975,
+                    f"{row.metric}_p": row.p,
+                }
+            )
         log.info(
             "layer %d, %s vs %s: CKA %.3f (null %.3f, p=%.3g), unbiased %.3f, mutual %d-NN %.3f (null %.3f, p=%.3g), CKNNA %.3f",
-            ctx.layer, *labels, metrics["cka"], metrics["cka_null_mean"], metrics["cka_p"], metrics["cka_unbiased"],
-            self.config.k_neighbours, metrics["mutual_knn"], metrics["mutual_knn_null_mean"], metrics["mutual_knn_p"],
+            ctx.layer,
+            *labels,
+            metrics["cka"],
+            metrics["cka_null_mean"],
+            metrics["cka_p"],
+            metrics["cka_unbiased"],
+            self.config.k_neighbours,
+            metrics["mutual_knn"],
+            metrics["mutual_knn_null_mean"],
+            metrics["mutual_knn_p"],
             metrics["cknna"],
-        )  # fmt: skip
+        )
         return metrics
 
     # 1. the two paired representations ----------------------------------------------------
@@ -146,8 +162,16 @@ class RepresentationAlignment(Experiment):
             value = score(side_a, side_b, k)
             null = np.array([score(side_a, side_b[order], k) for order in orders])
             summary = S.summarise_null(value, null)  # one-sided, the observed pairing counted among the draws
-            rows.append({"metric": metric, "value": value, "null_mean": summary.null_mean, "null_q025": summary.null_q025,
-                         "null_q975": summary.null_q975, "p": summary.p_value})  # fmt: skip
+            rows.append(
+                {
+                    "metric": metric,
+                    "value": value,
+                    "null_mean": summary.null_mean,
+                    "null_q025": summary.null_q025,
+                    "null_q975": summary.null_q975,
+                    "p": summary.p_value,
+                }
+            )
             nulls.append(pd.DataFrame({"metric": metric, "draw": np.arange(len(null)), "value": null}))
         return pd.DataFrame(rows), pd.concat(nulls, ignore_index=True)
 

@@ -68,23 +68,44 @@ def apples_oranges(
         patchwise = F.cosine_similarity(centred.unsqueeze(0), vectors.view(len(vectors), 1, 1, -1), dim=-1).amax(dim=-1).numpy()
         for c, name in enumerate(concept_names):
             for i, label in enumerate(labels):
-                pairs.append({"layer": layer, "concept": name, "image_concept": concept_names[label],
-                              "matched": bool(label == c), "cosine": aggregate[c, i], "max_patch_cosine": patchwise[c, i]})  # fmt: skip
+                pairs.append(
+                    {
+                        "layer": layer,
+                        "concept": name,
+                        "image_concept": concept_names[label],
+                        "matched": bool(label == c),
+                        "cosine": aggregate[c, i],
+                        "max_patch_cosine": patchwise[c, i],
+                    }
+                )
         row = {"layer": layer}
         for metric, cosines in (("gap", aggregate), ("max_patch_gap", patchwise)):
             observed = pair_gap(cosines, labels)
             null = np.array([pair_gap(cosines, rng.permutation(labels)) for _ in range(n_permutations)])
             gap_null = summarise_null(observed, null)
-            row |= {metric: observed, f"{metric}_null_mean": gap_null.null_mean, f"{metric}_null_q025": gap_null.null_q025,
-                    f"{metric}_null_q975": gap_null.null_q975, f"{metric}_p": gap_null.p_value}  # fmt: skip
+            row |= {
+                metric: observed,
+                f"{metric}_null_mean": gap_null.null_mean,
+                f"{metric}_null_q025": gap_null.null_q025,
+                f"{metric}_null_q975": gap_null.null_q975,
+                f"{metric}_p": gap_null.p_value,
+            }
         if noise_tokens is not None and len(noise_tokens[layer]):
             noise = noise_tokens[layer].float() - grey_means[layer].float()
             noise_aggregate = F.cosine_similarity(noise.mean(dim=1).unsqueeze(0), vectors.unsqueeze(1), dim=-1).numpy()
             noise_patchwise = F.cosine_similarity(noise.unsqueeze(0), vectors.view(len(vectors), 1, 1, -1), dim=-1).amax(dim=-1).numpy()
             for c, name in enumerate(concept_names):
                 for i in range(noise_aggregate.shape[1]):
-                    pairs.append({"layer": layer, "concept": name, "image_concept": NOISE, "matched": False,
-                                  "cosine": noise_aggregate[c, i], "max_patch_cosine": noise_patchwise[c, i]})  # fmt: skip
+                    pairs.append(
+                        {
+                            "layer": layer,
+                            "concept": name,
+                            "image_concept": NOISE,
+                            "matched": False,
+                            "cosine": noise_aggregate[c, i],
+                            "max_patch_cosine": noise_patchwise[c, i],
+                        }
+                    )
             matched_pairs = np.zeros_like(aggregate, dtype=bool)
             matched_pairs[labels, np.arange(len(labels))] = True
             for metric, cosines, noise_cosines in (

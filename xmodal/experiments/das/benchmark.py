@@ -41,8 +41,11 @@ def against_whole_prompt(adapter: ModelAdapter, layer: int, vectors: torch.Tenso
     """The baseline, the whole prompt run every step, timed on the same seed; the speed-up of
     reusing the prefix (`seconds`, `cosines`) over it, and the largest difference of their cosines."""
     baseline_seconds, baseline_cosines = timed_synthesis(ImageReader(adapter, layer, reuse_prefix=False), vectors, cfg)
-    return {"baseline_seconds_per_step": baseline_seconds, "speedup": baseline_seconds / seconds,
-            "max_cosine_difference": float((cosines - baseline_cosines).abs().max())}  # fmt: skip
+    return {
+        "baseline_seconds_per_step": baseline_seconds,
+        "speedup": baseline_seconds / seconds,
+        "max_cosine_difference": float((cosines - baseline_cosines).abs().max()),
+    }
 
 
 def benchmark(cfg: DictConfig) -> pd.DataFrame:
@@ -58,12 +61,20 @@ def benchmark(cfg: DictConfig) -> pd.DataFrame:
             torch.cuda.reset_peak_memory_stats()
         seconds, cosines = timed_synthesis(reader, vectors, cfg)
         row = {
-            "model": adapter.name, "layer": int(layer), "device": str(adapter.device), "dtype": str(reader.dtype).removeprefix("torch."),
-            "image_side": reader.side, "batch_size": cfg.batch_size, "n_concepts": cfg.n_concepts, "steps": cfg.steps,
-            "reuses_prefix": reader.reuse_prefix, "seconds_per_step": seconds, "minutes_for_600_steps": seconds * 600 / 60,
+            "model": adapter.name,
+            "layer": int(layer),
+            "device": str(adapter.device),
+            "dtype": str(reader.dtype).removeprefix("torch."),
+            "image_side": reader.side,
+            "batch_size": cfg.batch_size,
+            "n_concepts": cfg.n_concepts,
+            "steps": cfg.steps,
+            "reuses_prefix": reader.reuse_prefix,
+            "seconds_per_step": seconds,
+            "minutes_for_600_steps": seconds * 600 / 60,
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if adapter.device.type == "cuda" else None,
             "final_cosine": float(cosines.iloc[-1]),
-        }  # fmt: skip
+        }
         if cfg.baseline and reader.reuse_prefix:
             row |= against_whole_prompt(adapter, int(layer), vectors, cfg, seconds, cosines)
         rows.append(row)

@@ -89,7 +89,9 @@ class DASConfig(ExperimentConfig):
         if self.judge == JudgeKind.vlm and not self.judge_model:
             raise ConfigError("experiment.judge=vlm needs experiment.judge_model=<a conf/model name>, e.g. gemma3_12b")
         if len(self.concepts) == 1:
-            raise ConfigError(f"experiment.concepts={list(self.concepts)} needs at least two concepts (each is the other's control), or [] for all the dataset's")
+            raise ConfigError(
+                f"experiment.concepts={list(self.concepts)} needs at least two concepts (each is the other's control), or [] for all the dataset's"
+            )
         alignment = list(self.alignment_concepts)
         if len(alignment) == 1 or len(set(alignment)) != len(alignment):
             raise ConfigError(f"experiment.alignment_concepts={alignment} must name two or more different concepts (or none)")
@@ -102,9 +104,19 @@ class DASConfig(ExperimentConfig):
     def settings(self, lr: float, temperature: float) -> DASSettings:
         """The synthesis settings at one layer, given its learning rate and temperature."""
         return DASSettings(
-            steps=self.steps, batch_size=self.batch_size, lr=lr, momentum=self.momentum, max_grad_norm=self.max_grad_norm,
-            temperature=temperature, sigma_start=self.sigma_start, sigma_end=self.sigma_end,
-            resolutions=list(self.resolutions) if self.resolutions is not None else None, shift=self.shift,
-            noise_std=self.noise_std, aggregation=str(self.aggregation), prior_placement=str(self.prior_placement),
-            upsample=str(self.upsample), prompt=self.prompt,
-        )  # fmt: skip
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=lr,
+            momentum=self.momentum,
+            max_grad_norm=self.max_grad_norm,
+            temperature=temperature,
+            sigma_start=self.sigma_start,
+            sigma_end=self.sigma_end,
+            resolutions=list(self.resolutions) if self.resolutions is not None else None,
+            shift=self.shift,
+            noise_std=self.noise_std,
+            aggregation=str(self.aggregation),
+            prior_placement=str(self.prior_placement),
+            upsample=str(self.upsample),
+            prompt=self.prompt,
+        )

@@ -84,8 +84,7 @@ class DASynthesis(Experiment):
                 out.append(Target(concept.name, concept.text, concept.category, concept.synonyms) if concept else Target(entry, entry, ""))
         stray = sorted(set(self.config.judge_synonyms) - {t.name for t in out})
         if stray:  # a typo would otherwise widen no rubric, silently
-            raise ConfigError(f"experiment.judge_synonyms names {stray}, which are not among the concepts {[t.name for t in out][:12]}; "
-                              "key it by concept name")  # fmt: skip
+            raise ConfigError(f"experiment.judge_synonyms names {stray}, which are not among the concepts {[t.name for t in out][:12]}; key it by concept name")
         return out
 
     def preset(self, layer: int, num_layers: int) -> tuple[float, float]:
@@ -110,16 +109,29 @@ class DASynthesis(Experiment):
         lr, temperature = self.preset(ctx.layer, ctx.model.num_layers)
         settings = self.config.settings(lr, temperature)
         reader = ImageReader(ctx.model, ctx.layer, settings.prompt)
-        log.info("DAS at layer %d: %d concepts (%s vectors, baseline %s), %d steps x batch %d, lr %g, temperature %g",
-                 ctx.layer, len(targets), self.config.concept_source, self.config.concept_baseline, settings.steps,
-                 settings.batch_size, lr, temperature)  # fmt: skip
+        log.info(
+            "DAS at layer %d: %d concepts (%s vectors, baseline %s), %d steps x batch %d, lr %g, temperature %g",
+            ctx.layer,
+            len(targets),
+            self.config.concept_source,
+            self.config.concept_baseline,
+            settings.steps,
+            settings.batch_size,
+            lr,
+            temperature,
+        )
         images, grey_mean, step_seconds = self.synthesis(ctx, reader, targets, vectors, settings)
         cosines = cosine_matrix(reader, images, vectors, grey_mean, settings)
         metrics = self.cosine_metrics(cosines, ctx.seed)
         # one optimisation step of every concept (several passes when concepts_per_pass < concepts)
         metrics |= {"lr": lr, "temperature": temperature, "steps": settings.steps, "seconds_per_step": step_seconds}
-        ctx.table("final_cosines", pd.DataFrame(cosines, index=[t.name for t in targets], columns=[t.name for t in targets])
-                  .rename_axis("image").reset_index().melt(id_vars="image", var_name="concept", value_name="cosine"))  # fmt: skip
+        ctx.table(
+            "final_cosines",
+            pd.DataFrame(cosines, index=[t.name for t in targets], columns=[t.name for t in targets])
+            .rename_axis("image")
+            .reset_index()
+            .melt(id_vars="image", var_name="concept", value_name="cosine"),
+        )
         pil_images = [to_pil(img) for img in images]
         for target, image in zip(targets, pil_images):
             ctx.image("das_" + re.sub(r"[^\w-]+", "_", target.name), image)  # a bare word may hold spaces
@@ -130,8 +142,13 @@ class DASynthesis(Experiment):
         if alignment_data is not None:
             with ctx.timed("alignment"):
                 metrics |= self.alignment(ctx, alignment_data)
-        log.info("layer %d: final cosine %.3f (other concepts' images %.3f, p=%.3g)", ctx.layer,
-                 metrics["final_cosine"], metrics["final_cosine_null_mean"], metrics["final_cosine_p"])  # fmt: skip
+        log.info(
+            "layer %d: final cosine %.3f (other concepts' images %.3f, p=%.3g)",
+            ctx.layer,
+            metrics["final_cosine"],
+            metrics["final_cosine_null_mean"],
+            metrics["final_cosine_p"],
+        )
         return metrics
 
     # 1. concept vectors ------------------------------------------------------------------
@@ -182,8 +199,7 @@ class DASynthesis(Experiment):
         have = {img.concept for img in ctx.dataset.images}
         missing = [t.name for t in targets if t.name not in have]
         if missing:
-            raise DatasetError(f"experiment.concept_source=image needs images of every concept; dataset {ctx.dataset.name!r} "
-                               f"has none of {missing}")  # fmt: skip
+            raise DatasetError(f"experiment.concept_source=image needs images of every concept; dataset {ctx.dataset.name!r} has none of {missing}")
         acts = ctx.activations(modalities=("image",))[ctx.layer]
         per_image = acts.image_token_mean()  # the unweighted image representation
         image_concepts = np.array(acts.image_concepts)
@@ -200,10 +216,12 @@ class DASynthesis(Experiment):
         null = np.array([np.mean(cosines[rng.permutation(n), np.arange(n)]) for _ in range(self.config.n_permutations)])
         summary = summarise_null(matched, null)
         return {
-            "final_cosine": matched, "final_cosine_null_mean": float(mismatched.mean()),
-            "final_cosine_null_q025": summary.null_q025, "final_cosine_null_q975": summary.null_q975,
+            "final_cosine": matched,
+            "final_cosine_null_mean": float(mismatched.mean()),
+            "final_cosine_null_q025": summary.null_q025,
+            "final_cosine_null_q975": summary.null_q975,
             "final_cosine_p": summary.p_value,
-        }  # fmt: skip
+        }
 
     # 4. recognition by an independent judge ------------------------------------------------
     def make_judge(self, ctx: RunContext, targets: list[Target]) -> judges.Judge:
@@ -233,8 +251,9 @@ class DASynthesis(Experiment):
             key = f"recognition_{category or 'all'}" + ("" if protocol in ("programmatic", "category_hint") else f"_{protocol}")
             p_value = pvalue(observed, null)
             metrics |= {key: observed, f"{key}_null_mean": null_mean, f"{key}_p": p_value}
-            rows.append({"category": category, "protocol": protocol, "n_concepts": n, "recognition_rate": observed,
-                         "null_rate": null_mean, "p": metrics[f"{key}_p"]})  # fmt: skip
+            rows.append(
+                {"category": category, "protocol": protocol, "n_concepts": n, "recognition_rate": observed, "null_rate": null_mean, "p": metrics[f"{key}_p"]}
+            )
         if table.empty:
             log.warning("the %s judge judges none of these concepts' categories", self.config.judge)
         ctx.table("judgements", table)
@@ -247,8 +266,9 @@ class DASynthesis(Experiment):
         names = list(self.config.alignment_concepts)
         unknown = [n for n in names if n not in {c.name for c in dataset.concepts}]
         if unknown:
-            raise DatasetError(f"experiment.alignment_concepts has {unknown}, not concepts of dataset {dataset.name!r}; "
-                               f"pick from {[c.name for c in dataset.concepts]}")  # fmt: skip
+            raise DatasetError(
+                f"experiment.alignment_concepts has {unknown}, not concepts of dataset {dataset.name!r}; pick from {[c.name for c in dataset.concepts]}"
+            )
         images = [img for img in dataset.images if img.concept in names]
         if {img.concept for img in images} != set(names):
             raise DatasetError(f"experiment.alignment_concepts={names} need images of each in dataset {dataset.name!r}")
@@ -281,7 +301,13 @@ class DASynthesis(Experiment):
         noise_tokens = self.white_noise_tokens(ctx, layers)
         labels = np.array([names.index(c) for c in image_acts[layers[0]].image_concepts])
         pairs, summary = apples_oranges(
-            vectors, {layer: image_acts[layer].image_tokens.dense() for layer in layers}, grey_means, labels, names, self.config.n_permutations, ctx.seed,
+            vectors,
+            {layer: image_acts[layer].image_tokens.dense() for layer in layers},
+            grey_means,
+            labels,
+            names,
+            self.config.n_permutations,
+            ctx.seed,
             noise_tokens,
         )
         ctx.table("alignment_pairs", pairs)

@@ -59,9 +59,13 @@ class VLMJudge:
     """
 
     def __init__(
-        self, adapter: ModelAdapter, n_samples: int = 10, seed: int = 0, max_new_tokens: int = 8,
+        self,
+        adapter: ModelAdapter,
+        n_samples: int = 10,
+        seed: int = 0,
+        max_new_tokens: int = 8,
         accepted: Mapping[str, Sequence[str]] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.adapter, self.n_samples, self.seed, self.max_new_tokens = adapter, n_samples, seed, max_new_tokens
         self.accepted = dict(accepted or {})
 
@@ -78,15 +82,12 @@ class VLMJudge:
                 protocols["category_hint"] = QUESTION_WITH_CATEGORY.format(category=category)
             for protocol, question in protocols.items():
                 answer = " | ".join(a.replace("|", "/") for a in self._answers(image, question))
-                rows.append({"concept": concept, "category": category, "protocol": protocol, "answer": answer,
-                             "recognised": self.score(answer, concept)})  # fmt: skip
+                rows.append({"concept": concept, "category": category, "protocol": protocol, "answer": answer, "recognised": self.score(answer, concept)})
         return pd.DataFrame(rows, columns=JUDGEMENT_COLUMNS)
 
     def _answers(self, image: Image.Image, question: str) -> list[str]:
         """`n_samples` sampled answers in one batch: rows sample independently from one seeded generator."""
-        return describe_images(
-            self.adapter, [image] * self.n_samples, question, True, self.max_new_tokens, self.n_samples, do_sample=True, seed=self.seed
-        )
+        return describe_images(self.adapter, [image] * self.n_samples, question, True, self.max_new_tokens, self.n_samples, do_sample=True, seed=self.seed)
 
 
 def vlm_judge(model_name: str, n_samples: int, seed: int, accepted: Mapping[str, Sequence[str]]) -> VLMJudge:

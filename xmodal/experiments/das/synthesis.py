@@ -86,8 +86,7 @@ class MultiResolutionImage(nn.Module):
 
     def forward(self) -> torch.Tensor:
         total = sum(
-            F.interpolate(c, size=(self.side, self.side), mode=self.upsample, align_corners=False) if c.shape[-1] != self.side else c
-            for c in self.components
+            F.interpolate(c, size=(self.side, self.side), mode=self.upsample, align_corners=False) if c.shape[-1] != self.side else c for c in self.components
         )
         return GREY + 0.5 * torch.tanh(total)  # in (0, 1) for any component values
 
@@ -125,9 +124,13 @@ def patch_coordinates(n_tokens: int) -> torch.Tensor:
 
 
 def aggregate(
-    centred: torch.Tensor, concept: torch.Tensor, temperature: float, sigma: float, aggregation: str = "weighted",
+    centred: torch.Tensor,
+    concept: torch.Tensor,
+    temperature: float,
+    sigma: float,
+    aggregation: str = "weighted",
     prior_placement: str = "inside",
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """(batch, tokens, d) centred patch activations -> (batch, d) image representations.
 
     `concept` is (batch, d): each row's target, which the semantic weights compare against.
@@ -214,9 +217,7 @@ class Synthesis:
     seconds_per_step: float
 
 
-def synthesise(
-    reader: ImageReader, concept_vectors: torch.Tensor, settings: DASSettings, seed: int, progress: bool = True
-) -> Synthesis:
+def synthesise(reader: ImageReader, concept_vectors: torch.Tensor, settings: DASSettings, seed: int, progress: bool = True) -> Synthesis:
     """Optimise one image per concept vector (rows of `concept_vectors`) at the reader's layer."""
     n = concept_vectors.shape[0]
     side = reader.side
@@ -248,9 +249,7 @@ def synthesise(
 
 
 @torch.no_grad()
-def cosine_matrix(
-    reader: ImageReader, images: torch.Tensor, concept_vectors: torch.Tensor, grey_mean: torch.Tensor, settings: DASSettings
-) -> np.ndarray:
+def cosine_matrix(reader: ImageReader, images: torch.Tensor, concept_vectors: torch.Tensor, grey_mean: torch.Tensor, settings: DASSettings) -> np.ndarray:
     """(n_images, n_concepts): cos between each (unaugmented) image's representation and each concept.
 
     The weighted aggregation depends on the target, so each pair is aggregated for its own

@@ -66,15 +66,29 @@ class FeatureCards(Experiment):
                 pictures = [images[i].load() for i in top["row"]]
                 maps = [image_tokens[n][i].reshape(grid) for i in top["row"]]
                 words = examples[(examples["feature"] == feature) & (examples["modality"] == "text")]
-                ctx.figure(f"feature_{feature}", figures.feature_card(
-                    feature, ctx.layer, pictures, maps, list(top["concept"]), words, codes.text[:, feature], codes.image[:, feature],
-                    stats.set_index("feature").loc[feature].to_dict(),
-                ))  # fmt: skip
+                ctx.figure(
+                    f"feature_{feature}",
+                    figures.feature_card(
+                        feature,
+                        ctx.layer,
+                        pictures,
+                        maps,
+                        list(top["concept"]),
+                        words,
+                        codes.text[:, feature],
+                        codes.image[:, feature],
+                        stats.set_index("feature").loc[feature].to_dict(),
+                    ),
+                )
         ctx.export("neuronpedia", self.neuronpedia_batch(ctx, acts, chosen, image_tokens, word_tokens, token_labels, codes))
         log.info(
             "layer %d: cards for features %s; best cross-modal r %.3f (re-paired concepts: %.3f, p=%.3g)",
-            ctx.layer, chosen, best["value"], best["null_mean"], best["p"],
-        )  # fmt: skip
+            ctx.layer,
+            chosen,
+            best["value"],
+            best["null_mean"],
+            best["p"],
+        )
         return {
             "n_features": len(chosen),
             "best_crossmodal_r": best["value"],
@@ -122,15 +136,21 @@ class FeatureCards(Experiment):
         for f in chosen:
             draws = null_r[:, f][np.isfinite(null_r[:, f])]
             finite = np.isfinite(r[f]) and draws.size
-            rows.append({
-                "feature": f, "crossmodal_r": r[f],
-                "crossmodal_r_null_q975": float(np.quantile(draws, 0.975)) if finite else np.nan,
-                "crossmodal_r_p": S.pvalue(r[f], draws),
-                "mds": mds[f], "mds_null_q025": float(np.nanquantile(null_mds[:, f], 0.025)) if np.isfinite(mds[f]) else np.nan,
-                "mds_null_q975": float(np.nanquantile(null_mds[:, f], 0.975)) if np.isfinite(mds[f]) else np.nan,
-                "mean_text": float(text[:, f].mean()), "mean_image": float(codes.image[:, f].mean()),
-                "active_text": float((text[:, f] > 0).mean()), "active_image": float((codes.image[:, f] > 0).mean()),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "feature": f,
+                    "crossmodal_r": r[f],
+                    "crossmodal_r_null_q975": float(np.quantile(draws, 0.975)) if finite else np.nan,
+                    "crossmodal_r_p": S.pvalue(r[f], draws),
+                    "mds": mds[f],
+                    "mds_null_q025": float(np.nanquantile(null_mds[:, f], 0.025)) if np.isfinite(mds[f]) else np.nan,
+                    "mds_null_q975": float(np.nanquantile(null_mds[:, f], 0.975)) if np.isfinite(mds[f]) else np.nan,
+                    "mean_text": float(text[:, f].mean()),
+                    "mean_image": float(codes.image[:, f].mean()),
+                    "active_text": float((text[:, f] > 0).mean()),
+                    "active_image": float((codes.image[:, f] > 0).mean()),
+                }
+            )
         best_null = np.nanmax(np.where(np.isfinite(null_r), null_r, -np.inf), axis=1)
         best = float(np.nanmax(np.where(np.isfinite(r), r, -np.inf)))
         null = S.summarise_null(best, best_null)  # the largest r of each re-pairing: a max-statistic null
@@ -149,23 +169,50 @@ class FeatureCards(Experiment):
             labels.append(tokens if len(tokens) == n_rows else [f"<token {k}>" for k in range(n_rows)])
         return labels
 
-    def top_examples(self, codes: ConceptCodes, chosen: list[int], word_tokens: list[np.ndarray],
-                     token_labels: list[list[str]]) -> pd.DataFrame:  # fmt: skip
+    def top_examples(self, codes: ConceptCodes, chosen: list[int], word_tokens: list[np.ndarray], token_labels: list[list[str]]) -> pd.DataFrame:
         rows = []
         for n, f in enumerate(chosen):
             # only items where the feature is active: a card of zeros says nothing
             for rank, i in enumerate(active_first(codes.image[:, f], self.config.top_images)):
-                rows.append({"feature": f, "modality": "image", "rank": rank, "row": int(i), "item": codes.image_sources[i],
-                             "concept": codes.image_concepts[i], "activation": float(codes.image[i, f]), "peak_token": ""})  # fmt: skip
+                rows.append(
+                    {
+                        "feature": f,
+                        "modality": "image",
+                        "rank": rank,
+                        "row": int(i),
+                        "item": codes.image_sources[i],
+                        "concept": codes.image_concepts[i],
+                        "activation": float(codes.image[i, f]),
+                        "peak_token": "",
+                    }
+                )
             for rank, i in enumerate(active_first(codes.text[:, f], self.config.top_texts)):
                 peak = int(np.argmax(word_tokens[i][:, n]))
-                rows.append({"feature": f, "modality": "text", "rank": rank, "row": int(i), "item": codes.concepts[i], "concept": codes.concepts[i],
-                             "activation": float(codes.text[i, f]), "peak_token": token_labels[i][peak]})  # fmt: skip
+                rows.append(
+                    {
+                        "feature": f,
+                        "modality": "text",
+                        "rank": rank,
+                        "row": int(i),
+                        "item": codes.concepts[i],
+                        "concept": codes.concepts[i],
+                        "activation": float(codes.text[i, f]),
+                        "peak_token": token_labels[i][peak],
+                    }
+                )
         return pd.DataFrame(rows)
 
     # 5. the Neuronpedia / SAEDashboard export --------------------------------------------------------
-    def neuronpedia_batch(self, ctx: RunContext, acts: LayerReadout, chosen: list[int], image_tokens: list[np.ndarray],
-                          word_tokens: list[np.ndarray], token_labels: list[list[str]], codes: ConceptCodes) -> dict[str, Any]:  # fmt: skip
+    def neuronpedia_batch(
+        self,
+        ctx: RunContext,
+        acts: LayerReadout,
+        chosen: list[int],
+        image_tokens: list[np.ndarray],
+        word_tokens: list[np.ndarray],
+        token_labels: list[list[str]],
+        codes: ConceptCodes,
+    ) -> dict[str, Any]:
         """SAEDashboard's NeuronpediaDashboardBatch shape: the top examples as one bin; image tokens named by grid cell."""
         rows, cols = ctx.model.image_token_grid(acts.tokens_per_image)
         cell_names = [f"<image r{r}c{c}>" for r in range(rows) for c in range(cols)]
@@ -175,24 +222,38 @@ class FeatureCards(Experiment):
             every = np.concatenate([image_tokens[n].ravel(), *[w[:, n] for w in word_tokens]])
             active = every[every > 0]
             heights, edges = np.histogram(active, bins=20) if active.size else (np.zeros(0), np.zeros(1))
-            examples = [{"tokens": cell_names, "values": image_tokens[n][i].tolist(), "source": codes.image_sources[i]}
-                        for i in active_first(codes.image[:, f], self.config.top_images)]  # fmt: skip
-            examples += [{"tokens": token_labels[i], "values": word_tokens[i][:, n].tolist(), "source": codes.concepts[i]}
-                         for i in active_first(codes.text[:, f], self.config.top_texts)]  # fmt: skip
+            examples = [
+                {"tokens": cell_names, "values": image_tokens[n][i].tolist(), "source": codes.image_sources[i]}
+                for i in active_first(codes.image[:, f], self.config.top_images)
+            ]
+            examples += [
+                {"tokens": token_labels[i], "values": word_tokens[i][:, n].tolist(), "source": codes.concepts[i]}
+                for i in active_first(codes.text[:, f], self.config.top_texts)
+            ]
             peak = [max(e["values"]) for e in examples] or [0.0]
             positive, negative = logit_effects[n]
-            features.append({
-                "feature_index": f,
-                "pos_str": [s for s, _ in positive], "pos_values": [v for _, v in positive],
-                "neg_str": [s for s, _ in negative], "neg_values": [v for _, v in negative],
-                "frac_nonzero": float(active.size / max(every.size, 1)),
-                "freq_hist_data_bar_values": ((edges[:-1] + edges[1:]) / 2).tolist(), "freq_hist_data_bar_heights": heights.tolist(),
-                "n_prompts_total": len(acts.concepts) + len(acts.image_sources), "n_tokens_in_prompt": 0,
-                "dataset": ctx.dataset.name,
-                "activations": [{"bin_min": float(min(peak)), "bin_max": float(max(peak)), "bin_contains": len(examples), **e} for e in examples],
-            })  # fmt: skip
-        return {"model_id": self.config.neuronpedia_model_id or ctx.model.name, "layer": ctx.layer,
-                "sae_set": self.config.neuronpedia_sae_set or ctx.features.name, "features": features}  # fmt: skip
+            features.append(
+                {
+                    "feature_index": f,
+                    "pos_str": [s for s, _ in positive],
+                    "pos_values": [v for _, v in positive],
+                    "neg_str": [s for s, _ in negative],
+                    "neg_values": [v for _, v in negative],
+                    "frac_nonzero": float(active.size / max(every.size, 1)),
+                    "freq_hist_data_bar_values": ((edges[:-1] + edges[1:]) / 2).tolist(),
+                    "freq_hist_data_bar_heights": heights.tolist(),
+                    "n_prompts_total": len(acts.concepts) + len(acts.image_sources),
+                    "n_tokens_in_prompt": 0,
+                    "dataset": ctx.dataset.name,
+                    "activations": [{"bin_min": float(min(peak)), "bin_max": float(max(peak)), "bin_contains": len(examples), **e} for e in examples],
+                }
+            )
+        return {
+            "model_id": self.config.neuronpedia_model_id or ctx.model.name,
+            "layer": ctx.layer,
+            "sae_set": self.config.neuronpedia_sae_set or ctx.features.name,
+            "features": features,
+        }
 
     @staticmethod
     def logit_effects(ctx: RunContext, chosen: list[int], k: int = 10) -> list[tuple[list, list]]:
@@ -207,8 +268,12 @@ class FeatureCards(Experiment):
         out = []
         for row in effects:
             top, bottom = torch.topk(row, k), torch.topk(-row, k)
-            out.append(([(decode([int(t)]), float(v)) for v, t in zip(top.values, top.indices)],
-                        [(decode([int(t)]), float(-v)) for v, t in zip(bottom.values, bottom.indices)]))  # fmt: skip
+            out.append(
+                (
+                    [(decode([int(t)]), float(v)) for v, t in zip(top.values, top.indices)],
+                    [(decode([int(t)]), float(-v)) for v, t in zip(bottom.values, bottom.indices)],
+                )
+            )
         return out
 
 

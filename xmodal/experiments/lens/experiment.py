@@ -82,15 +82,28 @@ class LogitLens(Experiment):
 
         metrics: dict[str, float] = {"n_images": len(labels), "n_concepts": len(acts.concepts)}
         for row in summary.itertuples():
-            metrics.update({row.measure: row.rate, f"{row.measure}_null_mean": row.null_mean, f"{row.measure}_null_q025": row.null_q025,
-                            f"{row.measure}_null_q975": row.null_q975, f"{row.measure}_p": row.p})  # fmt: skip
+            metrics.update(
+                {
+                    row.measure: row.rate,
+                    f"{row.measure}_null_mean": row.null_mean,
+                    f"{row.measure}_null_q025": row.null_q025,
+                    f"{row.measure}_null_q975": row.null_q975,
+                    f"{row.measure}_p": row.p,
+                }
+            )
         log.info(
             "layer %d: image tokens say their concept (top %d of the vocabulary) %.2f (null %.2f, p=%.3g); among concept words %.2f "
             "(chance %.2f); nearest word %.2f; concept words' own lens %.2f",
-            ctx.layer, self.config.top_k, metrics["image_logit_lens_topk"], metrics["image_logit_lens_topk_null_mean"],
-            metrics["image_logit_lens_topk_p"], metrics["image_logit_lens_concept"], self.config.concept_top_k / len(acts.concepts),
-            metrics["image_nearest_word"], metrics["text_logit_lens_topk"],
-        )  # fmt: skip
+            ctx.layer,
+            self.config.top_k,
+            metrics["image_logit_lens_topk"],
+            metrics["image_logit_lens_topk_null_mean"],
+            metrics["image_logit_lens_topk_p"],
+            metrics["image_logit_lens_concept"],
+            self.config.concept_top_k / len(acts.concepts),
+            metrics["image_nearest_word"],
+            metrics["text_logit_lens_topk"],
+        )
         return metrics
 
     @staticmethod
@@ -141,14 +154,25 @@ class LogitLens(Experiment):
                 concept_groups[own],
             )
             k = self.config.top_k if name.endswith("topk") else self.config.concept_top_k
-            rows.append({"measure": name, "k": k, "rate": rate, "null_mean": float(null.mean()), "null_q025": float(np.quantile(null, 0.025)),
-                         "null_q975": float(np.quantile(null, 0.975)), "p": p_value,
-                         "chance": float("nan") if name.endswith("topk") else k / hit.shape[1], "n": len(own)})  # fmt: skip
+            rows.append(
+                {
+                    "measure": name,
+                    "k": k,
+                    "rate": rate,
+                    "null_mean": float(null.mean()),
+                    "null_q025": float(np.quantile(null, 0.025)),
+                    "null_q975": float(np.quantile(null, 0.975)),
+                    "p": p_value,
+                    "chance": float("nan") if name.endswith("topk") else k / hit.shape[1],
+                    "n": len(own),
+                }
+            )
         return pd.DataFrame(rows)
 
     # 5. tables and figures --------------------------------------------------------------------------
-    def image_table(self, model: ModelAdapter, acts: LayerActivations, logprobs: torch.Tensor, word_ids: list[list[int]],
-                    nearest: np.ndarray, hits: dict[str, np.ndarray]) -> pd.DataFrame:  # fmt: skip
+    def image_table(
+        self, model: ModelAdapter, acts: LayerActivations, logprobs: torch.Tensor, word_ids: list[list[int]], nearest: np.ndarray, hits: dict[str, np.ndarray]
+    ) -> pd.DataFrame:
         labels = [acts.concepts.index(c) for c in acts.image_concepts]
         scores = concept_scores(logprobs, word_ids)
         return pd.DataFrame(
@@ -162,8 +186,9 @@ class LogitLens(Experiment):
             }
         )
 
-    def word_table(self, model: ModelAdapter, acts: LayerActivations, logprobs: torch.Tensor, word_ids: list[list[int]],
-                   hits: dict[str, np.ndarray]) -> pd.DataFrame:  # fmt: skip
+    def word_table(
+        self, model: ModelAdapter, acts: LayerActivations, logprobs: torch.Tensor, word_ids: list[list[int]], hits: dict[str, np.ndarray]
+    ) -> pd.DataFrame:
         scores = concept_scores(logprobs, word_ids)
         return pd.DataFrame(
             {

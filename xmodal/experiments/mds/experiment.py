@@ -71,8 +71,11 @@ class MDSClassifier(Experiment):
             ctx.figure("mds_histogram", figures.mds_histogram(mds, mu, sigma, np.concatenate(null_mds), ctx.layer))
             if self.space is ctx.features and ctx.features.sae is not None:  # not the on-the-fly MSAE: its codes are not per token here
                 examples = feature_table.sort_values("n_pairs_active", ascending=False, kind="stable").groupby("group").head(1)
-                ctx.patch_heatmaps("group_examples", examples["feature"],
-                                   [f"{g}: feature {f} (MDS {m:.2f})" for g, f, m in zip(examples["group"], examples["feature"], examples["mds"])])  # fmt: skip
+                ctx.patch_heatmaps(
+                    "group_examples",
+                    examples["feature"],
+                    [f"{g}: feature {f} (MDS {m:.2f})" for g, f, m in zip(examples["group"], examples["feature"], examples["mds"])],
+                )
 
         metrics: dict[str, float] = {
             "n_active_features": int(np.isfinite(mds).sum()),
@@ -91,9 +94,16 @@ class MDSClassifier(Experiment):
             metrics |= self.zero_mask_interventions(ctx, codes, groups)
         log.info(
             "layer %d: %d ImgD, %d CrossD, %d TextD of %d active features (MDS mean %.2f, std %.2f; null std %.2f, p=%.3g)",
-            ctx.layer, metrics["n_ImgD"], metrics["n_CrossD"], metrics["n_TextD"], metrics["n_active_features"],
-            mu, sigma, metrics["mds_std_null_mean"], metrics["mds_std_p"],
-        )  # fmt: skip
+            ctx.layer,
+            metrics["n_ImgD"],
+            metrics["n_CrossD"],
+            metrics["n_TextD"],
+            metrics["n_active_features"],
+            mu,
+            sigma,
+            metrics["mds_std_null_mean"],
+            metrics["mds_std_p"],
+        )
         return metrics
 
     # 1. codes -------------------------------------------------------------------
@@ -124,16 +134,28 @@ class MDSClassifier(Experiment):
         for feature, group, mds in zip(chosen["feature"], chosen["group"], chosen["mds"]):
             for modality, matrix, names in (("image", codes.image, codes.image_concepts), ("text", codes.text, codes.concepts)):
                 order = [i for i in np.argsort(-matrix[:, feature], kind="stable")[:n] if matrix[i, feature] > 0]
-                rows += [{"feature": int(feature), "group": group, "mds": float(mds), "modality": modality, "rank": rank + 1,
-                          "concept": names[i], "text": ctx.dataset.concept(names[i]).text, "activation": float(matrix[i, feature])}
-                         for rank, i in enumerate(order)]  # fmt: skip
+                rows += [
+                    {
+                        "feature": int(feature),
+                        "group": group,
+                        "mds": float(mds),
+                        "modality": modality,
+                        "rank": rank + 1,
+                        "concept": names[i],
+                        "text": ctx.dataset.concept(names[i]).text,
+                        "activation": float(matrix[i, feature]),
+                    }
+                    for rank, i in enumerate(order)
+                ]
                 if modality == "image" and order:  # a feature silent on every image has its texts in the table only
                     grid.append([ctx.dataset.images[i].load() for i in order])  # code row i is dataset image i
                     labels.append(f"{group} {feature}\nMDS {mds:.2f}")
         ctx.table("top_examples", pd.DataFrame(rows))
         if grid:
-            ctx.figure("top_images", figures.image_grid(grid, labels, [f"#{k + 1}" for k in range(n)],
-                                                        f"Top images of each group's busiest features, layer {ctx.layer}"))  # fmt: skip
+            ctx.figure(
+                "top_images",
+                figures.image_grid(grid, labels, [f"#{k + 1}" for k in range(n)], f"Top images of each group's busiest features, layer {ctx.layer}"),
+            )
 
     # 4. null ----------------------------------------------------------------------
     def swapped_null(self, image: np.ndarray, text: np.ndarray, seed: int) -> tuple[dict[str, list[int]], list[np.ndarray]]:
@@ -154,8 +176,13 @@ class MDSClassifier(Experiment):
     def spread_against_null(sigma: float, null_mds: list[np.ndarray]) -> dict[str, float]:
         """mds_std against the spread of each swapped-modality draw: one-sided, a modality signal widens it."""
         summary = summarise_null(sigma, np.array([np.nanstd(m) for m in null_mds]))
-        return {"mds_std": sigma, "mds_std_null_mean": summary.null_mean, "mds_std_null_q025": summary.null_q025,
-                "mds_std_null_q975": summary.null_q975, "mds_std_p": summary.p_value}  # fmt: skip
+        return {
+            "mds_std": sigma,
+            "mds_std_null_mean": summary.null_mean,
+            "mds_std_null_q025": summary.null_q025,
+            "mds_std_null_q975": summary.null_q975,
+            "mds_std_p": summary.p_value,
+        }
 
     # 2-3. per feature ---------------------------------------------------------------
     def feature_table(
@@ -221,13 +248,16 @@ class MDSClassifier(Experiment):
                     scores = feature_interpretability(matrix, embeddings, features, self.config.top_m, ctx.seed)
                     scored = scores.dropna(subset=["I"])
                     row = {
-                        "modality": modality, "group": g, "n_features": len(features), "n_scored": len(scored),
+                        "modality": modality,
+                        "group": g,
+                        "n_features": len(features),
+                        "n_scored": len(scored),
                         "I_mean": float(scored["I"].mean()) if len(scored) else np.nan,
                         "I_null_mean": float(scored["I_null"].mean()) if len(scored) else np.nan,
                         "W_mean": float(scored["W"].mean()) if len(scored) else np.nan,
                         "W_null_mean": float(scored["W_null"].mean()) if len(scored) else np.nan,
                         "embedder": text_name if modality == "text" else image_name,
-                    }  # fmt: skip
+                    }
                     rows.append(row)
                     for key in ("I_mean", "I_null_mean", "W_mean", "W_null_mean", "n_scored"):
                         metrics[f"{key.replace('_mean', '')}_{modality}_{g}"] = row[key]
@@ -260,8 +290,12 @@ class MDSClassifier(Experiment):
                     f"{ctx.model.name!r} allows no fallback; put it in the Hugging Face cache, or set "
                     "experiment.image_embedder_fallback=vision_tower (not independent of the model) or experiment.interpretability=false"
                 ) from err
-            log.warning("image embedder %s cannot be loaded (%s); I(z) on images uses %s instead, which is not independent of "
-                        "the model under study", c.image_embedder_path, str(err).split(";")[0], fallback)  # fmt: skip
+            log.warning(
+                "image embedder %s cannot be loaded (%s); I(z) on images uses %s instead, which is not independent of the model under study",
+                c.image_embedder_path,
+                str(err).split(";")[0],
+                fallback,
+            )
             embed, name = image_embedder(str(fallback), ctx.model, None)
             return embed, f"{name}; fallback, {c.image_embedder_path} not loadable", True
 
@@ -315,8 +349,7 @@ class MDSClassifier(Experiment):
         rows = torch.cat([image_rows, text_rows])
         batch_size = min(256, len(rows))
         with ctx.timed("msae"):
-            sae = train_topk_sae(rows, ctx.layer, d_sae, k, int(epochs * len(rows)), batch_size, 4e-4, ctx.seed,
-                                 model_name=ctx.model.name)  # fmt: skip
+            sae = train_topk_sae(rows, ctx.layer, d_sae, k, int(epochs * len(rows)), batch_size, 4e-4, ctx.seed, model_name=ctx.model.name)
             sae.save_inference_model(ctx.writer.output_dir / "msae")
         identity = {"kind": "msae", "d_sae": d_sae, "k": k, "epochs": epochs, "seed": ctx.seed}
         return FeatureSpace("msae", ctx.layer, sae.eval(), int(rows.shape[1]), identity)

@@ -144,9 +144,12 @@ class CrossModalOverlap(Experiment):
     # 4. specificity, with 2 per concept ----------------------------------------
     @staticmethod
     def concept_table(
-        concepts: list[Concept], codes: ConceptCodes, pair_matrices: dict[str, np.ndarray],
-        text_top: list[np.ndarray], image_top: list[np.ndarray],
-    ) -> pd.DataFrame:  # fmt: skip
+        concepts: list[Concept],
+        codes: ConceptCodes,
+        pair_matrices: dict[str, np.ndarray],
+        text_top: list[np.ndarray],
+        image_top: list[np.ndarray],
+    ) -> pd.DataFrame:
         """One row per concept: its pair statistics and specificity, each beside its mismatched-pair null."""
         text, image = codes.text, codes.image_by_concept()
         n = len(concepts)
@@ -215,9 +218,15 @@ class CrossModalOverlap(Experiment):
 
     # report ---------------------------------------------------------------------
     def draw(
-        self, ctx: RunContext, text: np.ndarray, image: np.ndarray, concept_table: pd.DataFrame,
-        feature_table: pd.DataFrame, null_table: pd.DataFrame, nulls: dict[str, np.ndarray],
-    ) -> None:  # fmt: skip
+        self,
+        ctx: RunContext,
+        text: np.ndarray,
+        image: np.ndarray,
+        concept_table: pd.DataFrame,
+        feature_table: pd.DataFrame,
+        null_table: pd.DataFrame,
+        nulls: dict[str, np.ndarray],
+    ) -> None:
         with ctx.timed("figures"):
             ctx.figure("jaccard_vs_baseline", figures.jaccard_vs_baseline(concept_table, self.config.top_k, ctx.layer))
             top_features = feature_table["feature"].to_numpy()[: self.config.heatmap_features]
@@ -250,8 +259,14 @@ class CrossModalOverlap(Experiment):
                 metrics[f"{column}_mean"] = float(np.nanmean(values)) if values.notna().any() else float("nan")
         log.info(
             "layer %d: top-%d Jaccard %.3f (null %.3f, p=%.3g); %d features with r>%.2f (null %.1f, p=%.3g)",
-            layer, self.config.top_k, metrics["jaccard_topk"], metrics["jaccard_topk_null_mean"], metrics["jaccard_topk_p"],
-            metrics["n_crossmodal_features"], self.config.corr_threshold, metrics["n_crossmodal_features_null_mean"],
+            layer,
+            self.config.top_k,
+            metrics["jaccard_topk"],
+            metrics["jaccard_topk_null_mean"],
+            metrics["jaccard_topk_p"],
+            metrics["n_crossmodal_features"],
+            self.config.corr_threshold,
+            metrics["n_crossmodal_features_null_mean"],
             metrics["n_crossmodal_features_p"],
-        )  # fmt: skip
+        )
         return metrics

@@ -59,10 +59,14 @@ class ProbeConfig(ExperimentConfig):
     name: str = "probe"
     text_templates: list[str] = field(
         default_factory=lambda: [
-            "{concept}", "a photo of {concept}", "an image of {concept}", "this is {concept}",
-            "a picture showing {concept}", "{concept}, seen in a picture",
+            "{concept}",
+            "a photo of {concept}",
+            "an image of {concept}",
+            "this is {concept}",
+            "a picture showing {concept}",
+            "{concept}, seen in a picture",
         ]
-    )  # fmt: skip
+    )
     n_permutations: int = 100
     budget: Optional[int] = None  # keep the k most class-separating features (3, 5, 10, 50); null: all
     binarise: bool = False
@@ -90,15 +94,19 @@ class ProbeConfig(ExperimentConfig):
         if self.train_split is not None and str(self.train_split) not in splits:
             raise ConfigError(f"experiment.train_split={self.train_split!r}; use {', '.join(splits)} (training:test examples per class)")
         if self.train_split is not None and self.train_per_class is not None:
-            raise ConfigError(f"experiment.train_split={self.train_split} and experiment.train_per_class={self.train_per_class} "
-                              "both set the training size; keep one")  # fmt: skip
+            raise ConfigError(
+                f"experiment.train_split={self.train_split} and experiment.train_per_class={self.train_per_class} both set the training size; keep one"
+            )
         if self.null == ProbeNull.within_category and self.label == ProbeLabel.category:
-            raise ConfigError("experiment.null=within_category shuffles concept labels inside each category, which with "
-                              "experiment.label=category changes nothing; use experiment.null=all, or experiment.label=concept")  # fmt: skip
+            raise ConfigError(
+                "experiment.null=within_category shuffles concept labels inside each category, which with "
+                "experiment.label=category changes nothing; use experiment.null=all, or experiment.label=concept"
+            )
         if any(n < 1 for n in self.top_n_curve):
             raise ConfigError(f"experiment.top_n_curve={list(self.top_n_curve)} must hold counts of 1 or more")
         if self.shared_features_per_class < 0:
             raise ConfigError(f"experiment.shared_features_per_class={self.shared_features_per_class} must be 0 (no table) or more")
         if self.features == ProbeFeatures.vision_tower and self.top_n_curve:
-            raise ConfigError("experiment.top_n_curve ranks SAE features per image token; with experiment.features=vision_tower "
-                              "there are none: set experiment.top_n_curve=[]")  # fmt: skip
+            raise ConfigError(
+                "experiment.top_n_curve ranks SAE features per image token; with experiment.features=vision_tower there are none: set experiment.top_n_curve=[]"
+            )

@@ -106,8 +106,21 @@ class LinearProbeTransfer(Experiment):
             log.warning("Skipped the %s: %s", what, shortfall)
             self.skipped[name] = f"{what}: {shortfall}"
             return {}
-        return {name: within_modality(x, y, ctx.seed, c.n_permutations, c.budget, c.train_per_class, what=what, n_jobs=c.n_jobs,
-                                      train_fraction=fraction, concepts=concepts, **self.solver(ctx))}  # fmt: skip
+        return {
+            name: within_modality(
+                x,
+                y,
+                ctx.seed,
+                c.n_permutations,
+                c.budget,
+                c.train_per_class,
+                what=what,
+                n_jobs=c.n_jobs,
+                train_fraction=fraction,
+                concepts=concepts,
+                **self.solver(ctx),
+            )
+        }
 
     def solver(self, ctx: RunContext) -> dict[str, str]:
         """The probe solver and, for torch, the model's device (its GPU when it has one)."""
@@ -150,8 +163,18 @@ class LinearProbeTransfer(Experiment):
         c = self.config
         scores = self.within(ctx, "text_to_text", *text, what="text probe") | self.within(ctx, "image_to_image", *image, what="image probe")
         for name, (train, test) in {"text_to_image": (text, image), "image_to_text": (image, text)}.items():
-            scores[name] = transfer(train[0], train[1], test[0], test[1], ctx.seed, c.n_permutations, c.budget, what=f"{name.replace('_', '-')} probe",
-                                    null_groups=self.null_groups(ctx, train[2]), **self.solver(ctx))  # fmt: skip
+            scores[name] = transfer(
+                train[0],
+                train[1],
+                test[0],
+                test[1],
+                ctx.seed,
+                c.n_permutations,
+                c.budget,
+                what=f"{name.replace('_', '-')} probe",
+                null_groups=self.null_groups(ctx, train[2]),
+                **self.solver(ctx),
+            )
         return scores
 
     def null_groups(self, ctx: RunContext, concepts: np.ndarray) -> np.ndarray | None:
@@ -174,8 +197,7 @@ class LinearProbeTransfer(Experiment):
         if ProbeAttribute.modality in c.attributes:
             x = np.vstack([text_x, image_x])
             y = np.array(["text"] * len(text_x) + ["image"] * len(image_x))
-            scores["modality"] = within_modality(x, y, ctx.seed, c.n_permutations, c.budget, what="modality probe", n_jobs=c.n_jobs,
-                                                 **self.solver(ctx))  # fmt: skip
+            scores["modality"] = within_modality(x, y, ctx.seed, c.n_permutations, c.budget, what="modality probe", n_jobs=c.n_jobs, **self.solver(ctx))
         return scores | self.image_attribute_probes(
             ctx, lambda dataset: prepare_features(ctx.codes(dataset=dataset, modalities=("image",)).image, c.binarise, keep)
         )
@@ -185,8 +207,17 @@ class LinearProbeTransfer(Experiment):
         c, scores = self.config, {}
         for attribute in [str(a) for a in c.attributes if str(a) in ATTRIBUTES]:
             variants, labels, groups = attribute_variants(ctx.dataset, attribute)
-            scores[attribute] = within_modality(features_of(variants), labels, ctx.seed, c.n_permutations, c.budget, groups=groups,
-                                                what=f"{what}{attribute} probe", n_jobs=c.n_jobs, **self.solver(ctx))  # fmt: skip
+            scores[attribute] = within_modality(
+                features_of(variants),
+                labels,
+                ctx.seed,
+                c.n_permutations,
+                c.budget,
+                groups=groups,
+                what=f"{what}{attribute} probe",
+                n_jobs=c.n_jobs,
+                **self.solver(ctx),
+            )
         return scores
 
     # 6. seed 003's top-N curve and shared features -----------------------------------------
@@ -205,8 +236,12 @@ class LinearProbeTransfer(Experiment):
                 continue
             score = next(iter(probe.values()))
             rows.append({"top_n": n if n is not None else "all", **score.as_row()})
-            metrics |= {f"top_{n or 'all'}_image_macro_f1": score.macro_f1, f"top_{n or 'all'}_image_accuracy": score.accuracy,
-                        f"top_{n or 'all'}_image_accuracy_null_mean": score.shuffled_mean, f"top_{n or 'all'}_image_p": score.p_value}  # fmt: skip
+            metrics |= {
+                f"top_{n or 'all'}_image_macro_f1": score.macro_f1,
+                f"top_{n or 'all'}_image_accuracy": score.accuracy,
+                f"top_{n or 'all'}_image_accuracy_null_mean": score.shuffled_mean,
+                f"top_{n or 'all'}_image_p": score.p_value,
+            }
         if not rows:
             return metrics
         table = pd.DataFrame(rows).astype({"top_n": str})
@@ -231,8 +266,7 @@ class LinearProbeTransfer(Experiment):
                 continue
             tensors = {**score.weights, "feature_ids": ids[score.weights["columns"]].astype(np.int64)}
             source = ctx.features.name if self.config.features == ProbeFeatures.decoder else f"{ctx.model.name} vision tower"
-            metadata = {"probe": name, "classes": json.dumps(score.classes), "layer": str(ctx.layer), "features": source,
-                        "binarise": str(self.config.binarise)}  # fmt: skip
+            metadata = {"probe": name, "classes": json.dumps(score.classes), "layer": str(ctx.layer), "features": source, "binarise": str(self.config.binarise)}
             ctx.tensors(f"probe_{name}", tensors, metadata)
 
     # report --------------------------------------------------------------------------------
@@ -254,6 +288,10 @@ class LinearProbeTransfer(Experiment):
             metrics[f"{name}_chance"] = score.chance
             metrics[f"{name}_macro_f1"] = score.macro_f1
             metrics[f"{name}_p"] = score.p_value
-        log.info("layer %d (%s): %s", ctx.layer, self.config.features, "; ".join(
-            f"{name} {s.accuracy:.2f} (shuffled {s.shuffled_mean:.2f}, chance {s.chance:.2f}, p={s.p_value:.3g})" for name, s in scores.items()))  # fmt: skip
+        log.info(
+            "layer %d (%s): %s",
+            ctx.layer,
+            self.config.features,
+            "; ".join(f"{name} {s.accuracy:.2f} (shuffled {s.shuffled_mean:.2f}, chance {s.chance:.2f}, p={s.p_value:.3g})" for name, s in scores.items()),
+        )
         return metrics

@@ -43,16 +43,31 @@ log = logging.getLogger(__name__)
 
 MODALITIES = ("image", "text")
 # Which way is better, for the p-value against random SAEs ("two-sided" where neither is).
-BETTER = {"explained_variance": "greater", "mse": "less", "cossim": "greater", "l2_ratio": "two-sided", "l0": "two-sided",
-          "frac_dead": "less", "frac_dense": "less", "ce_loss_score": "greater", "kl_div_score": "greater"}  # fmt: skip
+BETTER = {
+    "explained_variance": "greater",
+    "mse": "less",
+    "cossim": "greater",
+    "l2_ratio": "two-sided",
+    "l0": "two-sided",
+    "frac_dead": "less",
+    "frac_dense": "less",
+    "ce_loss_score": "greater",
+    "kl_div_score": "greater",
+}
 
 
 def with_null(key: str, observed: float, null: np.ndarray, alternative: str) -> dict[str, float]:
     """`key` and its null: key_p, key_null_mean, key_null_std, key_null_q025, key_null_q975, key_null_n."""
     summary = summarise_null(observed, null, alternative).as_dict()
-    return {key: summary["observed"], f"{key}_p": summary["p_value"], f"{key}_null_mean": summary["null_mean"],
-            f"{key}_null_std": summary["null_std"], f"{key}_null_q025": summary["null_q025"],
-            f"{key}_null_q975": summary["null_q975"], f"{key}_null_n": summary["n_draws"]}  # fmt: skip
+    return {
+        key: summary["observed"],
+        f"{key}_p": summary["p_value"],
+        f"{key}_null_mean": summary["null_mean"],
+        f"{key}_null_std": summary["null_std"],
+        f"{key}_null_q025": summary["null_q025"],
+        f"{key}_null_q975": summary["null_q975"],
+        f"{key}_null_n": summary["n_draws"],
+    }
 
 
 class SAEEval(Experiment):
@@ -65,9 +80,12 @@ class SAEEval(Experiment):
             raise ConfigError("experiment=sae_eval evaluates an SAE; choose one (e.g. sae=organism or sae=local), not sae=none")
         images, answers = self.splice_examples(ctx)
         with ctx.timed("tokens"):
-            batches = [S.answer_batch(ctx.model, images[i : i + ctx.batch_size], answers[i : i + ctx.batch_size],
-                                      ctx.positions.image_prompt, ctx.positions.use_chat_template)
-                       for i in range(0, len(images), ctx.batch_size)]  # fmt: skip
+            batches = [
+                S.answer_batch(
+                    ctx.model, images[i : i + ctx.batch_size], answers[i : i + ctx.batch_size], ctx.positions.image_prompt, ctx.positions.use_chat_template
+                )
+                for i in range(0, len(images), ctx.batch_size)
+            ]
             tokens = self.tokens(ctx, batches)  # 1.
         pooled = torch.cat(list(tokens.values()))
         target_l0 = reconstruction_metrics(pooled, *encode_decode(sae, pooled)[::-1])["l0"]
@@ -77,8 +95,13 @@ class SAEEval(Experiment):
         with ctx.timed("splice"):
             splice = self.splice(ctx, batches, saes)  # 3.
         metrics, table = self.with_nulls(reconstruction, splice)  # 4.
-        metrics |= {"n_image_tokens": len(tokens["image"]), "n_text_tokens": len(tokens["text"]), "n_splice_images": len(images),
-                    "n_answer_tokens": int(sum(b.predicts.sum() for b in batches)), "random_sae_target_l0": target_l0}  # fmt: skip
+        metrics |= {
+            "n_image_tokens": len(tokens["image"]),
+            "n_text_tokens": len(tokens["text"]),
+            "n_splice_images": len(images),
+            "n_answer_tokens": int(sum(b.predicts.sum() for b in batches)),
+            "random_sae_target_l0": target_l0,
+        }
         ctx.table("reconstruction", reconstruction)
         ctx.table("splice", splice)
         ctx.table("metrics", table)
@@ -86,11 +109,16 @@ class SAEEval(Experiment):
             ctx.figure("metrics_by_modality", metrics_figure(table, ctx.layer, ctx.features.name))
         log.info(
             "layer %d: explained variance image %.3f (random %.3f), text %.3f (random %.3f); %s",
-            ctx.layer, metrics["image_explained_variance"], metrics["image_explained_variance_null_mean"],
-            metrics["text_explained_variance"], metrics["text_explained_variance_null_mean"],
-            ", ".join(f"{site} splice ce_loss_score {metrics[f'{site}_ce_loss_score']:.3f} (random {metrics[f'{site}_ce_loss_score_null_mean']:.3f})"
-                      for site in dict.fromkeys(str(s) for s in self.config.splice_sites)),
-        )  # fmt: skip
+            ctx.layer,
+            metrics["image_explained_variance"],
+            metrics["image_explained_variance_null_mean"],
+            metrics["text_explained_variance"],
+            metrics["text_explained_variance_null_mean"],
+            ", ".join(
+                f"{site} splice ce_loss_score {metrics[f'{site}_ce_loss_score']:.3f} (random {metrics[f'{site}_ce_loss_score_null_mean']:.3f})"
+                for site in dict.fromkeys(str(s) for s in self.config.splice_sites)
+            ),
+        )
         return metrics
 
     # 1. ------------------------------------------------------------------------------------
@@ -100,8 +128,10 @@ class SAEEval(Experiment):
         if self.config.answer == AnswerSource.caption:
             pool = [img for img in pool if img.caption]
             if not pool:
-                raise DatasetError(f"dataset {ctx.dataset.name!r} has no image captions to score; use experiment.answer=concept "
-                                   "(the concept's text as the answer) or a captioned dataset (dataset=organism_concepts)")  # fmt: skip
+                raise DatasetError(
+                    f"dataset {ctx.dataset.name!r} has no image captions to score; use experiment.answer=concept "
+                    "(the concept's text as the answer) or a captioned dataset (dataset=organism_concepts)"
+                )
         texts = {c.name: c.text for c in ctx.dataset.concepts}
         rng = np.random.default_rng(ctx.seed)
         chosen = sorted(rng.choice(len(pool), size=min(self.config.n_images, len(pool)), replace=False))
@@ -122,8 +152,7 @@ class SAEEval(Experiment):
 
             answer_only = batch.predicts.roll(1, dims=1) & batch.text  # the answer tokens themselves
             with torch.inference_mode(), S.spliced(ctx.model.decoder_layers()[ctx.layer], keep, answer_only):
-                ctx.model.model(**{k: v.to(ctx.model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()},
-                                use_cache=False)  # fmt: skip
+                ctx.model.model(**{k: v.to(ctx.model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()}, use_cache=False)
             answer_rows.extend(captured)
         image = acts.image_token_rows()  # every image token of the dataset: the metrics compare whole distributions
         return {"image": image, "text": torch.cat([acts.text_tokens.float(), *answer_rows])}
@@ -134,8 +163,7 @@ class SAEEval(Experiment):
         for name, sae in saes.items():
             for modality, x in tokens.items():
                 codes, x_hat = encode_decode(sae, x)
-                rows.append({"sae": name, "tokens": modality, "n_tokens": len(x),
-                             **reconstruction_metrics(x, x_hat, codes, self.config.dense_fraction)})  # fmt: skip
+                rows.append({"sae": name, "tokens": modality, "n_tokens": len(x), **reconstruction_metrics(x, x_hat, codes, self.config.dense_fraction)})
         return pd.DataFrame(rows)
 
     # 3. ------------------------------------------------------------------------------------
@@ -152,15 +180,35 @@ class SAEEval(Experiment):
         for site in dict.fromkeys(str(s) for s in self.config.splice_sites):
             ablated = run(S.zero, site)
             ce_zero, kl_zero = S.cross_entropy(ablated, targets), S.kl_from_clean(clean, ablated)
-            rows.append({"sae": "zero_ablation", "site": site, "ce_loss_without_sae": ce_clean, "ce_loss_with_sae": ce_zero,
-                         "ce_loss_with_ablation": ce_zero, "kl_div_with_sae": kl_zero, "kl_div_with_ablation": kl_zero,
-                         "ce_loss_score": 0.0, "kl_div_score": 0.0})  # fmt: skip
+            rows.append(
+                {
+                    "sae": "zero_ablation",
+                    "site": site,
+                    "ce_loss_without_sae": ce_clean,
+                    "ce_loss_with_sae": ce_zero,
+                    "ce_loss_with_ablation": ce_zero,
+                    "kl_div_with_sae": kl_zero,
+                    "kl_div_with_ablation": kl_zero,
+                    "ce_loss_score": 0.0,
+                    "kl_div_score": 0.0,
+                }
+            )
             for name, sae in saes.items():
                 spliced = run(S.sae_reconstruction(sae), site)
                 ce_sae, kl_sae = S.cross_entropy(spliced, targets), S.kl_from_clean(clean, spliced)
-                rows.append({"sae": name, "site": site, "ce_loss_without_sae": ce_clean, "ce_loss_with_sae": ce_sae,
-                             "ce_loss_with_ablation": ce_zero, "kl_div_with_sae": kl_sae, "kl_div_with_ablation": kl_zero,
-                             "ce_loss_score": S.ce_loss_score(ce_clean, ce_sae, ce_zero), "kl_div_score": S.kl_div_score(kl_sae, kl_zero)})  # fmt: skip
+                rows.append(
+                    {
+                        "sae": name,
+                        "site": site,
+                        "ce_loss_without_sae": ce_clean,
+                        "ce_loss_with_sae": ce_sae,
+                        "ce_loss_with_ablation": ce_zero,
+                        "kl_div_with_sae": kl_sae,
+                        "kl_div_with_ablation": kl_zero,
+                        "ce_loss_score": S.ce_loss_score(ce_clean, ce_sae, ce_zero),
+                        "kl_div_score": S.kl_div_score(kl_sae, kl_zero),
+                    }
+                )
         return pd.DataFrame(rows)
 
     # 4. ------------------------------------------------------------------------------------
@@ -168,8 +216,10 @@ class SAEEval(Experiment):
         """Flat metrics (each with its random-SAE null) and the same as a table, one row per metric."""
         metrics: dict[str, float] = {}
         rows = []
-        groups = [(reconstruction, "tokens", [m for m in BETTER if m in reconstruction]),
-                  (splice[splice["sae"] != "zero_ablation"], "site", ["ce_loss_score", "kl_div_score"])]  # fmt: skip
+        groups = [
+            (reconstruction, "tokens", [m for m in BETTER if m in reconstruction]),
+            (splice[splice["sae"] != "zero_ablation"], "site", ["ce_loss_score", "kl_div_score"]),
+        ]
         for frame, by, names in groups:
             for prefix, part in frame.groupby(by, sort=False):
                 trained = part[part["sae"] == "sae"].iloc[0]
@@ -178,8 +228,17 @@ class SAEEval(Experiment):
                     key = f"{prefix}_{name}"
                     values = with_null(key, float(trained[name]), null[name].to_numpy(dtype=float), BETTER[name])
                     metrics |= values
-                    rows.append({"tokens": prefix, "metric": name, "value": values[key], "null_mean": values[f"{key}_null_mean"],
-                                 "null_q025": values[f"{key}_null_q025"], "null_q975": values[f"{key}_null_q975"], "p": values[f"{key}_p"]})  # fmt: skip
+                    rows.append(
+                        {
+                            "tokens": prefix,
+                            "metric": name,
+                            "value": values[key],
+                            "null_mean": values[f"{key}_null_mean"],
+                            "null_q025": values[f"{key}_null_q025"],
+                            "null_q975": values[f"{key}_null_q975"],
+                            "p": values[f"{key}_p"],
+                        }
+                    )
         clean = splice.iloc[0]
         metrics["ce_loss_without_sae"] = float(clean["ce_loss_without_sae"])
         for _, row in splice[splice["sae"].isin(["sae", "zero_ablation"])].iterrows():
@@ -201,8 +260,9 @@ def metrics_figure(table: pd.DataFrame, layer: int, sae_name: str) -> plt.Figure
         x = np.arange(len(part))
         ax.bar(x - 0.2, part["value"], width=0.4, label=sae_name, color="tab:blue")
         ax.bar(x + 0.2, part["null_mean"], width=0.4, label="random SAE (L0-matched)", color="tab:gray")
-        ax.errorbar(x + 0.2, part["null_mean"], yerr=[part["null_mean"] - part["null_q025"], part["null_q975"] - part["null_mean"]],
-                    fmt="none", color="black", lw=1)  # fmt: skip
+        ax.errorbar(
+            x + 0.2, part["null_mean"], yerr=[part["null_mean"] - part["null_q025"], part["null_q975"] - part["null_mean"]], fmt="none", color="black", lw=1
+        )
         ax.set_xticks(x, part["tokens"], fontsize=8)
         ax.set_title(name, fontsize=9)
     np.atleast_1d(axes)[0].legend(fontsize=7)

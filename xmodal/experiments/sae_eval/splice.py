@@ -38,8 +38,13 @@ def answer_batch(adapter: ModelAdapter, images: Sequence[Any], answers: Sequence
     processor.tokenizer.padding_side = "right"  # real positions as in an unpadded pass
     rendered = adapter.render_prompt(prompt, True, use_chat_template)
     add_special = adapter._adds_bos(rendered)
-    encoded = processor(text=[rendered + answer for answer in answers], images=[[img.convert("RGB")] for img in images],
-                        return_tensors="pt", padding=True, add_special_tokens=add_special)  # fmt: skip
+    encoded = processor(
+        text=[rendered + answer for answer in answers],
+        images=[[img.convert("RGB")] for img in images],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=add_special,
+    )
     prompt_len = len(processor(text=[rendered], images=[[images[0].convert("RGB")]], add_special_tokens=add_special)["input_ids"][0])
     ids, attention = encoded["input_ids"], encoded["attention_mask"].bool()
     positions = torch.arange(ids.shape[1])
@@ -63,8 +68,7 @@ def spliced(decoder_layer: nn.Module, reconstruct: Reconstruct, mask: torch.Tens
 
 
 @torch.inference_mode()
-def answer_logprobs(adapter: ModelAdapter, batch: AnswerBatch, layer: int, reconstruct: Reconstruct | None = None,
-                    site: str = "both") -> torch.Tensor:  # fmt: skip
+def answer_logprobs(adapter: ModelAdapter, batch: AnswerBatch, layer: int, reconstruct: Reconstruct | None = None, site: str = "both") -> torch.Tensor:
     """log p(next token) at the answer's positions, (n predicted positions, vocab), float32 on the CPU;
     with `reconstruct`, resid_post of `layer` is replaced by it at `site` (image, text or both)."""
     if site not in SPLICE_SITES:

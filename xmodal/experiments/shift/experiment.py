@@ -74,8 +74,9 @@ class RepresentationShift(Experiment):
         ctx.table("prompts", prompt_table)
         ctx.table("feature_shift", feature_table)
         with ctx.timed("figures"):
-            figure = figures.shift_distribution(delta, prompt_table["cosine"].to_numpy(), prompt_table["cosine_null"].to_numpy(),
-                                                ctx.layer, base.name, ctx.model.name)  # fmt: skip
+            figure = figures.shift_distribution(
+                delta, prompt_table["cosine"].to_numpy(), prompt_table["cosine_null"].to_numpy(), ctx.layer, base.name, ctx.model.name
+            )
             ctx.figure("coefficient_differences", figure)
 
         changed = delta[np.abs(delta) > 0]
@@ -93,12 +94,20 @@ class RepresentationShift(Experiment):
             "abs_change_mean": float(np.abs(delta).mean()),
         }
         log.info(
-            "layer %d: %s vs %s: cosine %.3f (mismatched prompts %.3f, p=%.3g); distance 1 - cosine %.3f [%.3f, %.3f], "
-            "relative L2 %.3f [%.3f, %.3f]",
-            ctx.layer, ctx.model.name, base.name, observed, metrics["cosine_null_mean"], p_value, metrics["cosine_distance"],
-            metrics["cosine_distance_ci_low"], metrics["cosine_distance_ci_high"], metrics["relative_l2_mean"],
-            metrics["relative_l2_ci_low"], metrics["relative_l2_ci_high"],
-        )  # fmt: skip
+            "layer %d: %s vs %s: cosine %.3f (mismatched prompts %.3f, p=%.3g); distance 1 - cosine %.3f [%.3f, %.3f], relative L2 %.3f [%.3f, %.3f]",
+            ctx.layer,
+            ctx.model.name,
+            base.name,
+            observed,
+            metrics["cosine_null_mean"],
+            p_value,
+            metrics["cosine_distance"],
+            metrics["cosine_distance_ci_low"],
+            metrics["cosine_distance_ci_high"],
+            metrics["relative_l2_mean"],
+            metrics["relative_l2_ci_low"],
+            metrics["relative_l2_ci_high"],
+        )
         return metrics
 
     # 1. the two models --------------------------------------------------------------

@@ -159,9 +159,15 @@ class SteeringEval(Experiment):
 
     def describe(self, ctx: RunContext, images: list, steering: Steering | None, layer: int) -> list[str]:
         return describe_images(
-            ctx.model, images, self.config.prompt, True, batch_size=self.generation_batch_size(ctx), seed=ctx.seed,
-            around=lambda inputs: self._maybe_steer(ctx, inputs, steering, layer), **self.generation,
-        )  # fmt: skip
+            ctx.model,
+            images,
+            self.config.prompt,
+            True,
+            batch_size=self.generation_batch_size(ctx),
+            seed=ctx.seed,
+            around=lambda inputs: self._maybe_steer(ctx, inputs, steering, layer),
+            **self.generation,
+        )
 
     # ---------------------------------------------------------------- run --
     def run(self, ctx: RunContext) -> dict[str, float]:
@@ -185,9 +191,12 @@ class SteeringEval(Experiment):
 
         top = summary[summary["strength"] == max(self.strengths)].set_index("condition")
         metrics = {
-            "feature": feature, "random_feature": random_feature, "feature_scale": scale, "control_layer": control_layer,
+            "feature": feature,
+            "random_feature": random_feature,
+            "feature_scale": scale,
+            "control_layer": control_layer,
             "baseline_mention_rate": float(samples[samples["strength"] == 0]["mentions"].mean()),
-        }  # fmt: skip
+        }
         for condition in top.index:
             for key in ("mention_rate", "mention_rate_ci_low", "mention_rate_ci_high", "delta_logprob", "kl"):
                 metrics[f"{condition}_{key}_max_strength"] = float(top.loc[condition, key])
@@ -223,9 +232,14 @@ class SteeringEval(Experiment):
         ]
 
     def steer_and_describe(
-        self, ctx: RunContext, images: list, sources: list[str], conditions: list[tuple[str, int, int, float, str]],
-        words: list[str], word_token: int,
-    ) -> pd.DataFrame:  # fmt: skip
+        self,
+        ctx: RunContext,
+        images: list,
+        sources: list[str],
+        conditions: list[tuple[str, int, int, float, str]],
+        words: list[str],
+        word_token: int,
+    ) -> pd.DataFrame:
         """Step 2-3: describe the images under every condition and strength; one row per image."""
         base_text = self.describe(ctx, images, None, ctx.layer)
         base_logprobs = self.first_answer_logprobs(ctx, images, None, ctx.layer)
@@ -240,12 +254,20 @@ class SteeringEval(Experiment):
                 logprobs = self.first_answer_logprobs(ctx, images, steering, layer)
             kl = (base_logprobs.exp() * (base_logprobs - logprobs)).sum(dim=-1)
             for i, (text, source) in enumerate(zip(texts, sources)):
-                rows.append({
-                    "condition": condition, "layer": layer, "feature": f, "strength": strength, "mode": mode,
-                    "image": source, "text": text, "mentions": mentions(text, words),
-                    "delta_logprob": float(logprobs[i, word_token] - base_logprobs[i, word_token]),
-                    "kl": float(kl[i]),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "condition": condition,
+                        "layer": layer,
+                        "feature": f,
+                        "strength": strength,
+                        "mode": mode,
+                        "image": source,
+                        "text": text,
+                        "mentions": mentions(text, words),
+                        "delta_logprob": float(logprobs[i, word_token] - base_logprobs[i, word_token]),
+                        "kl": float(kl[i]),
+                    }
+                )
         return pd.DataFrame(rows)
 
     def summarise(self, samples: pd.DataFrame, seed: int) -> pd.DataFrame:
@@ -255,11 +277,18 @@ class SteeringEval(Experiment):
             low, high = bootstrap_ci(said, seed, self.config.n_bootstrap)
             dl_low, dl_high = bootstrap_ci(group["delta_logprob"].to_numpy(), seed, self.config.n_bootstrap)
             row = {
-                "condition": condition, "strength": strength, "layer": int(group["layer"].iloc[0]), "n_images": len(group),
-                "mention_rate": said.mean(), "mention_rate_ci_low": low, "mention_rate_ci_high": high,
-                "delta_logprob": group["delta_logprob"].mean(), "delta_logprob_ci_low": dl_low, "delta_logprob_ci_high": dl_high,
+                "condition": condition,
+                "strength": strength,
+                "layer": int(group["layer"].iloc[0]),
+                "n_images": len(group),
+                "mention_rate": said.mean(),
+                "mention_rate_ci_low": low,
+                "mention_rate_ci_high": high,
+                "delta_logprob": group["delta_logprob"].mean(),
+                "delta_logprob_ci_low": dl_low,
+                "delta_logprob_ci_high": dl_high,
                 "kl": group["kl"].mean(),
-            }  # fmt: skip
+            }
             random = samples[(samples["condition"] == "random_feature") & (samples["strength"] == strength)]
             # paired over images: the same image described under both features
             diff_low, diff_high = bootstrap_ci(said - random["mentions"].to_numpy(dtype=float), seed, self.config.n_bootstrap)
