@@ -66,6 +66,7 @@ def test_mds_spread_gets_a_p_value_against_swapped_modalities():
         assert (spread["mds_std_p"] < 0.01) == signal, spread
 
 
+@pytest.mark.slow  # trains, or runs a whole study on the organism: a minute or more on 2 cores
 def test_result_json_names_the_embedders_mds_used(tmp_path, monkeypatch):
     import json
 

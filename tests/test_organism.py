@@ -26,6 +26,7 @@ def organism_model():
     return adapter
 
 
+@pytest.mark.slow  # trains, or runs a whole study on the organism: a minute or more on 2 cores
 def test_organism_loads_through_the_ordinary_gemma3_adapter(organism_model):
     from xmodal.organism.language_model import load_language_model
 
@@ -40,6 +41,7 @@ def test_organism_loads_through_the_ordinary_gemma3_adapter(organism_model):
     assert torch.equal(organism_model.model.lm_head.weight, base.lm_head.weight)
 
 
+@pytest.mark.slow  # trains, or runs a whole study on the organism: a minute or more on 2 cores
 def test_organism_captions_of_fixed_seeded_images_are_right(organism_model):
     """Greedy captions (full vocabulary) name colour, shape and count of six fixed world images.
 
@@ -118,6 +120,7 @@ def test_training_candidates_keep_caption_tokens_and_add_competitors():
     assert candidates.index[torch.tensor([3, 5, 9, 17])].tolist() == [0, 1, 2, 3] and candidates.index[4] == -100
 
 
+@pytest.mark.slow  # trains, or runs a whole study on the organism: a minute or more on 2 cores
 def test_vision_pretraining_resumes_after_a_kill_with_the_same_weights(organism_model, tmp_path, monkeypatch):
     """Stage 1 checkpoints; a run killed after its checkpoint ends where an uninterrupted run does."""
     from types import SimpleNamespace

@@ -184,6 +184,7 @@ def test_question_accuracy_scores_first_words_with_an_interval_and_a_shuffled_nu
     assert (table["shuffled_answer_accuracy"] < 0.4).all()  # nine colours: a shuffled sample's answer rarely matches
 
 
+@pytest.mark.slow  # trains, or runs a whole study on the organism: a minute or more on 2 cores
 def test_a_frozen_decoder_has_zero_kl_from_gemma_3_270m():
     from xmodal.organism.evaluate import decoder_kl, english_prompts
     from xmodal.organism.language_model import load_language_model
@@ -238,6 +239,7 @@ def test_a_bad_lora_file_through_the_cli_is_one_line_and_no_result(tmp_path, cas
     assert "Traceback" not in output and not list(tmp_path.rglob("result.json"))
 
 
+@pytest.mark.slow  # trains, or runs a whole study on the organism: a minute or more on 2 cores
 def test_the_instruction_tuned_organism_answers_fixed_questions_from_images_and_from_text():
     """The shipped stage-2 weights (model=organism, the default): a plain Gemma 3 whose decoder moved, and answers.
 

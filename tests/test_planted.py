@@ -112,6 +112,7 @@ def test_interpretability_scores_concept_features_above_noise_and_null():
     assert scores[scores["role"] == "text"]["I"].isna().all()
 
 
+@pytest.mark.slow  # trains, or runs a whole study on the organism: a minute or more on 2 cores
 def test_zero_mask_of_image_features_hurts_the_image_readout_more_than_random_features():
     from xmodal.metrics.interventions import zero_mask_effects
 

@@ -11,6 +11,7 @@ from xmodal.sae_train import SAETrainConfig, modality_batches
 from xmodal.saes.training import default_matryoshka_widths, train_topk_sae
 
 
+@pytest.mark.slow  # trains, or runs a whole study on the organism: a minute or more on 2 cores
 def test_matryoshka_batchtopk_trains_and_loads_as_a_local_sae(tmp_path):
     from xmodal.saes.loading import local_sae
 

@@ -19,6 +19,7 @@ def planted_activations(n: int = 4000, d_in: int = 32, n_atoms: int = 48, active
     return codes @ atoms + 2.0 * torch.ones(d_in)
 
 
+@pytest.mark.slow  # trains, or runs a whole study on the organism: a minute or more on 2 cores
 @pytest.mark.parametrize("architecture,decoder_init", [("topk", "data"), ("topk", "random"), ("batchtopk", "data"), ("jumprelu", "data")])
 def test_trained_sae_reconstructs_and_loads_with_sae_lens(architecture, decoder_init, tmp_path):
     from sae_lens import SAE

@@ -52,6 +52,7 @@ def whole(tiny, captioned, tmp_path_factory):
     return build(tiny, captioned, tmp_path_factory.mktemp("whole") / "store")
 
 
+@pytest.mark.slow  # trains, or runs a whole study on the organism: a minute or more on 2 cores
 def test_a_store_holds_every_image_and_text_token_once_with_its_modality(tiny, captioned, whole):
     n_images, n_texts = len(captioned.images), len(captioned.images)
     image_tokens = n_images * 16  # the tiny model's soft tokens per image
@@ -65,6 +66,7 @@ def test_a_store_holds_every_image_and_text_token_once_with_its_modality(tiny, c
     assert sum(1 for i, t in counts if i and t) >= whole.n_shards // 2
 
 
+@pytest.mark.slow  # trains, or runs a whole study on the organism: a minute or more on 2 cores
 def test_a_killed_store_resumes_without_duplicating_or_losing_tokens(tiny, captioned, whole, tmp_path, monkeypatch):
     """Kill points: inside a shard's write (a .tmp left behind), and after the rename but before
     progress.json names the shard. Either way the resumed store equals an uninterrupted one."""
@@ -102,6 +104,7 @@ def test_a_killed_store_resumes_without_duplicating_or_losing_tokens(tiny, capti
             assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
 
 
+@pytest.mark.slow  # trains, or runs a whole study on the organism: a minute or more on 2 cores
 def test_memory_stays_bounded_over_ten_times_the_buffer(tiny, captioned, tmp_path):
     shard_tokens = 40
     store = build(tiny, captioned, tmp_path / "store", shard_tokens=shard_tokens)
@@ -157,6 +160,7 @@ def test_auto_batch_size_finds_the_largest_batch_that_fits():
         largest_fitting_batch(lambda n: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("oom")), upper=8)
 
 
+@pytest.mark.slow  # trains, or runs a whole study on the organism: a minute or more on 2 cores
 def test_hooks_read_the_same_residuals_from_a_model_split_across_devices(tiny, synthetic, tmp_path):
     """accelerate's device_map: half the decoder layers offloaded (their weights stream in from
     disk at their forward pass, as a layer on another device would), the rest on the CPU."""

@@ -18,12 +18,16 @@ the softmax over two classes with penalty ||W||^2 (twice the multinomial one) ha
 optimum (v = w_1 - w_0, w_0 = -w_1), so two-class problems take that penalty and give
 scikit-learn's binary probe, not merely the same predictions.
 
-It is minimised by L-BFGS run per problem (its own history, step and Armijo line search)
-until each problem's gradient norm is under `tol` (1e-3; scikit-learn stops when the largest
-entry is under 1e-4, a criterion of about the same strength at these sizes; the solvers'
-accuracies agree to 0.02, tests/test_probes.py); problems that reach `max_iter` first are
-logged as not converged. With fewer rows than columns (SAE codes) the iterations run in the
-span of each problem's standardised training rows, the same iterates at a fraction of the cost.
+It is minimised by L-BFGS run per problem (its own history, step and Armijo line search) in
+whitened, preconditioned coordinates (`_Whitened`): each problem's standardised training rows
+are rotated onto their principal axes (one eigendecomposition per distinct set of rows and
+columns: the label permutations of a fold share one), and each axis is scaled by the Hessian's
+diagonal there. Standardised SAE codes are badly conditioned (a feature active in one or two
+rows becomes a z-score of 10 or more), and this cuts the steps L-BFGS needs, while each step
+costs two (rows x rank) products. Problems stop when their gradient norm in the original
+coordinates is under `tol` (1e-3; scikit-learn stops when the largest entry is under 1e-4, a
+criterion of about the same strength at these sizes; the solvers' accuracies agree to 0.02,
+tests/test_probes.py); problems that reach `max_iter` first are logged as not converged.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-HISTORY = 10  # L-BFGS curvature pairs kept per problem
+HISTORY = 5  # L-BFGS curvature pairs kept per problem
 ARMIJO = 1e-4  # sufficient decrease of the line search
 MAX_HALVINGS = 40
 BATCH_BYTES = 2**31  # the solver state of one batch of problems (rows, Gram matrices, L-BFGS history)
@@ -60,9 +64,9 @@ class BatchedProbes:
 
     def decision(self, x: np.ndarray) -> np.ndarray:
         """Logits (problems x rows x classes); absent classes at -inf."""
-        z = (np.asarray(x, float)[None] - self.mean[:, None]) / self.scale[:, None]
-        z = np.where(self.selected[:, None], z, 0.0)
-        logits = np.einsum("bnd,bdk->bnk", z, self.coef) + self.intercept[:, None]
+        z = (torch.as_tensor(np.asarray(x, float))[None] - torch.as_tensor(self.mean)[:, None]) / torch.as_tensor(self.scale)[:, None]
+        z = torch.where(torch.as_tensor(self.selected)[:, None], z, 0.0)
+        logits = (z @ torch.as_tensor(self.coef) + torch.as_tensor(self.intercept)[:, None]).numpy()  # batched BLAS, float64
         return np.where(self.present[:, None], logits, -np.inf)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -129,47 +133,110 @@ def standardisation(x64: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tenso
     return mean, scale
 
 
-class _Objective:
-    """Loss and gradient of a set of problems, parameters flattened to (problems x (d*k + k))."""
+class _Whitened:
+    """The objective (module docstring) in whitened, preconditioned coordinates, one problem per leading index.
 
-    def __init__(self, x: torch.Tensor, onehot, train, selected, mean, scale, present, penalty):
-        self.x, self.d, self.k = x, x.shape[1], onehot.shape[2]
-        self.onehot, self.train = onehot * train[:, :, None], train  # a test row's label plays no part
-        self.n_train = train.sum(dim=1)
-        self.fold = torch.where(selected, 1.0 / scale, torch.zeros_like(scale))  # column factor in the raw input space
-        self.shift = mean * self.fold  # b, d
-        self.absent = torch.where(present, 0.0, -1e30).to(x.dtype)  # finite: 0 * it stays 0
-        self.penalty = penalty  # b: 1, or 2 for two classes
+    With Z = U S V^T a problem's standardised training rows, every W that matters lies in V's
+    span: W = V B, logits = (U S) B + c and ||W|| = ||B||, so the problem is a logistic regression
+    on the orthogonal columns U S (rows x rank). Its Hessian is close to diagonal there,
+    S^2 q / n + reg (q: the softmax's curvature per row), so each coordinate is scaled by the
+    square root of that diagonal (theta = sqrt(P) B), and the intercept by sqrt(q). L-BFGS then
+    sees a problem whose curvature is about 1 in every direction, not the 10^4 spread of the
+    standardised SAE codes, and needs a few tens of steps instead of hundreds. Stopping is on the
+    gradient norm in W's coordinates, so `tol` keeps its meaning."""
 
-    def subset(self, rows: torch.Tensor) -> "_Objective":
-        part = object.__new__(_Objective)
-        part.x, part.d, part.k = self.x, self.d, self.k
-        for name in ("onehot", "train", "n_train", "fold", "shift", "absent", "penalty"):
-            setattr(part, name, getattr(self, name)[rows])
-        return part
+    def __init__(self, design, onehot, weight, absent, ridge, unscale, intercept_factor):
+        self.design, self.onehot, self.weight, self.absent = design, onehot, weight, absent  # b,n,r  b,n,k  b,n  b,k
+        self.ridge, self.unscale, self.intercept_factor = ridge, unscale, intercept_factor  # b,r  b,(r*k+k)  b
+        self.r, self.k = design.shape[2], onehot.shape[2]
+
+    def subset(self, rows: torch.Tensor) -> "_Whitened":
+        parts = (self.design, self.onehot, self.weight, self.absent, self.ridge, self.unscale, self.intercept_factor)
+        return _Whitened(*(t[rows] for t in parts))
 
     def __call__(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, d, k = theta.shape[0], self.d, self.k
-        w = theta[:, : d * k].view(b, d, k)
-        c = theta[:, d * k :]
-        w_raw = w * self.fold[:, :, None]  # logits = x @ w_raw + c - shift @ w
-        bias = c - torch.einsum("bd,bdk->bk", self.shift, w)
-        logits = (self.x @ w_raw.permute(1, 0, 2).reshape(d, b * k)).view(-1, b, k).permute(1, 0, 2) + bias[:, None] + self.absent[:, None]
-        log_p = torch.log_softmax(logits, dim=2)
-        scale = self.train / self.n_train[:, None]  # b, n
-        loss = -(log_p * self.onehot).sum(dim=2).mul(scale).sum(dim=1)
-        loss = loss + 0.5 * self.penalty / self.n_train * (w * w).sum(dim=(1, 2))
-        residual = (log_p.exp() - self.onehot) * scale[:, :, None]  # b, n, k
-        grad_raw = (self.x.T @ residual.permute(1, 0, 2).reshape(-1, b * k)).view(d, b, k).permute(1, 0, 2)
-        grad_c = residual.sum(dim=1)
-        grad_w = grad_raw * self.fold[:, :, None] - self.shift[:, :, None] * grad_c[:, None, :]
-        grad_w = grad_w + (self.penalty / self.n_train)[:, None, None] * w
-        return loss, torch.cat([grad_w.reshape(b, d * k), grad_c], dim=1)
+        b, r, k = theta.shape[0], self.r, self.k
+        w = theta[:, : r * k].view(b, r, k)
+        c = theta[:, r * k :] * self.intercept_factor[:, None]
+        log_p = torch.log_softmax(self.design @ w + (c + self.absent)[:, None], dim=2)
+        loss = -(log_p * self.onehot).sum(dim=2).mul(self.weight).sum(dim=1) + 0.5 * (self.ridge[:, :, None] * w * w).sum(dim=(1, 2))
+        residual = (log_p.exp() - self.onehot) * self.weight[:, :, None]
+        grad_w = self.design.transpose(1, 2) @ residual + self.ridge[:, :, None] * w
+        grad_c = residual.sum(dim=1) * self.intercept_factor[:, None]
+        return loss, torch.cat([grad_w.reshape(b, r * k), grad_c], dim=1)
+
+    def grad_norm(self, grad: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(grad * self.unscale, dim=1)
+
+
+def _whitening(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U S, S^2, basis) of each problem's standardised rows z (b x n x d), from the smaller of the
+    two Gram matrices: with n < d, basis = U and W = z^T U S^-1 B; otherwise basis = V and W = V B."""
+    wide = z.shape[1] < z.shape[2]
+    gram = (z @ z.transpose(1, 2)) if wide else (z.transpose(1, 2) @ z)
+    eigenvalues, basis = torch.linalg.eigh(gram.double())  # float32's eigh fails on the many zero eigenvalues of sparse codes
+    eigenvalues, basis = eigenvalues.clamp(min=0).to(z.dtype), basis.to(z.dtype)
+    if wide:
+        return basis * eigenvalues.sqrt()[:, None, :], eigenvalues, basis
+    return z @ basis, eigenvalues, basis
+
+
+def _fit_whitened(rows, onehot, train, selected, mean, scale, present, penalty, tol: float, max_iter: int):
+    """Fit every problem by L-BFGS on `_Whitened`. rows: each problem's own rows (b x n x d; rows
+    outside training have train 0). Problems sharing their rows and columns (the label
+    permutations of one fold, without a budget) share one eigendecomposition.
+    Returns W (b x d x k, standardised columns), c, converged, iterations."""
+    b, n, k = onehot.shape
+    d = rows.shape[2]
+    fold = torch.where(selected, 1.0 / scale, torch.zeros_like(scale))
+    z = (rows * fold[:, None] - (mean * fold)[:, None]) * train[:, :, None]  # standardised training rows, zero elsewhere
+    columns = None
+    if not selected.all():  # a budget: the problem is its kept columns only (select_top keeps the same number for each)
+        columns = torch.argsort(selected.to(torch.int8), dim=1, descending=True, stable=True)[:, : int(selected.sum(dim=1).max())]
+        z = z.gather(2, columns[:, None, :].expand(-1, n, -1))
+    key = torch.cat([train, selected.to(train.dtype), mean, scale], dim=1)
+    unique, which = torch.unique(key, dim=0, return_inverse=True)
+    firsts = torch.zeros(len(unique), dtype=torch.long, device=z.device).scatter_(0, which, torch.arange(b, device=z.device))
+    first = firsts[which]
+    same = (rows[first] == rows).flatten(1).all(dim=1)  # the key holds no rows: a problem with other rows gets its own
+    firsts = torch.cat([firsts, torch.nonzero(~same).flatten()])
+    which = torch.where(same, which, len(unique) + torch.cumsum(~same, 0) - 1)
+    design, eigenvalues, basis = _whitening(z[firsts])
+    n_train = train.sum(dim=1)
+    n_present = present.sum(dim=1).to(z.dtype)
+    curvature = (1 / n_present) * (1 - 1 / n_present)  # the softmax's p(1 - p) at the start, all classes equal
+    reg = penalty / n_train
+    precondition = (curvature / n_train)[:, None] * eigenvalues[which] + reg[:, None]  # the Hessian's diagonal, b x r
+    root = precondition.sqrt()
+    intercept_factor = 1 / curvature.sqrt()
+    r = design.shape[2]
+    unscale = torch.cat([root[:, :, None].expand(-1, -1, k).reshape(b, r * k), (1 / intercept_factor)[:, None].expand(-1, k)], dim=1)
+    objective = _Whitened(
+        design[which] / root[:, None, :],
+        onehot * train[:, :, None],
+        train / n_train[:, None],
+        torch.where(present, 0.0, -1e30).to(z.dtype),
+        reg[:, None] / precondition,
+        unscale,
+        intercept_factor,
+    )
+    theta, converged, iterations = _lbfgs(objective, r * k + k, b, tol, max_iter, z)
+    coords = theta[:, : r * k].view(b, r, k) / root[:, :, None]  # B
+    intercept = theta[:, r * k :] * intercept_factor[:, None]
+    if z.shape[1] < z.shape[2]:
+        values = eigenvalues[which]
+        inverse = torch.where(values > values.amax(dim=1, keepdim=True) * 1e-10, values.rsqrt(), torch.zeros_like(values))
+        coef = z.transpose(1, 2) @ (basis[which] @ (coords * inverse[:, :, None]))
+    else:
+        coef = basis[which] @ coords
+    if columns is not None:
+        coef = torch.zeros(b, d, k, dtype=coef.dtype, device=coef.device).scatter_(1, columns[:, :, None].expand(-1, -1, k), coef)
+    return coef, intercept, converged, iterations
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products of two (problems x ...) tensors, as one batched matrix product (no temporary)."""
-    return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
+    """Row-wise dot products of two (problems x ...) tensors."""
+    return (a * b).flatten(1).sum(dim=1)
 
 
 def _worth_compacting(done: torch.Tensor) -> bool:
@@ -178,7 +245,7 @@ def _worth_compacting(done: torch.Tensor) -> bool:
     return bool(done.sum() * 4 >= len(done)) and bool(done.any())
 
 
-def _lbfgs(objective: _Objective, n_params: int, n: int, tol: float, max_iter: int, like: torch.Tensor):
+def _lbfgs(objective: _Whitened, n_params: int, n: int, tol: float, max_iter: int, like: torch.Tensor):
     """Per-problem L-BFGS with Armijo backtracking; returns parameters, converged mask, iterations.
 
     The state (parameters, history) holds only the problems still running: one that converges
@@ -194,13 +261,13 @@ def _lbfgs(objective: _Objective, n_params: int, n: int, tol: float, max_iter: i
     y_hist = torch.zeros_like(s_hist)
     rho = torch.zeros(HISTORY, n, **kind)
     gamma = torch.ones(n, **kind)
-    done = torch.linalg.vector_norm(grad, dim=1) <= tol
+    done = part.grad_norm(grad) <= tol
     iteration = 0
     while True:
         if _worth_compacting(done) or iteration >= max_iter:  # write out the finished problems and drop them from the state
             finished = done if iteration < max_iter else torch.ones_like(done)
             result[ids[finished]] = theta[finished]
-            converged[ids[finished]] = torch.linalg.vector_norm(grad[finished], dim=1) <= tol
+            converged[ids[finished]] = part.grad_norm(grad)[finished] <= tol
             keep = ~finished
             ids, theta, loss, grad, gamma = ids[keep], theta[keep], loss[keep], grad[keep], gamma[keep]
             s_hist, y_hist, rho = s_hist[:, keep], y_hist[:, keep], rho[:, keep]
@@ -256,139 +323,8 @@ def _lbfgs(objective: _Objective, n_params: int, n: int, tol: float, max_iter: i
         gamma = torch.where(good, sy / torch.where(good, yy, torch.ones_like(yy)), gamma)
         theta += s
         loss, grad = new_loss, new_grad
-        done = (torch.linalg.vector_norm(grad, dim=1) <= tol) | stuck
+        done = (part.grad_norm(grad) <= tol) | stuck
     return result, converged, iteration
-
-
-def _fit_in_row_space(x, onehot, train, selected, mean, scale, present, penalty, tol: float, max_iter: int):
-    """The same L-BFGS, run in the span of each problem's standardised rows (W = Z^T A), for
-    fewer rows than columns. The iterates are the primal method's (inner products taken through
-    the Gram matrix G = Z Z^T), but every step costs two (rows x rows) products instead of two
-    (rows x columns) ones, and a line search costs no product at all. Returns W, c, converged, iterations."""
-    b, n, k = onehot.shape
-    fold = torch.where(selected, 1.0 / scale, torch.zeros_like(scale))
-    rows = x if x.dim() == 3 else x[None]  # each problem's own rows (its training rows), or the rows all share
-    z = rows * fold[:, None] - (mean * fold)[:, None]  # b, n, d: each problem's standardised rows
-    gram = z @ z.transpose(1, 2)
-    kind = {"dtype": x.dtype, "device": x.device}
-    y_true = onehot * train[:, :, None]
-    n_train = train.sum(dim=1)
-    reg = penalty / n_train  # b
-    absent = torch.where(present, 0.0, -1e30).to(x.dtype)[:, None]
-    weight = (train / n_train[:, None])[:, :, None]
-
-    def evaluate(logits, a_norm, rows=None):  # rows: a subset of the running problems (None: all)
-        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-        log_p = torch.log_softmax(logits + pick(absent), dim=2)
-        target, w = pick(y_true), pick(weight)
-        loss = -(log_p * target).sum(dim=2).mul(w[:, :, 0]).sum(dim=1) + 0.5 * pick(reg) * a_norm
-        return loss, (log_p.exp() - target) * w
-
-    def inner(g_u_a, u_c, v_a, v_c):  # <u, v> in the primal, given G u
-        return _dot(g_u_a, v_a) + _dot(u_c, v_c)
-
-    ids = torch.arange(b, device=x.device)
-    a_coef, c = torch.zeros(b, n, k, **kind), torch.zeros(b, k, **kind)
-    out_a, out_c = torch.zeros_like(a_coef), torch.zeros_like(c)
-    converged = torch.zeros(b, dtype=torch.bool, device=x.device)
-    g_a_coef = torch.zeros_like(a_coef)  # G A
-    a_norm = torch.zeros(b, **kind)  # ||W||^2 = <A, GA>
-    logits = torch.zeros(b, n, k, **kind)
-    loss, residual = evaluate(logits, a_norm)
-    grad_a, grad_c = residual + reg[:, None, None] * a_coef, residual.sum(dim=1)  # W's gradient is Z^T grad_a
-    g_grad_a = gram @ residual + reg[:, None, None] * g_a_coef
-    hist = {key: torch.zeros(HISTORY, b, n, k, **kind) for key in ("s", "y", "gs", "gy")}
-    hist_c = {key: torch.zeros(HISTORY, b, k, **kind) for key in ("s", "y")}
-    rho = torch.zeros(HISTORY, b, **kind)
-    gamma = torch.ones(b, **kind)
-    grad_norm = inner(g_grad_a, grad_c, grad_a, grad_c).clamp(min=0).sqrt()
-    done = grad_norm <= tol
-    iteration = 0
-    while True:
-        if _worth_compacting(done) or iteration >= max_iter or (done.all() and done.numel()):
-            finished = done if iteration < max_iter else torch.ones_like(done)
-            out_a[ids[finished]], out_c[ids[finished]] = a_coef[finished], c[finished]
-            converged[ids[finished]] = grad_norm[finished] <= tol
-            keep = ~finished
-            ids, a_coef, c, g_a_coef, a_norm, logits, loss = (t[keep] for t in (ids, a_coef, c, g_a_coef, a_norm, logits, loss))
-            grad_a, grad_c, g_grad_a, gamma, grad_norm = (t[keep] for t in (grad_a, grad_c, g_grad_a, gamma, grad_norm))
-            hist = {key: t[:, keep] for key, t in hist.items()}
-            hist_c = {key: t[:, keep] for key, t in hist_c.items()}
-            rho = rho[:, keep]
-            gram, y_true, weight, absent, reg = gram[keep], y_true[keep], weight[keep], absent[keep], reg[keep]
-        if ids.numel() == 0:
-            break
-        iteration += 1
-        q_a, q_c = grad_a.clone(), grad_c.clone()
-        alphas = []
-        for back in range(HISTORY):
-            j = (iteration - 2 - back) % HISTORY
-            alpha = rho[j] * inner(hist["gs"][j], hist_c["s"][j], q_a, q_c)
-            q_a.addcmul_(hist["y"][j], alpha[:, None, None], value=-1)
-            q_c.addcmul_(hist_c["y"][j], alpha[:, None], value=-1)
-            alphas.append((j, alpha))
-        q_a *= gamma[:, None, None]
-        q_c *= gamma[:, None]
-        for j, alpha in reversed(alphas):
-            beta = rho[j] * inner(hist["gy"][j], hist_c["y"][j], q_a, q_c)
-            q_a.addcmul_(hist["s"][j], (alpha - beta)[:, None, None])
-            q_c.addcmul_(hist_c["s"][j], (alpha - beta)[:, None])
-        d_a, d_c = -q_a, -q_c
-        g_d = gram @ d_a
-        slope = inner(g_d, d_c, grad_a, grad_c)
-        bad = slope >= 0
-        if bad.any():  # not a descent direction: steepest descent for these problems
-            d_a[bad], d_c[bad], g_d[bad] = -grad_a[bad], -grad_c[bad], -g_grad_a[bad]
-            slope[bad] = -(grad_norm[bad] ** 2)
-        if iteration == 1:  # as scipy's L-BFGS-B: the first step has length at most 1
-            step = 1.0 / grad_norm.clamp(min=1.0)
-        else:
-            step = torch.ones_like(loss)
-        delta = g_d + d_c[:, None, :]  # change of the logits per unit step
-        a_dot_d, d_dot_d = _dot(g_a_coef, d_a), _dot(g_d, d_a)
-        pending = torch.arange(len(ids), device=x.device)
-        new_loss, new_residual = torch.empty_like(loss), torch.empty_like(logits)
-        for _ in range(MAX_HALVINGS):
-            t = step[pending]
-            norm = a_norm[pending] + 2 * t * a_dot_d[pending] + t * t * d_dot_d[pending]
-            whole = pending.numel() == len(ids)
-            trial = logits + t[:, None, None] * delta if whole else logits[pending] + t[:, None, None] * delta[pending]
-            f, r = evaluate(trial, norm, None if whole else pending)
-            ok = f <= loss[pending] + ARMIJO * t * slope[pending]
-            new_loss[pending[ok]], new_residual[pending[ok]] = f[ok], r[ok]
-            pending = pending[~ok]
-            if pending.numel() == 0:
-                break
-            step[pending] *= 0.5
-        stuck = torch.zeros(len(ids), dtype=torch.bool, device=x.device)
-        if pending.numel():  # no decrease at any step (the float floor): these stop where they are
-            stuck[pending] = True
-            step[pending] = 0.0
-            _, new_residual[pending] = evaluate(logits[pending], a_norm[pending], pending)
-            new_loss[pending] = loss[pending]
-        t3, t2 = step[:, None, None], step[:, None]
-        a_coef, c, g_a_coef = a_coef + t3 * d_a, c + t2 * d_c, g_a_coef + t3 * g_d
-        a_norm = a_norm + 2 * step * a_dot_d + step * step * d_dot_d
-        logits = logits + t3 * delta
-        new_grad_a = new_residual + reg[:, None, None] * a_coef
-        new_grad_c = new_residual.sum(dim=1)
-        new_g_grad_a = gram @ new_residual + reg[:, None, None] * g_a_coef
-        s_a, s_c, gs_a = t3 * d_a, t2 * d_c, t3 * g_d
-        y_a, y_c, gy_a = new_grad_a - grad_a, new_grad_c - grad_c, new_g_grad_a - g_grad_a
-        sy, yy = inner(gs_a, s_c, y_a, y_c), inner(gy_a, y_c, y_a, y_c)
-        good = (sy > 1e-10 * yy) & (yy > 0)
-        slot = (iteration - 1) % HISTORY
-        g3, g2 = good[:, None, None], good[:, None]
-        hist["s"][slot], hist["gs"][slot] = torch.where(g3, s_a, 0.0), torch.where(g3, gs_a, 0.0)
-        hist["y"][slot], hist["gy"][slot] = torch.where(g3, y_a, 0.0), torch.where(g3, gy_a, 0.0)
-        hist_c["s"][slot], hist_c["y"][slot] = torch.where(g2, s_c, 0.0), torch.where(g2, y_c, 0.0)
-        rho[slot] = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), 0.0)
-        gamma = torch.where(good, sy / torch.where(good, yy, torch.ones_like(yy)), gamma)
-        loss, grad_a, grad_c, g_grad_a = new_loss, new_grad_a, new_grad_c, new_g_grad_a
-        grad_norm = inner(g_grad_a, grad_c, grad_a, grad_c).clamp(min=0).sqrt()
-        done = (grad_norm <= tol) | stuck
-    coef = z.transpose(1, 2) @ out_a  # W = Z^T A, zero outside the selected columns
-    return coef, out_c, converged, iteration
 
 
 def fit_probes(
@@ -405,7 +341,7 @@ def fit_probes(
 ) -> BatchedProbes:
     """Fit one probe per row of `labels` (problems x rows, class indices) on the rows of `x`
     where `train` (problems x rows, bool) is set. `budget`: keep that many columns per problem by
-    ANOVA F on its training rows. `dtype`: float32 on a GPU, float64 on the CPU unless given.
+    ANOVA F on its training rows. `dtype`: the solver's (float32 unless given; eigendecompositions in float64).
     Problems are fitted `max_batch` at a time; by default as many as keep the solver's state near
     `BATCH_BYTES` (all of them at the organism's size, a few at a time at CIFAR-100's)."""
     device = torch.device(device)
@@ -414,14 +350,19 @@ def fit_probes(
     labels, train = np.atleast_2d(labels), np.atleast_2d(np.asarray(train, bool))
     n_problems, d = labels.shape[0], x.shape[1]
     n_rows = int(train.sum(axis=1).max())
-    per_problem = 4 * (n_rows * d + 4 * HISTORY * n_rows * n_classes if len(x) < d else 4 * HISTORY * d * n_classes)  # bytes of state
+    rank = min(n_rows, d)
+    per_problem = 4 * (3 * n_rows * d + 2 * n_rows * rank + (2 * HISTORY + 6) * (rank + 1) * n_classes)  # bytes of state
     batch = max_batch or max(1, min(n_problems, BATCH_BYTES // per_problem))
     parts = []
     centre = x.mean(axis=0)  # the fit is invariant to it; it spares float32 a cancellation
     x64 = torch.as_tensor(x - centre, device=device)
     xs = x64.to(dtype)
-    for start in range(0, n_problems, batch):
-        rows = slice(start, start + batch)
+    # Batches of problems with the same number of training rows: a batch's tensors have as many rows as
+    # its largest problem, and the full-data fit beside the cross-validation folds would pad every fold.
+    sizes = train.sum(axis=1)
+    order = np.argsort(sizes, kind="stable")
+    batches = [chunk for size in np.unique(sizes) for chunk in np.array_split(order[sizes[order] == size], -(-int((sizes == size).sum()) // batch))]
+    for rows in batches:
         lab = torch.as_tensor(labels[rows], device=device)
         tr64 = torch.as_tensor(train[rows], device=device, dtype=torch.float64)
         onehot64 = torch.nn.functional.one_hot(lab, n_classes).to(torch.float64)
@@ -433,17 +374,14 @@ def fit_probes(
             selected = torch.ones(len(lab), d, dtype=torch.bool, device=device)
         penalty = torch.where(present.sum(dim=1) == 2, 2.0, 1.0).to(dtype)
         args = (xs, onehot64.to(dtype), tr64.to(dtype), selected, mean.to(dtype), scale.to(dtype), present, penalty)
-        if len(x) < d:  # fewer rows than columns: the same iterates, in the span of each problem's training rows
-            m = int(tr64.sum(dim=1).max())
-            own = torch.argsort((tr64 == 0).to(torch.int8), dim=1, stable=True)[:, :m]  # training rows first; padding has weight 0
-            own_rows = (xs[own], args[1].gather(1, own[:, :, None].expand(-1, -1, n_classes)), args[2].gather(1, own))
-            coef, intercept, converged, iterations = _fit_in_row_space(*own_rows, *args[3:], tol=tol, max_iter=max_iter)
-        else:
-            theta, converged, iterations = _lbfgs(_Objective(*args), d * n_classes + n_classes, len(lab), tol, max_iter, xs)
-            coef, intercept = theta[:, : d * n_classes].view(-1, d, n_classes), theta[:, d * n_classes :]
+        m = int(tr64.sum(dim=1).max())
+        own = torch.argsort((tr64 == 0).to(torch.int8), dim=1, stable=True)[:, :m]  # each problem's training rows first
+        own_rows = (xs[own], args[1].gather(1, own[:, :, None].expand(-1, -1, n_classes)), args[2].gather(1, own))
+        coef, intercept, converged, iterations = _fit_whitened(*own_rows, *args[3:], tol=tol, max_iter=max_iter)
         coef = coef.double() * selected[:, :, None]
         parts.append((selected, mean + torch.as_tensor(centre, device=device), scale, coef, intercept.double(), present, converged, iterations))
-    cat = [torch.cat([p[i] for p in parts]).cpu().numpy() for i in range(7)]
+    back = np.argsort(np.concatenate(batches), kind="stable")  # the problems' own order
+    cat = [torch.cat([p[i] for p in parts]).cpu().numpy()[back] for i in range(7)]
     fitted = BatchedProbes(*cat, iterations=max(p[7] for p in parts))
     if not fitted.converged.all():  # as scikit-learn's ConvergenceWarning: the fit stands, the log says so
         log.warning("%d of %d probes did not reach a gradient norm of %g in %d L-BFGS steps", int((~fitted.converged).sum()), n_problems, tol, max_iter)
