@@ -130,9 +130,9 @@ class FeatureSpace:
             self._d_in = hidden_size
             return
         if self._d_in != hidden_size:
+            width = f"{hidden_size} at attn_out (heads x head_dim)" if self.reads == "attn_out" else f"hidden size {hidden_size}"
             raise SAEError(
-                f"SAE {self.name!r} expects d_in={self._d_in} but model {model_name!r} has {hidden_size} at {self.reads}; "
-                "use an SAE trained on this model at that site"
+                f"SAE {self.name!r} expects d_in={self._d_in} but model {model_name!r} has {width}; use an SAE trained on this model at sae.site={self.site}"
             )
         if self.hook_name:
             sae_layer = hook_layer(self.hook_name)
