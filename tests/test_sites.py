@@ -179,3 +179,30 @@ def test_a_transcoder_encodes_the_mlp_input_of_tiny(tiny, synthetic, positions, 
     torch.testing.assert_close(readout.image_tokens[0], expected, rtol=0, atol=1e-5)
     # what it writes is the MLP's output: its decoder's width is mlp_out's
     assert features.decode(expected).shape == sites["mlp_out"][mask].shape
+
+
+def test_a_transcoder_writes_the_mlp_output_in_its_place(tiny, synthetic, tmp_path):
+    from tests.test_gemma_scope_2 import save_transcoder
+    from xmodal.activations.capture import transcoded
+
+    inputs = dict(tiny.image_inputs([synthetic.images[0].load()], "What is this?", True))
+    block = tiny.decoder_layers()[LAYER]
+    read, write = tiny.hook_point(LAYER, "mlp_in"), tiny.hook_point(LAYER, "mlp_out")
+    with torch.inference_mode():
+        clean = tiny.model(**inputs, use_cache=False).logits
+        # the MLP and its norm as the "transcoder" (.forward: past the hooks): the model is unchanged
+        with transcoded(read, write, lambda x: block.post_feedforward_layernorm.forward(block.mlp.forward(x))):
+            torch.testing.assert_close(tiny.model(**inputs, use_cache=False).logits, clean, rtol=0, atol=1e-5)
+    save_transcoder(tmp_path / "tc", d_in=tiny.hidden_size, layer=LAYER)
+    features = local_sae("tc", str(tmp_path / "tc"), LAYER, device="cpu", site="mlp_out")
+    written = {}
+    with torch.inference_mode(), transcoded(read, write, features.output):
+        handle = block.post_feedforward_layernorm.register_forward_hook(lambda m, args, out: written.update(x=out.detach()))
+        try:
+            steered = tiny.model(**inputs, use_cache=False).logits
+        finally:
+            handle.remove()
+    mlp_in = independent_sites(tiny, inputs, LAYER)["mlp_in"]
+    torch.testing.assert_close(written["x"], features.sae(mlp_in).detach(), rtol=0, atol=1e-5)  # what the layer added
+    assert not torch.allclose(steered, clean)
+    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in (block.mlp, block.post_feedforward_layernorm))

@@ -66,6 +66,28 @@ def output_replaced(module: Target, replace: Callable[[torch.Tensor], torch.Tens
         handle.remove()
 
 
+@contextmanager
+def transcoded(read: Target, write: Target, transcode: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, the tensor at `write` is `transcode` of the tensor at `read` in the same forward
+    pass: a transcoder in place of its MLP (read: the layer's mlp_in, write: its mlp_out)."""
+    seen: list[torch.Tensor] = []
+
+    def keep(tensor: torch.Tensor) -> None:
+        seen[:] = [tensor]
+
+    def replace(tensor: torch.Tensor) -> torch.Tensor:
+        if not seen:
+            raise RuntimeError("the write site ran before the read site; a transcoder reads before it writes")
+        return transcode(seen.pop()).to(tensor.dtype)
+
+    handles = [register_site_hook(read, keep), register_site_hook(write, replace)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class StopForward(Exception):
     """Raised inside a hook once every requested layer has been read."""
 

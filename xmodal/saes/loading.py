@@ -163,6 +163,14 @@ class FeatureSpace:
         return codes if on_device else codes.cpu()
 
     @torch.inference_mode()
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """What the SAE writes at `writes` for `x` read at `reads`, on `x`'s device and dtype: an SAE's
+        reconstruction; a transcoder's prediction of its MLP's output (with the skip connection of an affine one)."""
+        if self.sae is None:
+            return x
+        return self.sae(x.to(self.sae.W_enc.device, self.sae.W_enc.dtype)).to(x.device, x.dtype)
+
+    @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         if self.sae is None:
             return codes
