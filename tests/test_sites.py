@@ -203,6 +203,8 @@ def test_a_transcoder_writes_the_mlp_output_in_its_place(tiny, synthetic, tmp_pa
         finally:
             handle.remove()
     mlp_in = independent_sites(tiny, inputs, LAYER)["mlp_in"]
-    torch.testing.assert_close(written["x"], features.sae(mlp_in).detach(), rtol=0, atol=1e-5)  # what the layer added
+    torch.testing.assert_close(written["x"], features.output(mlp_in), rtol=0, atol=1e-5)  # what the layer added
+    with torch.inference_mode():
+        torch.testing.assert_close(features.output(mlp_in), features.sae(mlp_in))  # an affine one adds its skip term there
     assert not torch.allclose(steered, clean)
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in (block.mlp, block.post_feedforward_layernorm))
