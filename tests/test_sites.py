@@ -208,3 +208,15 @@ def test_a_transcoder_writes_the_mlp_output_in_its_place(tiny, synthetic, tmp_pa
         torch.testing.assert_close(features.output(mlp_in), features.sae(mlp_in))  # an affine one adds its skip term there
     assert not torch.allclose(steered, clean)
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in (block.mlp, block.post_feedforward_layernorm))
+
+
+def test_a_dual_encoder_has_no_sites_and_a_bad_site_name_is_one_line(tmp_path, tiny):
+    from xmodal.models.dual_encoder import tiny_clip
+
+    clip = tiny_clip(cache_dir=str(tmp_path / "models"), device="cpu")
+    assert clip.site_width("resid_post") == clip.hidden_size
+    with pytest.raises(ConfigError, match="has no decoder layers, so it has no site mlp_out to read; use sae.site=resid_post"):
+        clip.site_width("mlp_out")
+    with pytest.raises(ConfigError, match="site 'mlp' is not one of resid_post, mlp_out, attn_out, mlp_in"):
+        tiny.site_width("mlp")
+    assert tiny.site_width("attn_out") == tiny.text_config.num_attention_heads * tiny.text_config.head_dim

@@ -314,14 +314,20 @@ class ModelAdapter:
     def decoder_layers(self) -> nn.ModuleList:
         return operator.attrgetter(self.decoder_layers_path)(self.model)
 
-    def site_module(self, site: str) -> tuple[str, HookSide]:
-        """(module path below a decoder layer, side) of `site` in this model's decoder layers."""
-        if not self.has_decoder:
-            raise ConfigError(f"model {self.name!r} ({self.family}) has no decoder layers, so it has no site {site} to read; use sae.site=resid_post")
+    def _decoder_site(self, site: str) -> HookSite:
+        """`site` as a HookSite; ConfigError for a name that is none, or a site inside a decoder layer of a model without one."""
         try:
-            candidates = self.site_modules[HookSite(str(getattr(site, "value", site)))]
+            known = HookSite(str(getattr(site, "value", site)))
         except ValueError:
             raise ConfigError(f"site {site!r} is not one of {', '.join(HookSite)}; use one of those") from None
+        if known != HookSite.resid_post and not self.has_decoder:
+            raise ConfigError(f"model {self.name!r} ({self.family}) has no decoder layers, so it has no site {known} to read; use sae.site=resid_post")
+        return known
+
+    def site_module(self, site: str) -> tuple[str, HookSide]:
+        """(module path below a decoder layer, side) of `site` in this model's decoder layers."""
+        site = self._decoder_site(site)
+        candidates = self.site_modules[site]
         layer = self.decoder_layers()[0]
         for path, side in candidates:
             if not path or _has_module(layer, path):
@@ -345,7 +351,7 @@ class ModelAdapter:
 
     def site_width(self, site: str = HookSite.resid_post) -> int:
         """The size of the vector at `site`: the hidden size, or heads x head_dim at attn_out (before W_O)."""
-        if HookSite(str(getattr(site, "value", site))) != HookSite.attn_out:
+        if self._decoder_site(site) != HookSite.attn_out:
             return self.hidden_size
         config = self.text_config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
