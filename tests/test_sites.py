@@ -220,3 +220,11 @@ def test_a_dual_encoder_has_no_sites_and_a_bad_site_name_is_one_line(tmp_path, t
     with pytest.raises(ConfigError, match="site 'mlp' is not one of resid_post, mlp_out, attn_out, mlp_in"):
         tiny.site_width("mlp")
     assert tiny.site_width("attn_out") == tiny.text_config.num_attention_heads * tiny.text_config.head_dim
+
+
+def test_an_sae_after_w_o_is_refused_at_attn_out_which_reads_before_it(tmp_path):
+    save_site_sae(tmp_path / "sae", 64, "blocks.2.hook_attn_out")
+    with pytest.raises(SAEError, match=r"trained on attn_out after W_O \(blocks.2.hook_attn_out\), not sae.site=attn_out; choose an SAE trained at attn_out"):
+        local_sae("after", str(tmp_path / "sae"), LAYER, device="cpu", site="attn_out")
+    save_site_sae(tmp_path / "z", 64, "blocks.2.attn.hook_z")
+    assert local_sae("z", str(tmp_path / "z"), LAYER, device="cpu", site="attn_out").reads == "attn_out"

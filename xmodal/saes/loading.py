@@ -40,9 +40,15 @@ def hook_layer(hook_name: str) -> int:
 _SITE_HOOKS = {
     "resid_post": _RESID_HOOK,
     "mlp_out": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:hook_mlp_out|mlp(?:\.output)?|post_feedforward_layernorm(?:\.output)?)$"),
-    "attn_out": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:attn\.hook_z|hook_attn_out|self_attn(?:\.o_proj)?(?:\.output)?|self_attn\.o_proj\.input)$"),
+    # attn_out is the heads' outputs before W_O (Gemma Scope 2's hook_z, o_proj's input), which xmodal reads and steers there
+    "attn_out": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:attn\.hook_z|self_attn\.o_proj\.input)$"),
+    # after W_O: another tensor, which no sae.site reads; named so that check_site refuses it in one line
+    "attn_out after W_O": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:hook_attn_out|self_attn(?:\.o_proj)?(?:\.output)?)$"),
     "mlp_in": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:hook_mlp_in|mlp\.hook_in|mlp\.input|pre_feedforward_layernorm(?:\.output)?)$"),  # transcoders
 }
+
+
+SITES = ("resid_post", "mlp_out", "attn_out")  # the values of sae.site
 
 
 def hook_site(hook_name: str) -> tuple[str, int] | None:
@@ -61,11 +67,10 @@ def check_site(name: str, sae: Any, site: str) -> None:
     if found is None:
         return  # no hook recorded: nothing to compare with
     trained = "mlp_out" if found[0] == "mlp_in" else found[0]  # a transcoder stands for its MLP (reads its input, writes its output)
-    if trained != str(getattr(site, "value", site)):
-        raise SAEError(
-            f"SAE {name!r} was trained on {found[0]} ({hook_name}), not sae.site={getattr(site, 'value', site)}; "
-            f"set sae.site={trained} or choose an SAE trained at {getattr(site, 'value', site)}"
-        )
+    wanted = str(getattr(site, "value", site))
+    if trained != wanted:
+        fix = f"set sae.site={trained} or " if trained in SITES else ""
+        raise SAEError(f"SAE {name!r} was trained on {found[0]} ({hook_name}), not sae.site={wanted}; {fix}choose an SAE trained at {wanted}")
 
 
 def is_transcoder(sae: Any) -> bool:
