@@ -108,9 +108,9 @@ def test_a_killed_pass_resumes_without_redoing_its_finished_shards(tmp_path, tin
     real_hidden, real_save = readout_module.image_batch_hidden, readout_module.save_shard
     forwards, saved = [], []
 
-    def counting_hidden(adapter, inputs, layers):
+    def counting_hidden(adapter, inputs, layers, site="resid_post"):
         forwards.append(len(inputs["input_ids"]))
-        return real_hidden(adapter, inputs, layers)
+        return real_hidden(adapter, inputs, layers, site)
 
     def dying_save(directory, name, tensors, metadata, on_error):
         if name.startswith("images_") and len(saved) == 2:

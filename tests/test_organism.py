@@ -72,6 +72,28 @@ def test_shipped_saes_load_and_match_the_model(organism_model, layer, variant):
     assert SAE.load_from_disk(shipped_sae_dir(layer, variant)).cfg.architecture() == "topk"
 
 
+@pytest.mark.parametrize("layer", [5, 9, 12, 15])
+def test_shipped_text_only_saes_load_beside_the_joint_ones(layer):
+    from sae_lens import SAE
+
+    from xmodal.organism.saes import organism_sae, shipped_sae_dir
+
+    text_only = organism_sae("organism", layer, device="cpu", training="text_only")
+    joint = organism_sae("organism", layer, device="cpu", width=512)
+    text_only.check_model("organism", 640, layer)  # the organism's hidden size; raises on another layer
+    assert (text_only.d_in, text_only.d_sae) == (joint.d_in, joint.d_sae) == (640, 512)
+    assert text_only.identity["path"] != joint.identity["path"] and text_only.identity["weights"] != joint.identity["weights"]
+    saved = SAE.load_from_disk(shipped_sae_dir(layer, training="text_only"))
+    assert saved.cfg.architecture() == "topk" and saved.cfg.k == 48 == SAE.load_from_disk(shipped_sae_dir(layer, width=512)).cfg.k
+
+
+def test_text_only_saes_of_an_unshipped_variant_are_one_line():
+    from xmodal.organism.saes import organism_sae
+
+    with pytest.raises(SAEError, match="no text-only SAEs are shipped for the planted organism"):
+        organism_sae("organism", 9, device="cpu", variant="planted", training="text_only")
+
+
 def test_organism_sae_at_another_layer_is_refused():
     from xmodal.organism.saes import organism_sae
 

@@ -30,9 +30,17 @@ def test_hook_names_map_to_decoder_layers(name, layer):
     assert hook_layer(name) == layer
 
 
-@pytest.mark.parametrize("name", ["blocks.5.hook_mlp_out", "blocks.5.attn.hook_z", "blocks.5.hook_resid_pre"])
-def test_hooks_outside_resid_post_are_refused(name):
-    with pytest.raises(SAEError, match="not a residual-stream output"):
+@pytest.mark.parametrize(
+    "name, layer",
+    [("blocks.5.hook_mlp_out", 5), ("model.layers.4.post_feedforward_layernorm.output", 4), ("blocks.6.attn.hook_z", 6), ("blocks.2.hook_mlp_in", 2)],
+)
+def test_hook_names_at_other_sites_map_to_their_layers(name, layer):
+    assert hook_layer(name) == layer
+
+
+@pytest.mark.parametrize("name", ["blocks.5.hook_resid_pre", "blocks.5.hook_resid_mid", "blocks.5.ln1.hook_normalized"])
+def test_hooks_at_no_site_are_refused(name):
+    with pytest.raises(SAEError, match="none of the sites xmodal reads"):
         hook_layer(name)
 
 

@@ -124,7 +124,7 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
         return finished["metrics"]
     writer = ResultWriter(job.output_dir)  # clears the earlier run's outputs, result.json first
     torch.manual_seed(cfg.seed)
-    features.check_model(model.name, model.hidden_size, layer)
+    features.check_model(model.name, model.site_width(features.reads), layer)  # the width where the SAE reads
     dataset = instantiate(cfg.dataset)
     experiment.check_dataset(dataset)
     logger = instantiate(cfg.logger)

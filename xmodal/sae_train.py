@@ -101,6 +101,9 @@ class StoreConfig:
     dtype: StoreDtype = StoreDtype.float32
     buffer_shards: int = 2  # shards mixed at a time when training reads the store
     eval_fraction: float = 0.1  # of the shards (disk) or batches (on the fly), held out for evaluation
+    # Where in each layer the rows are read, and so where the SAEs read: resid_post, mlp_out or attn_out
+    # (then load them with sae.site=<the same>; the SAE's cfg.json records it in hook_name).
+    site: config_schema.SAESite = config_schema.SAESite.resid_post
 
 
 @dataclass
@@ -182,7 +185,17 @@ def fill_store(cfg: SAETrainConfig, adapter: ModelAdapter, dataset: Any, progres
 def disk_source(cfg: SAETrainConfig, adapter: ModelAdapter, dataset: Any, progress: bool) -> Source:
     store_cfg, start = cfg.store, time.perf_counter()
     store = build_store(
-        adapter, dataset, store_cfg.dir, cfg.layers, cfg.positions, store_cfg.texts.value, cfg.seed, store_cfg.shard_tokens, store_cfg.dtype.value, progress
+        adapter,
+        dataset,
+        store_cfg.dir,
+        cfg.layers,
+        cfg.positions,
+        store_cfg.texts.value,
+        cfg.seed,
+        store_cfg.shard_tokens,
+        store_cfg.dtype.value,
+        progress,
+        store_cfg.site.value,
     )
     n_eval = max(1, round(store_cfg.eval_fraction * store.n_shards))
     if store.n_shards - n_eval < 1:
@@ -251,14 +264,15 @@ def streamed_source(cfg: SAETrainConfig, adapter: ModelAdapter, dataset: Any, pr
     train_plan = [(modality, items) for modality, items in train_plan if modality in codes]
     if not train_plan:
         raise XmodalError(f"no training batch holds {[m.value for m in cfg.training.modalities]} tokens; use a larger dataset")
-    held_out = list(stream_rows(adapter, dataset, texts, eval_plan, cfg.layers, cfg.positions, progress, "held-out activations"))
+    site = cfg.store.site.value
+    held_out = list(stream_rows(adapter, dataset, texts, eval_plan, cfg.layers, cfg.positions, progress, "held-out activations", site))
     eval_rows = {layer: _cat([(r[layer], m) for r, m, _ in held_out]) for layer in cfg.layers}
     _check_both_modalities(eval_rows[cfg.layers[0]][1], f"the {n_eval} held-out batch(es)", "raise store.eval_fraction")
-    first = list(stream_rows(adapter, dataset, texts, train_plan[:8], cfg.layers, cfg.positions, False))
+    first = list(stream_rows(adapter, dataset, texts, train_plan[:8], cfg.layers, cfg.positions, False, site=site))
     sample = {layer: torch.cat([r[layer] for r, _, _ in first]) for layer in cfg.layers}
 
     def streamed(layer: int) -> Iterator[torch.Tensor]:
-        return stream_batches(adapter, dataset, texts, train_plan, layer, cfg.positions, cfg.training.batch_size, cfg.store.shard_tokens, cfg.seed)
+        return stream_batches(adapter, dataset, texts, train_plan, layer, cfg.positions, cfg.training.batch_size, cfg.store.shard_tokens, cfg.seed, site)
 
     return Source(streamed, eval_rows, sample, {"eval_batches": n_eval, "train_batches": len(train_plan)})
 
@@ -274,7 +288,7 @@ def _cat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, 
 
 
 # 2. ----------------------------------------------------------------------------------------
-def train(cfg: SAETrainConfig, source: Source, layer: int, model_name: str, device: str) -> Any:
+def train(cfg: SAETrainConfig, source: Source, layer: int, model_name: str, device: str, hook_name: str | None = None) -> Any:
     t = cfg.training
     return train_sae(
         source.train_batches(layer),
@@ -292,6 +306,7 @@ def train(cfg: SAETrainConfig, source: Source, layer: int, model_name: str, devi
         t.decoder_init.value,
         t.l0_coefficient,
         list(t.matryoshka_widths) or None,
+        hook_name,
     )
 
 
@@ -330,7 +345,7 @@ def train_saes(cfg: SAETrainConfig, progress: bool = True) -> pd.DataFrame:
             cfg.training.k,
             cfg.training.training_tokens,
         )
-        sae = train(cfg, source, layer, adapter.name, device)
+        sae = train(cfg, source, layer, adapter.name, device, adapter.hook_name(layer, cfg.store.site.value))
         seconds = time.perf_counter() - start
         save_sae(sae, out_dir / f"layer_{layer}")  # 4.
         saved = SAE.load_from_disk(out_dir / f"layer_{layer}", device=device, dtype="float32")
@@ -360,7 +375,8 @@ def train_saes(cfg: SAETrainConfig, progress: bool = True) -> pd.DataFrame:
             json.dumps({"layers": cfg.layers, "sae_path": str(out_dir / "layer_{layer}"), "store": cfg.store.dir, "mode": cfg.store.mode.value})
         ),
     )
-    log.info("Use them: python -m xmodal.run experiment=overlap sae=local 'sae.path=\"%s\"' layer=%d", out_dir.resolve() / "layer_{layer}", cfg.layers[0])
+    at = "" if cfg.store.site == config_schema.SAESite.resid_post else f" sae.site={cfg.store.site.value}"
+    log.info("Use them: python -m xmodal.run experiment=overlap sae=local 'sae.path=\"%s\"'%s layer=%d", out_dir.resolve() / "layer_{layer}", at, cfg.layers[0])
     return table
 
 

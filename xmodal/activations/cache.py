@@ -115,14 +115,16 @@ def _get_readouts(
         todo = missing + ride
         layers = sorted({plan.layer for plan, _ in todo})
         batch_size = resolve_batch_size(adapter, positions.batch_size, layers, dataset, positions)
-        stream_readouts(adapter, dataset, [p for p, _ in todo], [cache.directory(k) for _, k in todo], positions, batch_size, modalities, progress)
+        for site in sorted({plan.site for plan, _ in todo}):  # one pass per site (one, unless riders read another)
+            at_site = [(p, k) for p, k in todo if p.site == site]
+            stream_readouts(adapter, dataset, [p for p, _ in at_site], [cache.directory(k) for _, k in at_site], positions, batch_size, modalities, progress)
     return {plan.layer: read_layer(cache.directory(key)) for plan, key in zip(plans, keys)}
 
 
-def raw_plan(adapter: ModelAdapter, layer: int) -> ReadoutPlan:
-    """Every token's residual, dense (the logit lens, DAS and MDS's own SAE read them)."""
-    space = no_sae(layer=layer)
-    space.check_model(adapter.name, adapter.hidden_size, layer)
+def raw_plan(adapter: ModelAdapter, layer: int, site: str = "resid_post") -> ReadoutPlan:
+    """Every token's residual (or `site`'s vector), dense (the logit lens, DAS and MDS's own SAE read them)."""
+    space = no_sae(layer=layer, site=site)
+    space.check_model(adapter.name, adapter.site_width(site), layer)
     return ReadoutPlan(layer, space, tokens=TokenKeep.dense)
 
 
@@ -135,8 +137,9 @@ def get_activations(
     progress: bool = True,
     modalities: Sequence[str] = ("text", "image"),
     also_cache: Sequence[int] = (),
+    site: str = "resid_post",
 ) -> dict:
-    """Per-token resid_post of `layers`, read from disk shard by shard; the missing layers come from one pass.
+    """Per-token resid_post (or `site`) of `layers`, read from disk shard by shard; the missing layers come from one pass.
 
     When something must be extracted, the layers of `also_cache` that the cache lacks ride
     along in the same pass. A dual encoder has one embedding per item: held in memory.
@@ -145,6 +148,6 @@ def get_activations(
         adapter.check_layer(layer)
     if not adapter.has_decoder:
         return {layer: embedding_activations(adapter, dataset, positions, modalities, progress, layer) for layer in layers}
-    plans = [raw_plan(adapter, layer) for layer in layers]
-    riders = [raw_plan(adapter, layer) for layer in sorted({*also_cache} - {*layers})]
+    plans = [raw_plan(adapter, layer, site) for layer in layers]
+    riders = [raw_plan(adapter, layer, site) for layer in sorted({*also_cache} - {*layers})]
     return get_readouts(adapter, dataset, plans, positions, cache, progress, modalities, riders)

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from xmodal.activations.batch_size import resolve_batch_size
-from xmodal.activations.capture import run_to_layers
+from xmodal.activations.capture import run_to_layers, site_points
 from xmodal.config import PositionsConfig
 from xmodal.data.concepts import ConceptDataset
 from xmodal.errors import ConfigError
@@ -57,9 +57,10 @@ def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def text_batch_rows(adapter: ModelAdapter, prompts: Sequence[TextPrompt], layers: Sequence[int]) -> dict[int, list[torch.Tensor]]:
+def text_batch_rows(adapter: ModelAdapter, prompts: Sequence[TextPrompt], layers: Sequence[int], site: str = "resid_post") -> dict[int, list[torch.Tensor]]:
     """One forward pass over `prompts` (right-padded: causal attention keeps real positions
-    unaffected by padding); per layer, each prompt's rows at its concept positions (float32, CPU)."""
+    unaffected by padding); per layer, each prompt's rows at its concept positions (float32, CPU),
+    read at `site` (resid_post, mlp_out, attn_out, mlp_in)."""
     width = max(len(p.input_ids) for p in prompts)
     input_ids = torch.full((len(prompts), width), adapter.tokenizer.pad_token_id or 0, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -67,7 +68,7 @@ def text_batch_rows(adapter: ModelAdapter, prompts: Sequence[TextPrompt], layers
         input_ids[row, : len(prompt.input_ids)] = torch.tensor(prompt.input_ids)
         attention_mask[row, : len(prompt.input_ids)] = 1
     inputs = {"input_ids": to_device(input_ids, adapter.device), "attention_mask": to_device(attention_mask, adapter.device)}
-    captured = run_to_layers(adapter.model, adapter.decoder_layers(), inputs, layers)
+    captured = run_to_layers(adapter.model, site_points(adapter, site), inputs, layers)
     # One gather and one device-to-host copy per layer, not one per prompt.
     lengths = [len(p.concept_positions) for p in prompts]
     rows = torch.arange(len(prompts)).repeat_interleave(torch.tensor(lengths))
@@ -75,12 +76,15 @@ def text_batch_rows(adapter: ModelAdapter, prompts: Sequence[TextPrompt], layers
     return {layer: list(captured[layer][rows, positions].float().cpu().split(lengths)) for layer in layers}
 
 
-def image_batch_hidden(adapter: ModelAdapter, inputs: dict, layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+def image_batch_hidden(
+    adapter: ModelAdapter, inputs: dict, layers: Sequence[int], site: str = "resid_post"
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """One forward pass over processor outputs for images that share a prompt; per layer, on the model's
-    device, (images, image tokens, d_model) at the soft tokens and (images, d_model) right after the image."""
+    device, (images, image tokens, d_model) at the soft tokens and (images, d_model) right after the image,
+    read at `site`."""
     mask = adapter.image_token_mask(inputs["input_ids"])
     device_inputs = {k: to_device(v, adapter.device) for k, v in inputs.items()}
-    captured = run_to_layers(adapter.model, adapter.decoder_layers(), device_inputs, layers)
+    captured = run_to_layers(adapter.model, site_points(adapter, site), device_inputs, layers)
     n_images, n_tokens = mask.shape[0], int(mask[0].sum())
     eoi_positions = torch.tensor([int(row.nonzero()[-1]) + 1 for row in mask])
     rows = torch.arange(n_images)
@@ -89,9 +93,11 @@ def image_batch_hidden(adapter: ModelAdapter, inputs: dict, layers: Sequence[int
     return tokens, eoi
 
 
-def image_batch_rows(adapter: ModelAdapter, inputs: Any, layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+def image_batch_rows(
+    adapter: ModelAdapter, inputs: Any, layers: Sequence[int], site: str = "resid_post"
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """image_batch_hidden's rows in float32 on the CPU."""
-    tokens, eoi = image_batch_hidden(adapter, inputs, layers)
+    tokens, eoi = image_batch_hidden(adapter, inputs, layers, site)
     return {layer: t.float().cpu() for layer, t in tokens.items()}, {layer: e.float().cpu() for layer, e in eoi.items()}
 
 

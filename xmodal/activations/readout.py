@@ -71,8 +71,17 @@ class ReadoutPlan:
     text_pooling: Pooling | None = None
     tokens: TokenKeep = TokenKeep.none
 
+    @property
+    def site(self) -> str:
+        """Where the pass reads the layer: the feature space's input site (resid_post, mlp_out, ...)."""
+        return self.space.reads
+
     def identity(self) -> dict:
+        # The site is part of the content (a resid_post readout is never an mlp_out one); resid_post
+        # adds nothing, so the keys of caches written before sites existed stay valid.
+        site = {} if self.site == "resid_post" else {"site": self.site}
         return {
+            **site,
             "space": self.space.identity,
             "space_name": self.space.name,
             "space_layer": self.space.layer,
@@ -406,6 +415,13 @@ def _truncate(writer: _LayerWriter, images_done: int) -> None:
     write_json_atomic(writer.directory / PROGRESS, writer.progress)
 
 
+def one_site(plans: Sequence[ReadoutPlan]) -> str:
+    sites = sorted({plan.site for plan in plans})
+    if len(sites) > 1:
+        raise ValueError(f"one streaming pass reads one site, but the plans read {sites}; group them by site (cache.get_readouts does)")
+    return sites[0] if sites else "resid_post"
+
+
 def stream_readouts(
     adapter: ModelAdapter,
     dataset: ConceptDataset,
@@ -417,7 +433,9 @@ def stream_readouts(
     progress: bool = True,
 ) -> None:
     """Run `dataset` through the model once (stopping after the deepest layer of `plans`) and write each
-    plan's readout into its directory; finished directories are skipped, unfinished ones resumed."""
+    plan's readout into its directory; finished directories are skipped, unfinished ones resumed.
+    Every plan reads the same site (one pass hooks one site)."""
+    site = one_site(plans)
     concepts = dataset.concepts if "text" in modalities else []
     images = dataset.images if "image" in modalities else []
     writers = []
@@ -446,7 +464,7 @@ def stream_readouts(
         prompts = [adapter.text_prompt(positions.text_prompt, c.text, positions.use_chat_template) for c in concepts]
         rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
         for start in tqdm(range(0, len(prompts), batch_size), desc=f"{adapter.name}: text", disable=not progress, leave=False):
-            for layer, batch_rows in text_batch_rows(adapter, prompts[start : start + batch_size], layers).items():
+            for layer, batch_rows in text_batch_rows(adapter, prompts[start : start + batch_size], layers, site).items():
                 rows[layer] += batch_rows
         for writer in pending_text:
             outputs = text_outputs(writer.plan, rows[writer.plan.layer])
@@ -466,7 +484,7 @@ def stream_readouts(
     loader = image_input_loader(adapter, images, batches, positions)
     done, started = start, time.perf_counter()
     for batch, inputs in zip(batches, tqdm(loader, desc=f"{adapter.name}: images", disable=not progress, leave=False, total=len(batches))):
-        tokens, eoi = image_batch_hidden(adapter, inputs, layers)
+        tokens, eoi = image_batch_hidden(adapter, inputs, layers, site)
         done += len(batch)
         for writer in writers:
             writer.add(encode_and_pool(writer.plan, tokens[writer.plan.layer], eoi[writer.plan.layer]))

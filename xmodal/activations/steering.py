@@ -1,4 +1,5 @@
-"""Steer resid_post of one decoder layer along an SAE feature, during a forward pass or generation.
+"""Steer resid_post (or the SAE's site: mlp_out, attn_out) of one decoder layer along an SAE feature,
+during a forward pass or generation.
 
 Two modes:
 - ``add``: resid += value * direction (the feature's decoder row), at the chosen positions;
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from xmodal.activations.capture import output_replaced
+from xmodal.models.base import HookPoint
 
 WHERE = ("image", "text", "both")
 MODES = ("add", "clamp")
@@ -67,6 +69,7 @@ def steered(hidden: torch.Tensor, steering: Steering, mask: torch.Tensor) -> tor
     return hidden + mask[..., None].to(hidden.dtype) * delta
 
 
-def steer(decoder_layer: nn.Module, steering: Steering, image_mask: torch.Tensor) -> ContextManager[None]:
-    """Within the block, every forward pass through `decoder_layer` has its output steered."""
+def steer(decoder_layer: nn.Module | HookPoint, steering: Steering, image_mask: torch.Tensor) -> ContextManager[None]:
+    """Within the block, every forward pass through `decoder_layer` has its output steered; a HookPoint
+    (``ModelAdapter.hook_point(layer, site)``) steers that site instead (mlp_out, attn_out)."""
     return output_replaced(decoder_layer, lambda hidden: steered(hidden, steering, steering_mask(steering.where, image_mask, hidden.shape[1])))

@@ -64,10 +64,12 @@ class StoreSpec:
     batch_size: int  # items per forward pass: the unit of resuming
     shard_tokens: int
     dtype: str
+    site: str = "resid_post"  # where in each layer the rows are read (mlp_out, attn_out: sae_train's store.site)
     format: int = STORE_FORMAT
 
     def describe(self) -> str:
-        return f"model {self.model!r} layers {list(self.layers)} on dataset {self.dataset!r}"
+        at = "" if self.site == "resid_post" else f" at {self.site}"
+        return f"model {self.model!r} layers {list(self.layers)}{at} on dataset {self.dataset!r}"
 
 
 @dataclass
@@ -109,8 +111,9 @@ def stream_rows(
     positions: PositionsConfig,
     progress: bool = True,
     desc: str = "activations",
+    site: str = "resid_post",
 ) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]]:
-    """Per batch of the plan: (layer -> rows, modality per row, item per row), one forward pass each.
+    """Per batch of the plan: (layer -> rows at `site`, modality per row, item per row), one forward pass each.
 
     Image batches are decoded and resized by `positions.num_workers` DataLoader workers, ahead of the model.
     """
@@ -118,13 +121,13 @@ def stream_rows(
     loader = iter(image_input_loader(adapter, dataset.images, image_batches, positions))
     for modality, items in tqdm(plan, desc=desc, disable=not progress, unit="batch"):
         if modality == IMAGE:
-            tokens, _ = image_batch_rows(adapter, next(loader), layers)
+            tokens, _ = image_batch_rows(adapter, next(loader), layers, site)
             rows = {layer: t.flatten(0, 1) for layer, t in tokens.items()}
             per_item = tokens[layers[0]].shape[1]
             item = torch.tensor(items).repeat_interleave(per_item)
         else:
             prompts = [adapter.text_prompt(positions.text_prompt, texts[i], positions.use_chat_template) for i in items]
-            per_prompt = text_batch_rows(adapter, prompts, layers)
+            per_prompt = text_batch_rows(adapter, prompts, layers, site)
             rows = {layer: torch.cat(r) for layer, r in per_prompt.items()}
             item = torch.tensor(items).repeat_interleave(torch.tensor([len(p.concept_positions) for p in prompts]))
         yield rows, torch.full((len(item),), modality, dtype=torch.uint8), item
@@ -142,8 +145,9 @@ def build_store(
     shard_tokens: int = 65536,
     dtype: str = "float32",
     progress: bool = True,
+    site: str = "resid_post",
 ) -> "ActivationStore":
-    """Write (or finish, or reuse) the store of `layers` for `dataset` in `directory`."""
+    """Write (or finish, or reuse) the store of `layers` (read at `site`) for `dataset` in `directory`."""
     from xmodal.activations.batch_size import resolve_batch_size
 
     for layer in layers:
@@ -157,7 +161,7 @@ def build_store(
         model=adapter.name,
         model_identity=json.loads(json.dumps(adapter.identity, default=str)),
         layers=tuple(sorted(set(layers))),
-        d_model=adapter.hidden_size,
+        d_model=adapter.site_width(site),
         dataset=dataset.name,
         dataset_hash=dataset.content_hash(),
         texts=texts,
@@ -168,6 +172,7 @@ def build_store(
         batch_size=batch_size,
         shard_tokens=shard_tokens,
         dtype=dtype,
+        site=str(getattr(site, "value", site)),
     )
     state = _claim(directory, spec)
     if state.complete:
@@ -180,7 +185,7 @@ def build_store(
         log.info("Resuming activation store %s after %d of %d batches (%d shards)", directory, state.batches_done, len(plan), len(state.shards))
     buffer: list[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]] = []
     buffered = 0
-    rows_iter = stream_rows(adapter, dataset, text_list, plan[state.batches_done :], spec.layers, positions, progress, f"store {directory.name}")
+    rows_iter = stream_rows(adapter, dataset, text_list, plan[state.batches_done :], spec.layers, positions, progress, f"store {directory.name}", spec.site)
     for done, batch in enumerate(rows_iter, start=state.batches_done + 1):
         buffer.append(batch)
         buffered += len(batch[1])
@@ -325,6 +330,7 @@ def stream_batches(
     batch_size: int,
     buffer_tokens: int,
     seed: int,
+    site: str = "resid_post",
 ) -> Iterator[torch.Tensor]:
     """On-the-fly mode: endless shuffled batches straight from the model, nothing written to disk.
     Each epoch runs the `plan`'s batches again, in a new order; at most `buffer_tokens` rows are held."""
@@ -333,7 +339,7 @@ def stream_batches(
     def forward_batches() -> Iterator[torch.Tensor]:
         while True:
             epoch_plan = [plan[i] for i in torch.randperm(len(plan), generator=generator)]
-            for rows, _, _ in stream_rows(adapter, dataset, texts, epoch_plan, [layer], positions, progress=False):
+            for rows, _, _ in stream_rows(adapter, dataset, texts, epoch_plan, [layer], positions, progress=False, site=site):
                 yield rows[layer]
 
     return mixed_batches(forward_batches(), buffer_tokens, batch_size, generator)

@@ -73,9 +73,11 @@ class RunContext:
         dataset: ConceptDataset | None = None,
         modalities: Sequence[str] = ("text", "image"),
         model: ModelAdapter | None = None,
+        site: str = "resid_post",
     ) -> dict[int, LayerActivations | LayerReadout]:
-        """Every token's resid_post, read from disk shard by shard; by default this job's model, layer,
-        positions, dataset and both modalities. For studies that need the residuals themselves."""
+        """Every token's resid_post (or `site`: mlp_out, attn_out, mlp_in), read from disk shard by shard; by
+        default this job's model, layer, positions, dataset and both modalities. For studies that need the
+        residuals themselves."""
         with self.timed("activations"):
             return get_activations(
                 model or self.model,
@@ -86,6 +88,7 @@ class RunContext:
                 self.progress,
                 modalities,
                 self.cache_also_layers if model is None else (),
+                site,
             )
 
     def readout(

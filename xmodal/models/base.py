@@ -16,6 +16,7 @@ import operator
 import os
 import tempfile
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -136,6 +137,40 @@ def hub_model_reachable(name_or_path: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
+class HookSite(StrEnum):
+    """A point of a decoder layer that can be read and written (sae.site, and a transcoder's input)."""
+
+    resid_post = "resid_post"  # the layer's output
+    mlp_out = "mlp_out"  # what the MLP adds to the residual stream
+    attn_out = "attn_out"  # the attention heads' outputs before W_O (o_proj's input, Gemma Scope 2's hook_z)
+    mlp_in = "mlp_in"  # the MLP's input (what a transcoder reads)
+
+
+class HookSide(StrEnum):
+    output = "output"  # the module's output (its first element when it returns a tuple)
+    input = "input"  # the module's first positional input
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A module and the side of it that holds a site's tensor: where hooks read and write."""
+
+    module: nn.Module
+    side: HookSide = HookSide.output
+
+
+# Per site, the module of a decoder layer that holds it (a path below the layer, "" the layer itself)
+# and its side, as candidates in order: the first the layer has is the site. Gemma 2 and 3 norm the
+# MLP's output before adding it to the residual stream (post_feedforward_layernorm: what Gemma Scope's
+# mlp_out SAEs read); Llama-style layers add the MLP's output as it is.
+SITE_MODULES: dict[HookSite, tuple[tuple[str, HookSide], ...]] = {
+    HookSite.resid_post: (("", HookSide.output),),
+    HookSite.mlp_out: (("post_feedforward_layernorm", HookSide.output), ("mlp", HookSide.output)),
+    HookSite.attn_out: (("self_attn.o_proj", HookSide.input),),
+    HookSite.mlp_in: (("mlp", HookSide.input),),
+}
+
+
 @dataclass
 class TextPrompt:
     """A tokenised text prompt and where the concept's tokens sit in it."""
@@ -156,6 +191,8 @@ class ModelAdapter:
     # run once and its keys and values reused (DAS). False where later text is visible to them
     # (PaliGemma's prefix-LM mask) or the family is untested: those run the whole prompt.
     reuses_text_prefix: ClassVar[bool] = False
+    # Where each site sits in a decoder layer; a family whose layers name their modules otherwise overrides it.
+    site_modules: ClassVar[dict[HookSite, tuple[tuple[str, HookSide], ...]]] = SITE_MODULES
 
     def __init__(
         self,
@@ -277,6 +314,49 @@ class ModelAdapter:
     def decoder_layers(self) -> nn.ModuleList:
         return operator.attrgetter(self.decoder_layers_path)(self.model)
 
+    def _decoder_site(self, site: str) -> HookSite:
+        """`site` as a HookSite; ConfigError for a name that is none, or a site inside a decoder layer of a model without one."""
+        try:
+            known = HookSite(str(getattr(site, "value", site)))
+        except ValueError:
+            raise ConfigError(f"site {site!r} is not one of {', '.join(HookSite)}; use one of those") from None
+        if known != HookSite.resid_post and not self.has_decoder:
+            raise ConfigError(f"model {self.name!r} ({self.family}) has no decoder layers, so it has no site {known} to read; use sae.site=resid_post")
+        return known
+
+    def site_module(self, site: str) -> tuple[str, HookSide]:
+        """(module path below a decoder layer, side) of `site` in this model's decoder layers."""
+        site = self._decoder_site(site)
+        candidates = self.site_modules[site]
+        layer = self.decoder_layers()[0]
+        for path, side in candidates:
+            if not path or _has_module(layer, path):
+                return path, side
+        raise ConfigError(
+            f"model {self.name!r} ({self.family}) has none of {[p for p, _ in candidates]} in its decoder layers, so site {site} "
+            "cannot be read there; its adapter must name the module (site_modules)"
+        )
+
+    def hook_point(self, layer: int, site: str = HookSite.resid_post) -> HookPoint:
+        """The module and side holding `site` of decoder layer `layer`: where hooks read and steer."""
+        path, side = self.site_module(site)
+        module = self.decoder_layers()[layer]
+        return HookPoint(operator.attrgetter(path)(module) if path else module, side)
+
+    def hook_name(self, layer: int, site: str = HookSite.resid_post) -> str:
+        """The HF-style name of `site` at `layer` that SAEs record (cfg.json's hook_name): model.layers.9 for
+        resid_post, model.layers.9.post_feedforward_layernorm.output for Gemma 3's mlp_out, ..."""
+        path, side = self.site_module(site)
+        return f"model.layers.{layer}" + (f".{path}.{side.value}" if path else "")
+
+    def site_width(self, site: str = HookSite.resid_post) -> int:
+        """The size of the vector at `site`: the hidden size, or heads x head_dim at attn_out (before W_O)."""
+        if self._decoder_site(site) != HookSite.attn_out:
+            return self.hidden_size
+        config = self.text_config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return int(config.num_attention_heads * head_dim)
+
     @torch.inference_mode()
     def logit_lens(self, resid: torch.Tensor) -> torch.Tensor:
         """Read resid_post of any layer as the last layer would be read: final norm, unembedding and
@@ -395,6 +475,13 @@ class ModelAdapter:
         if self.image_token_id is None:
             raise ConfigError(f"model {self.name!r} has no image token id")
         return input_ids == self.image_token_id
+
+
+def _has_module(root: nn.Module, path: str) -> bool:
+    try:
+        return isinstance(operator.attrgetter(path)(root), nn.Module)
+    except AttributeError:
+        return False
 
 
 def instantiate_model(model_cfg: Any) -> "ModelAdapter":

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from xmodal.models.base import ModelAdapter
+from xmodal.models.base import SITE_MODULES, HookSide, HookSite, ModelAdapter
 
 
 class Gemma3Adapter(ModelAdapter):
@@ -14,6 +14,10 @@ class Gemma3Adapter(ModelAdapter):
     # Gemma3ForConditionalGeneration.model (Gemma3Model).language_model (Gemma3TextModel).layers
     decoder_layers_path: ClassVar[str] = "model.language_model.layers"
     reuses_text_prefix: ClassVar[bool] = True  # causal text, bidirectional only within an image
+    # Gemma Scope 2's hook points (sae-lens's hf_hook_name): mlp_out after the MLP's post-norm, attn_out before o_proj.
+    site_modules: ClassVar[dict[HookSite, tuple[tuple[str, HookSide], ...]]] = SITE_MODULES | {
+        HookSite.mlp_out: (("post_feedforward_layernorm", HookSide.output),),
+    }
 
     def image_span_inputs(self, template: Any, start: int, end: int, prefix_cache: Any, n: int) -> dict[str, Any]:
         device = template["input_ids"].device

@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 
 from xmodal.config import DatasetConfig, ModelConfig, SAEConfig
 from xmodal.organism.model import Variant
+from xmodal.organism.saes import SAETraining
 
 
 @dataclass
@@ -41,6 +42,7 @@ class OrganismSAEConfig(SAEConfig):
 
     variant: Variant = "${oc.select:model.variant,instruct}"  # type: ignore[assignment]  # follows model=organism*
     width: Optional[int] = None  # None: the narrowest shipped; -m sae.width=512,1024 sweeps the default's widths
+    training: SAETraining = SAETraining.joint  # joint (image + caption tokens) | text_only (captions only; shipped for instruct, width 512)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,32 +33,57 @@ SAE_LAYERS = (5, 9, 12, 15)
 IMAGE, TEXT = "image", "text"
 
 
-def shipped_widths(variant: str = DEFAULT_VARIANT) -> list[int]:
+class SAETraining(StrEnum):
+    """What a shipped organism SAE was trained on (sae.training)."""
+
+    joint = "joint"  # image tokens and caption tokens (python -m xmodal.organism.train_saes): weights/<variant>/saes/
+    text_only = "text_only"  # caption tokens only, as Gemma Scope trained on text (experiments/sae_eval/README.md): saes_text_only/
+
+
+SAE_FOLDERS = {SAETraining.joint: "saes", SAETraining.text_only: "saes_text_only"}
+
+
+def shipped_widths(variant: str = DEFAULT_VARIANT, training: str = SAETraining.joint) -> list[int]:
     """The SAE widths shipped for a variant, one folder each (weights/<variant>/saes/width_<W>/)."""
-    root = shipped_weights_dir(variant) / "saes"
+    root = shipped_weights_dir(variant) / SAE_FOLDERS[SAETraining(training)]
     return sorted(int(d.name.removeprefix("width_")) for d in root.glob("width_*") if d.is_dir())
 
 
-def shipped_sae_dir(layer: int, variant: str = DEFAULT_VARIANT, width: int | None = None) -> Path:
+def shipped_sae_dir(layer: int, variant: str = DEFAULT_VARIANT, width: int | None = None, training: str = SAETraining.joint) -> Path:
     """The folder of a shipped SAE; `width` None: the narrowest shipped for the variant."""
     if width is None:
-        width = shipped_widths(variant)[0]
-    return shipped_weights_dir(variant) / "saes" / f"width_{width}" / f"layer_{layer}"
+        width = shipped_widths(variant, training)[0]
+    return shipped_weights_dir(variant) / SAE_FOLDERS[SAETraining(training)] / f"width_{width}" / f"layer_{layer}"
 
 
-def organism_sae(name: str, layer: int, device: str = "auto", dtype: str = "float32", variant: str = DEFAULT_VARIANT, width: int | None = None) -> FeatureSpace:
-    """The shipped SAE of an organism variant for `layer` (one of 5, 9, 12, 15) at `width` (None: the narrowest)."""
+def organism_sae(
+    name: str,
+    layer: int,
+    device: str = "auto",
+    dtype: str = "float32",
+    variant: str = DEFAULT_VARIANT,
+    width: int | None = None,
+    training: str = SAETraining.joint,
+) -> FeatureSpace:
+    """The shipped SAE of an organism variant for `layer` (one of 5, 9, 12, 15) at `width` (None: the narrowest),
+    trained on image and caption tokens (`training` joint) or on caption tokens only (text_only)."""
     from xmodal.saes.loading import local_sae
 
+    training = SAETraining(str(getattr(training, "value", training)))
     if layer not in SAE_LAYERS:
         raise SAEError(f"sae={name} has SAEs at layers {', '.join(map(str, SAE_LAYERS))}, not layer={layer}; pick one of those layers or use sae=none")
-    widths = shipped_widths(str(variant))
+    widths = shipped_widths(str(variant), training)
     if not widths:
+        if training == SAETraining.text_only:
+            raise SAEError(
+                f"no text-only SAEs are shipped for the {variant} organism (only for {DEFAULT_VARIANT}); use model=organism, or "
+                "train them with python -m xmodal.sae_train 'training.modalities=[text]' and load them with sae=local"
+            )
         raise SAEError(f"no SAEs are shipped for the {variant} organism; train them (python -m xmodal.organism.train_saes) or use sae=none")
     chosen = widths[0] if width is None else int(width)
     if chosen not in widths:
-        raise SAEError(f"sae.width={width} is not shipped for the {variant} organism; the widths are {', '.join(map(str, widths))}")
-    return local_sae(name, str(shipped_sae_dir(layer, str(variant), chosen)), layer, device=device, dtype=dtype)
+        raise SAEError(f"sae.width={width} is not shipped for the {variant} organism ({training}); the widths are {', '.join(map(str, widths))}")
+    return local_sae(name, str(shipped_sae_dir(layer, str(variant), chosen, training)), layer, device=device, dtype=dtype)
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """SAEs through sae-lens: a pretrained release, a directory on disk, or none (raw residuals).
 
-Whatever the source, the result is a FeatureSpace: ``encode`` maps resid_post of
-the model's decoder layer L to feature codes. An SAE trained on the TransformerLens
-hook ``blocks.L.hook_resid_post`` or the HF hook ``model.layers.L(.output)`` reads
-exactly that tensor, so both map to decoder layer L here.
+Whatever the source, the result is a FeatureSpace: ``encode`` maps the vector at its site
+(``sae.site``: resid_post, mlp_out or attn_out) of the model's decoder layer L to feature
+codes. An SAE trained on the TransformerLens hook ``blocks.L.hook_resid_post`` or the HF
+hook ``model.layers.L(.output)`` reads exactly that tensor, so both map to decoder layer L
+here; likewise ``blocks.L.hook_mlp_out`` and ``model.layers.L.post_feedforward_layernorm.output``
+(Gemma) are mlp_out of layer L. A transcoder stands for layer L's MLP: it reads the MLP's
+input (``mlp_in``) and its decoder writes the MLP's output (mlp_out).
 """
 
 from __future__ import annotations
@@ -24,22 +27,28 @@ _RESID_HOOK = re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)(?:\.(?:hook_resid_po
 
 
 def hook_layer(hook_name: str) -> int:
-    """Decoder layer of a resid_post hook name; SAEError for hooks elsewhere in the block."""
-    match = _RESID_HOOK.search(hook_name)
-    if match is None:
+    """Decoder layer of a hook name at one of the sites below; SAEError for hooks elsewhere in the block."""
+    found = hook_site(hook_name)
+    if found is None:
         raise SAEError(
-            f"the SAE reads hook {hook_name!r}, which is not a residual-stream output (resid_post); xmodal reads resid_post, so choose a residual-stream SAE"
+            f"the SAE reads hook {hook_name!r}, which is none of the sites xmodal reads ({', '.join(_SITE_HOOKS)}); choose an SAE trained on one of them"
         )
-    return int(match.group(1))
+    return found[1]
 
 
 # The sites of a decoder layer an SAE can read, from its hook name (TransformerLens or HF style).
 _SITE_HOOKS = {
     "resid_post": _RESID_HOOK,
-    "mlp_out": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:hook_mlp_out|mlp(?:\.output)?)$"),
-    "attn_out": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:attn\.hook_z|hook_attn_out|self_attn(?:\.o_proj)?(?:\.output)?)$"),
-    "mlp_in": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:hook_mlp_in|pre_feedforward_layernorm(?:\.output)?)$"),  # transcoders
+    "mlp_out": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:hook_mlp_out|mlp(?:\.output)?|post_feedforward_layernorm(?:\.output)?)$"),
+    # attn_out is the heads' outputs before W_O (Gemma Scope 2's hook_z, o_proj's input), which xmodal reads and steers there
+    "attn_out": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:attn\.hook_z|self_attn\.o_proj\.input)$"),
+    # after W_O: another tensor, which no sae.site reads; named so that check_site refuses it in one line
+    "attn_out after W_O": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:hook_attn_out|self_attn(?:\.o_proj)?(?:\.output)?)$"),
+    "mlp_in": re.compile(r"(?:^|\.)(?:blocks|layers)\.(\d+)\.(?:hook_mlp_in|mlp\.hook_in|mlp\.input|pre_feedforward_layernorm(?:\.output)?)$"),  # transcoders
 }
+
+
+SITES = ("resid_post", "mlp_out", "attn_out")  # the values of sae.site
 
 
 def hook_site(hook_name: str) -> tuple[str, int] | None:
@@ -58,22 +67,31 @@ def check_site(name: str, sae: Any, site: str) -> None:
     if found is None:
         return  # no hook recorded: nothing to compare with
     trained = "mlp_out" if found[0] == "mlp_in" else found[0]  # a transcoder stands for its MLP (reads its input, writes its output)
-    if trained != str(getattr(site, "value", site)):
-        raise SAEError(
-            f"SAE {name!r} was trained on {found[0]} ({hook_name}), not sae.site={getattr(site, 'value', site)}; "
-            f"set sae.site={trained} or choose an SAE trained at {getattr(site, 'value', site)}"
-        )
+    wanted = str(getattr(site, "value", site))
+    if trained != wanted:
+        fix = f"set sae.site={trained} or " if trained in SITES else ""
+        raise SAEError(f"SAE {name!r} was trained on {found[0]} ({hook_name}), not sae.site={wanted}; {fix}choose an SAE trained at {wanted}")
+
+
+def is_transcoder(sae: Any) -> bool:
+    """Whether a sae-lens SAE is a transcoder (any kind: plain, skip, JumpReLU)."""
+    return "transcoder" in str(sae.cfg.architecture())
 
 
 class FeatureSpace:
-    """Maps resid_post (..., d_model) to feature codes (..., d_sae)."""
+    """Maps the vector at its site (resid_post by default) (..., d_in) to feature codes (..., d_sae).
 
-    def __init__(self, name: str, layer: int, sae: Any | None, d_in: int | None, identity: dict[str, Any]) -> None:
+    `site` is what the SAE stands for (sae.site): the tensor it reconstructs and steering writes.
+    `reads` is where ``encode`` takes its input: the site, or for a transcoder the MLP's input.
+    """
+
+    def __init__(self, name: str, layer: int, sae: Any | None, d_in: int | None, identity: dict[str, Any], site: str = "resid_post") -> None:
         self.name = name
         self.layer = layer
         self.sae = sae
         self._d_in = d_in
         self.identity = identity
+        self.site = str(getattr(site, "value", site))
         # sae.layer: the layer the SAE was trained on, as the user declares it; needed when its
         # config records no hook_name to read the layer from.
         self.trained_layer: int | None = None
@@ -81,6 +99,20 @@ class FeatureSpace:
     @property
     def d_in(self) -> int | None:
         return self._d_in
+
+    @property
+    def transcoder(self) -> bool:
+        return self.sae is not None and is_transcoder(self.sae)
+
+    @property
+    def reads(self) -> str:
+        """The site ``encode`` reads: mlp_in for a transcoder (its MLP's input), else `site`."""
+        return "mlp_in" if self.transcoder else self.site
+
+    @property
+    def writes(self) -> str:
+        """The site the decoder writes (steering, splicing): `site`; mlp_out for a transcoder."""
+        return self.site
 
     @property
     def d_sae(self) -> int:
@@ -97,14 +129,15 @@ class FeatureSpace:
         return getattr(self.sae.cfg.metadata, "hook_name", None)
 
     def check_model(self, model_name: str, hidden_size: int, layer: int) -> None:
-        """Fail clearly when this SAE cannot read the model's resid_post at `layer`."""
+        """Fail clearly when this SAE cannot read the model's `reads` site at `layer`; `hidden_size` is the
+        width of that site (ModelAdapter.site_width: the hidden size but at attn_out)."""
         if self.sae is None:
             self._d_in = hidden_size
             return
         if self._d_in != hidden_size:
+            width = f"{hidden_size} at attn_out (heads x head_dim)" if self.reads == "attn_out" else f"hidden size {hidden_size}"
             raise SAEError(
-                f"SAE {self.name!r} expects d_in={self._d_in} but model {model_name!r} has hidden size "
-                f"{hidden_size}; use an SAE trained on this model's residual stream"
+                f"SAE {self.name!r} expects d_in={self._d_in} but model {model_name!r} has {width}; use an SAE trained on this model at sae.site={self.site}"
             )
         if self.hook_name:
             sae_layer = hook_layer(self.hook_name)
@@ -135,6 +168,14 @@ class FeatureSpace:
         return codes if on_device else codes.cpu()
 
     @torch.inference_mode()
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """What the SAE writes at `writes` for `x` read at `reads`, on `x`'s device and dtype: an SAE's
+        reconstruction; a transcoder's prediction of its MLP's output (with the skip connection of an affine one)."""
+        if self.sae is None:
+            return x
+        return self.sae(x.to(self.sae.W_enc.device, self.sae.W_enc.dtype)).to(x.device, x.dtype)
+
+    @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         if self.sae is None:
             return codes
@@ -154,8 +195,8 @@ def instantiate_sae(sae_cfg: Any, layer: int) -> FeatureSpace:
     return features
 
 
-def no_sae(name: str = "none", layer: int = 0, device: str = "auto", dtype: str = "float32") -> FeatureSpace:
-    return FeatureSpace(name, layer, None, None, {"kind": "none"})
+def no_sae(name: str = "none", layer: int = 0, device: str = "auto", dtype: str = "float32", site: str = "resid_post") -> FeatureSpace:
+    return FeatureSpace(name, layer, None, None, {"kind": "none"}, site)
 
 
 def local_sae(name: str, path: str, layer: int, device: str = "auto", dtype: str = "float32", site: str = "resid_post") -> FeatureSpace:
@@ -172,7 +213,7 @@ def local_sae(name: str, path: str, layer: int, device: str = "auto", dtype: str
     log.info("Loaded SAE %s from %s (d_in=%d, d_sae=%d)", name, sae_dir, sae.cfg.d_in, sae.cfg.d_sae)
     # By content: an SAE retrained at the same path is another SAE to resume and the caches.
     identity = {"kind": "local", "path": str(sae_dir.resolve()), "weights": content_digest([p for p in sae_dir.iterdir() if p.is_file()])}
-    return FeatureSpace(name, layer, sae.eval(), int(sae.cfg.d_in), identity)
+    return FeatureSpace(name, layer, sae.eval(), int(sae.cfg.d_in), identity, site)
 
 
 def pretrained_sae(
@@ -215,4 +256,4 @@ def pretrained_sae(
         ) from err
     check_site(name, sae, site)
     identity = {"kind": "pretrained", "release": release, "id": sae_id, "width": width}
-    return FeatureSpace(name, layer, sae.eval(), int(sae.cfg.d_in), identity)
+    return FeatureSpace(name, layer, sae.eval(), int(sae.cfg.d_in), identity, site)

@@ -59,6 +59,7 @@ def train_sae(
     decoder_init: str = "random",
     l0_coefficient: float = 1.0,
     matryoshka_widths: list[int] | None = None,
+    hook_name: str | None = None,
 ) -> Any:
     """A sae-lens TopK, BatchTopK, Matryoshka BatchTopK or JumpReLU SAE (TopK kinds with the auxiliary loss against
     dead features) trained on `batches`; `sample`, rows of the same data, sets the initialisation.
@@ -72,6 +73,8 @@ def train_sae(
     so the first features learn the most general directions; it too is saved as JumpReLU.
     decoder_init="random" keeps sae-lens's random directions (what every shipped result used);
     "data" starts each feature on a random row of `sample` (centred), which leaves far fewer dead.
+    `hook_name` is recorded in the SAE's config (``ModelAdapter.hook_name``: it says the site, which
+    sae.site is checked against); None: ``model.layers.<layer>``, resid_post.
     """
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
@@ -93,7 +96,7 @@ def train_sae(
         d_sae=d_sae,
         device=device,
         normalize_activations="expected_average_only_in",  # folded back into the weights after training
-        metadata=SAEMetadata(model_name=model_name, hook_name=f"model.layers.{layer}", hook_layer=layer),
+        metadata=SAEMetadata(model_name=model_name, hook_name=hook_name or f"model.layers.{layer}", hook_layer=layer),
     )
     if architecture == "jumprelu":
         sae = JumpReLUTrainingSAE(

@@ -78,6 +78,11 @@ class SAEEval(Experiment):
         sae = ctx.features.sae
         if sae is None:
             raise ConfigError("experiment=sae_eval evaluates an SAE; choose one (e.g. sae=organism or sae=local), not sae=none")
+        if ctx.features.transcoder:
+            raise ConfigError(
+                f"experiment=sae_eval scores an SAE's reconstruction of the vector it reads, and {ctx.features.name!r} is a transcoder "
+                "(it reads its MLP's input and predicts the MLP's output); evaluate an SAE (sae.transcoder=false)"
+            )
         images, answers = self.splice_examples(ctx)
         with ctx.timed("tokens"):
             batches = [
@@ -140,8 +145,9 @@ class SAEEval(Experiment):
         return [img.load() for img in images], answers
 
     def tokens(self, ctx: RunContext, batches: list[S.AnswerBatch]) -> dict[str, torch.Tensor]:
-        """resid_post rows per modality: the dataset's image tokens; its concept-prompt tokens and the answer tokens."""
-        acts = ctx.activations()[ctx.layer]
+        """Rows at the SAE's site (resid_post, mlp_out, attn_out) per modality: the dataset's image tokens; its
+        concept-prompt tokens and the answer tokens."""
+        acts = ctx.activations(site=ctx.features.site)[ctx.layer]
         answer_rows = []
         for batch in batches:
             captured: list[torch.Tensor] = []
@@ -151,7 +157,7 @@ class SAEEval(Experiment):
                 return hidden
 
             answer_only = batch.predicts.roll(1, dims=1) & batch.text  # the answer tokens themselves
-            with torch.inference_mode(), S.spliced(ctx.model.decoder_layers()[ctx.layer], keep, answer_only):
+            with torch.inference_mode(), S.spliced(ctx.model.hook_point(ctx.layer, ctx.features.site), keep, answer_only):
                 ctx.model.model(**{k: v.to(ctx.model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()}, use_cache=False)
             answer_rows.extend(captured)
         image = acts.image_token_rows()  # every image token of the dataset: the metrics compare whole distributions
@@ -172,7 +178,7 @@ class SAEEval(Experiment):
         targets = torch.cat([b.targets for b in batches])
 
         def run(reconstruct: S.Reconstruct | None, site: str) -> torch.Tensor:
-            return torch.cat([S.answer_logprobs(ctx.model, b, ctx.layer, reconstruct, site) for b in batches])
+            return torch.cat([S.answer_logprobs(ctx.model, b, ctx.layer, reconstruct, site, ctx.features.site) for b in batches])
 
         clean = run(None, "both")
         ce_clean = S.cross_entropy(clean, targets)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from xmodal.activations.capture import output_replaced
-from xmodal.models.base import ModelAdapter
+from xmodal.models.base import HookPoint, ModelAdapter
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]  # (n, d_model) -> (n, d_model)
 SPLICE_SITES = ("image", "text", "both")
@@ -56,8 +56,9 @@ def answer_batch(adapter: ModelAdapter, images: Sequence[Any], answers: Sequence
     return AnswerBatch(dict(encoded), predicts, targets, image, text)
 
 
-def spliced(decoder_layer: nn.Module, reconstruct: Reconstruct, mask: torch.Tensor) -> ContextManager[None]:
-    """Within the block, the output of `decoder_layer` at `mask` (batch, seq) is `reconstruct` of itself."""
+def spliced(decoder_layer: nn.Module | HookPoint, reconstruct: Reconstruct, mask: torch.Tensor) -> ContextManager[None]:
+    """Within the block, the output of `decoder_layer` (or the site a HookPoint names) at `mask` (batch, seq)
+    is `reconstruct` of itself."""
 
     def splice(hidden: torch.Tensor) -> torch.Tensor:
         new, where = hidden.clone(), mask.to(hidden.device)
@@ -68,9 +69,12 @@ def spliced(decoder_layer: nn.Module, reconstruct: Reconstruct, mask: torch.Tens
 
 
 @torch.inference_mode()
-def answer_logprobs(adapter: ModelAdapter, batch: AnswerBatch, layer: int, reconstruct: Reconstruct | None = None, site: str = "both") -> torch.Tensor:
+def answer_logprobs(
+    adapter: ModelAdapter, batch: AnswerBatch, layer: int, reconstruct: Reconstruct | None = None, site: str = "both", sae_site: str = "resid_post"
+) -> torch.Tensor:
     """log p(next token) at the answer's positions, (n predicted positions, vocab), float32 on the CPU;
-    with `reconstruct`, resid_post of `layer` is replaced by it at `site` (image, text or both)."""
+    with `reconstruct`, `sae_site` (resid_post, mlp_out, attn_out) of `layer` is replaced by it at the
+    tokens of `site` (image, text or both)."""
     if site not in SPLICE_SITES:
         raise ValueError(f"splice site {site!r}; use one of {SPLICE_SITES}")
     inputs = {k: v.to(adapter.device) if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()}
@@ -78,7 +82,7 @@ def answer_logprobs(adapter: ModelAdapter, batch: AnswerBatch, layer: int, recon
     if reconstruct is None:
         logits = adapter.model(**inputs, use_cache=False).logits
     else:
-        with spliced(adapter.decoder_layers()[layer], reconstruct, mask):
+        with spliced(adapter.hook_point(layer, sae_site), reconstruct, mask):
             logits = adapter.model(**inputs, use_cache=False).logits
     return torch.log_softmax(logits[batch.predicts.to(logits.device)].float(), dim=-1).cpu()
 

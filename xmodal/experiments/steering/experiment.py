@@ -125,6 +125,11 @@ class SteeringEval(Experiment):
 
     def steering(self, ctx: RunContext, feature: int, value: float, mode: str) -> Steering:
         sae = ctx.features.sae
+        if mode == "clamp" and ctx.features.transcoder:
+            raise ConfigError(
+                f"clamp steering reads the feature's activation where it writes, but transcoder {ctx.features.name!r} reads the MLP's input; "
+                "use experiment.mode=add with a transcoder"
+            )
         direction = sae.W_dec[feature].detach().float()
 
         def feature_activation(hidden: torch.Tensor) -> torch.Tensor:
@@ -155,7 +160,7 @@ class SteeringEval(Experiment):
         if steering is None:
             return nullcontext()
         image_mask = ctx.model.image_token_mask(inputs["input_ids"])
-        return steer(ctx.model.decoder_layers()[layer], steering, image_mask)
+        return steer(ctx.model.hook_point(layer, ctx.features.writes), steering, image_mask)  # sae.site: resid_post, mlp_out, attn_out
 
     def describe(self, ctx: RunContext, images: list, steering: Steering | None, layer: int) -> list[str]:
         return describe_images(
