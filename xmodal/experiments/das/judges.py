@@ -9,8 +9,12 @@
   dataset or the config), each matched as a whole word. Seed 004 scores with GPT-5-mini
   and a binary rubric instead; this one is offline, deterministic and written to a table.
 
+- `APIJudge` (`api_judge.py`, judge=openai_compatible): seed 004's own protocol over a
+  chat-completions API, graded with Appendix E's rubric by a second model.
+
 Every judge has `judge(images, concepts, categories)`, returning one row per (image,
-protocol) with `recognised` in [0, 1], and `score(answer, concept)`.
+protocol) with `recognised` in [0, 1] (NaN where no grade parsed), and
+`score(answer, concept, question)`.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ from xmodal.models.named import load_named_model
 
 QUESTION = "What is in the image if you had to guess? One word."
 QUESTION_WITH_CATEGORY = "What {category} is in the image if you had to guess? One word."
-JUDGEMENT_COLUMNS = ["concept", "category", "protocol", "answer", "recognised"]
+JUDGEMENT_COLUMNS = ["concept", "category", "protocol", "question", "answer", "recognised"]
 
 
 class Judge(Protocol):
     def judge(self, images: Sequence[Image.Image], concepts: Sequence[str], categories: Sequence[str]) -> pd.DataFrame: ...
 
-    def score(self, answer: str, concept: str) -> float: ...
+    def score(self, answer: str, concept: str, question: str = "") -> float: ...
 
 
 def rubric(words: Mapping[str, str], synonyms: Mapping[str, Sequence[str]], with_forms: bool = True) -> dict[str, list[str]]:
@@ -69,8 +73,8 @@ class VLMJudge:
         self.adapter, self.n_samples, self.seed, self.max_new_tokens = adapter, n_samples, seed, max_new_tokens
         self.accepted = dict(accepted or {})
 
-    def score(self, answer: str, concept: str) -> float:
-        """Fraction of the sampled answers (joined by ' | ') that name the concept."""
+    def score(self, answer: str, concept: str, question: str = "") -> float:
+        """Fraction of the sampled answers (joined by ' | ') that name the concept (the question plays no part)."""
         words = self.accepted.get(concept, [concept])
         return float(np.mean([mentions(a, words) for a in answer.split(" | ")]))
 
@@ -82,7 +86,16 @@ class VLMJudge:
                 protocols["category_hint"] = QUESTION_WITH_CATEGORY.format(category=category)
             for protocol, question in protocols.items():
                 answer = " | ".join(a.replace("|", "/") for a in self._answers(image, question))
-                rows.append({"concept": concept, "category": category, "protocol": protocol, "answer": answer, "recognised": self.score(answer, concept)})
+                rows.append(
+                    {
+                        "concept": concept,
+                        "category": category,
+                        "protocol": protocol,
+                        "question": question,
+                        "answer": answer,
+                        "recognised": self.score(answer, concept),
+                    }
+                )
         return pd.DataFrame(rows, columns=JUDGEMENT_COLUMNS)
 
     def _answers(self, image: Image.Image, question: str) -> list[str]:
