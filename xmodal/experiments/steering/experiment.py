@@ -252,6 +252,15 @@ class SteeringEval(Experiment):
         metrics["feature_minus_random_ci_low_max_strength"] = float(top.loc["feature", "minus_random_ci_low"])
         metrics["feature_minus_random_ci_high_max_strength"] = float(top.loc["feature", "minus_random_ci_high"])
         metrics |= self.effect_test(samples, ctx.seed)
+        direction = "fewer" if self.config.mode == SteeringMode.ablate else "more"
+        ctx.verdict(
+            "steering_beyond_random",
+            metrics["steering_effect_p"] < 0.05,
+            f"seed 000: the steered feature gives {direction} mentions of {concept.name!r} than a random feature of matched scale "
+            f"(paired sign-flip permutation over inputs, one-sided p < 0.05, mode={self.config.mode}, strength {max(self.strengths):g})",
+            effect=metrics["steering_effect"],
+            p=metrics["steering_effect_p"],
+        )
         log.info(
             "layer %d, feature %d (%s): mention rate %.2f at strength %g vs random feature %.2f and baseline %.2f",
             ctx.layer,
@@ -267,8 +276,8 @@ class SteeringEval(Experiment):
     def effect_test(self, samples: pd.DataFrame, seed: int) -> dict[str, float]:
         """Feature minus random feature at the top strength, paired over inputs, against sign flips of the differences.
 
-        One-sided: a rise in mentions for add and clamp, a drop for ablate. The verdict is the plan's
-        success bar: an effect beyond the random-feature control (p < 0.05).
+        One-sided: a rise in mentions for add and clamp, a drop for ablate. run() turns it into the
+        plan's success bar: an effect beyond the random-feature control (p < 0.05).
         """
         top = samples[samples["strength"] == max(self.strengths)]
         feature = top[top["condition"] == "feature"]["mentions"].to_numpy(dtype=float)
@@ -282,7 +291,6 @@ class SteeringEval(Experiment):
             "steering_effect": observed,
             "steering_effect_null_mean": float(null.mean()),
             "steering_effect_p": p_value,
-            "verdict_steering_beyond_random": bool(p_value < 0.05),
         }
 
     def conditions(
