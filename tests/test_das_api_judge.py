@@ -14,9 +14,10 @@ from PIL import Image
 
 from tests.chat_server import ChatServer
 from tests.conftest import run_in_process
-from xmodal.experiments.das.api_judge import APIJudge, ChatClient, JudgeAPIError, parse_grade
+from xmodal.errors import ConfigError
+from xmodal.experiments.das.api_judge import APIJudge, ChatClient, JudgeAPIError
 from xmodal.experiments.das.config import JudgeAPIConfig
-from xmodal.experiments.das.judges import QUESTION, QUESTION_WITH_CATEGORY
+from xmodal.experiments.das.judges import QUESTION, QUESTION_WITH_CATEGORY, parse_grade
 
 KEY = "sk-test-never-logged"
 
@@ -212,3 +213,50 @@ def test_a_missing_key_names_its_variable_and_an_unreachable_judge_leaves_no_res
     assert failure["error"].startswith(f"the judge at http://127.0.0.1:{port}/v1/ gave no answer after 2 tries (APIConnectionError)")
     assert not (tmp_path / "down" / "result.json").exists()
     assert not (tmp_path / "down" / "tables" / "recognition.parquet").exists() and not (tmp_path / "down" / "tables" / "judgements.parquet").exists()
+
+
+class ScriptedGrader:
+    """A Chat that answers the rubric from a list, recording each prompt."""
+
+    def __init__(self, replies: list[str]) -> None:
+        self.replies, self.prompts = iter(replies), []
+
+    def complete(self, content, cache_key: str) -> str:
+        self.prompts.append(content)
+        return next(self.replies)
+
+
+def test_scoring_rubric_grades_the_vlm_judges_answers_and_match_keeps_word_matching(tiny):
+    from xmodal.experiments.das.config import DASConfig
+    from xmodal.experiments.das.judges import LocalGrader, VLMJudge
+
+    grader = ScriptedGrader(["Result: 1", "unsure", "Result: 0"])
+    judge = VLMJudge(tiny, grader=grader)
+    assert judge.score("dog | ? | cat", "dog", QUESTION) == 0.5 and len(grader.prompts) == 3
+    assert "<BEGIN RESPONSE> cat <END RESPONSE>" in grader.prompts[2] and "sees 'dog' in the image" in grader.prompts[2]
+    assert VLMJudge(tiny).score("a dog | a cat", "dog") == 0.5  # scoring=match: whole-word matching, no grader
+    local = LocalGrader(tiny, max_new_tokens=3)
+    reply = local.complete("Result?", "k")
+    assert isinstance(reply, str) and local.complete("other", "k") == reply  # kept by key: one generation
+    with pytest.raises(ConfigError, match="experiment.scoring=rubric needs experiment.grader_model"):
+        DASConfig(judge="vlm", judge_model="tiny", scoring="rubric").validate()
+    DASConfig(judge="vlm", judge_model="tiny", scoring="match").validate()
+
+
+def test_the_apples_oranges_preset_runs_on_an_image_folder(tmp_path):
+    """experiment=das_apples_oranges_gemma3_4b on the tiny model: apple/ and orange/ photos, the check at every layer."""
+    for concept, colour in (("apple", (200, 20, 20)), ("orange", (250, 150, 0))):
+        (tmp_path / "photos" / concept).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (48, 48), tuple(max(0, c - 20 * i) for c in colour)).save(tmp_path / "photos" / concept / f"{i}.png")
+    overrides = (
+        "experiment=das_apples_oranges_gemma3_4b",
+        "model=tiny",
+        f"dataset.root={tmp_path / 'photos'}",
+        "experiment.n_permutations=20",
+        "experiment.alignment_noise_images=2",
+    )
+    assert run_in_process(*overrides, f"paths.activation_cache={tmp_path / 'cache'}", run_dir=tmp_path / "run") == 0
+    alignment = pd.read_parquet(tmp_path / "run" / "tables" / "alignment.parquet")
+    assert list(alignment["layer"]) == list(range(6)) and alignment["gap_p"].between(0, 1).all()
+    assert "alignment_gap_p" in json.loads((tmp_path / "run" / "result.json").read_text())["metrics"]

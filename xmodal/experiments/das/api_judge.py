@@ -25,44 +25,25 @@ import io
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import openai
 import pandas as pd
 from PIL import Image
 
 from xmodal.errors import XmodalError
 from xmodal.experiments.das.config import JudgeAPIConfig
-from xmodal.experiments.das.judges import JUDGEMENT_COLUMNS, QUESTION, QUESTION_WITH_CATEGORY
+from xmodal.experiments.das.judges import JUDGEMENT_COLUMNS, QUESTION, QUESTION_WITH_CATEGORY, parseable_mean, rubric_grades
 
 log = logging.getLogger(__name__)
 
-# Appendix E's rubric, as printed (the extracted text's line-number markers removed).
-RUBRIC = (
-    "Please carefully read the following user request (denoted as 'REQUEST') and response (denoted as 'RESPONSE'). "
-    "<BEGIN REQUEST> {request} <END REQUEST> <BEGIN RESPONSE> {response} <END RESPONSE> "
-    "You are evaluating a model that answered a question (REQUEST) about an image. Analyze the RESPONSE, then score it according to the following rubric: "
-    "0: In the span of the answer, the model doesn't mention it sees '{concept}' in the image. E.g. it mentions other concepts, but not '{concept}'. "
-    "1: In the span of the answer, the model does mention it sees '{concept}' in the image. Either it does so explicitly, or it is clear from the "
-    "context of the REQUEST and the content of the RESPONSE. It is okay if it mentions other things in addition to '{concept}'. "
-    'End your answer with "Result: 0" or "Result: 1", depending on the score.'
-)
-RESULT = re.compile(r"Result\s*:\s*\**\s*([01])\b")
 RETRIED = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)  # APITimeoutError is an APIConnectionError
 
 
 class JudgeAPIError(XmodalError):
     """The judge's API could not answer: unreachable, refused, or out of budget."""
-
-
-def parse_grade(reply: str) -> int | None:
-    """The rubric's verdict: the last "Result: 0/1" in the reply, or None when there is none."""
-    found = RESULT.findall(reply or "")
-    return int(found[-1]) if found else None
 
 
 def image_hash(image: Image.Image) -> str:
@@ -169,16 +150,11 @@ class APIJudge:
 
     def grades(self, answer: str, concept: str, question: str) -> list[int | None]:
         """One rubric grade per sampled answer (joined by ' | '); None where the grader's reply has no verdict."""
-        out = []
-        for response in answer.split(" | "):
-            prompt = RUBRIC.format(request=question, response=response, concept=concept)
-            out.append(parse_grade(self.grader.complete(prompt, prompt)))
-        return out
+        return rubric_grades(self.grader, answer, concept, question)
 
     def score(self, answer: str, concept: str, question: str = "") -> float:
         """Fraction of the parseable grades that are 1; NaN when none parses."""
-        parsed = [g for g in self.grades(answer, concept, question) if g is not None]
-        return float(np.mean(parsed)) if parsed else float("nan")
+        return parseable_mean(self.grades(answer, concept, question))
 
     def judge(self, images: Sequence[Image.Image], concepts: Sequence[str], categories: Sequence[str]) -> pd.DataFrame:
         rows = []
@@ -189,7 +165,6 @@ class APIJudge:
             for protocol, question in protocols.items():
                 answer = " | ".join(a.replace("|", "/").strip() for a in self.answers(image, question))
                 grades = self.grades(answer, concept, question)
-                parsed = [g for g in grades if g is not None]
                 rows.append(
                     {
                         "concept": concept,
@@ -197,8 +172,8 @@ class APIJudge:
                         "protocol": protocol,
                         "question": question,
                         "answer": answer,
-                        "recognised": float(np.mean(parsed)) if parsed else float("nan"),
-                        "n_unparseable": len(grades) - len(parsed),
+                        "recognised": parseable_mean(grades),
+                        "n_unparseable": sum(g is None for g in grades),
                     }
                 )
         return pd.DataFrame(rows, columns=[*JUDGEMENT_COLUMNS, "n_unparseable"])

@@ -48,6 +48,13 @@ class JudgeKind(StrEnum):
     none = "none"
 
 
+class JudgeScoring(StrEnum):
+    """How judge=vlm scores its answers (judge=openai_compatible always grades with the rubric)."""
+
+    match = "match"  # the answers that name the concept, matched as whole words (offline, deterministic)
+    rubric = "rubric"  # seed 004: Appendix E's binary rubric, answered by grader_model ("Result: 0/1")
+
+
 @dataclass
 class JudgeAPIConfig:
     """judge=openai_compatible: where the chat-completions API is. Values come from the environment.
@@ -101,6 +108,8 @@ class DASConfig(ExperimentConfig):
     judge: JudgeKind = JudgeKind.organism
     programmatic_judge: str = "xmodal.organism.judge.OrganismJudge"  # the class judge=organism builds (import path)
     judge_model: Optional[str] = None  # a conf/model name, for judge=vlm
+    scoring: JudgeScoring = JudgeScoring.match  # judge=vlm: word match, or Appendix E's rubric graded by grader_model
+    grader_model: Optional[str] = None  # a conf/model name (a text LLM, or the judge itself), for scoring=rubric
     judge_samples: int = 10
     judge_api: JudgeAPIConfig = field(default_factory=JudgeAPIConfig)  # judge=openai_compatible's client
     judge_word_forms: bool = True  # the rubric also accepts the word's forms (swim, swam for swimming)
@@ -116,6 +125,10 @@ class DASConfig(ExperimentConfig):
         if self.judge == JudgeKind.vlm and not self.judge_model:
             raise ConfigError("experiment.judge=vlm needs experiment.judge_model=<a conf/model name>, e.g. gemma3_12b")
         self.judge_api.validate()
+        if self.judge == JudgeKind.vlm and self.scoring == JudgeScoring.rubric and not self.grader_model:
+            raise ConfigError(
+                "experiment.scoring=rubric needs experiment.grader_model=<a conf/model name> to grade with Appendix E's rubric, or use scoring=match"
+            )
         if len(self.concepts) == 1:
             raise ConfigError(
                 f"experiment.concepts={list(self.concepts)} needs at least two concepts (each is the other's control), or [] for all the dataset's"

@@ -51,7 +51,7 @@ from xmodal.experiments.base import Experiment, RunContext
 from xmodal.experiments.das import api_judge, judges
 from xmodal.experiments.das.alignment import apples_oranges
 from xmodal.experiments.das.concept_vectors import WORD_POSITIONS, baseline_words, concept_vectors, word_dataset
-from xmodal.experiments.das.config import ConceptBaseline, ConceptSource, DASConfig, JudgeKind
+from xmodal.experiments.das.config import ConceptBaseline, ConceptSource, DASConfig, JudgeKind, JudgeScoring
 from xmodal.experiments.das.synthesis import DASSettings, ImageReader, cosine_matrix, synthesise, to_pil
 from xmodal.metrics.statistics import pvalue, summarise_null
 from xmodal.reporting import figures
@@ -245,7 +245,8 @@ class DASynthesis(Experiment):
         accepted = judges.rubric({t.name: t.word for t in targets}, synonyms, c.judge_word_forms)
         ctx.table("rubric", judges.rubric_table(accepted))
         log.info("judge rubric (answers that name each concept): %s", "; ".join(f"{k}: {', '.join(v)}" for k, v in accepted.items()))
-        return judges.vlm_judge(str(c.judge_model), c.judge_samples, ctx.seed, accepted)
+        grader = str(c.grader_model) if c.scoring == JudgeScoring.rubric else None
+        return judges.vlm_judge(str(c.judge_model), c.judge_samples, ctx.seed, accepted, grader)
 
     def recognition(self, ctx: RunContext, judge: judges.Judge, targets: list[Target], images: list[Image.Image]) -> dict[str, float]:
         """Recognition rate per category and protocol, with the other-concepts null and a permutation p.
