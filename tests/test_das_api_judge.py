@@ -244,7 +244,7 @@ def test_scoring_rubric_grades_the_vlm_judges_answers_and_match_keeps_word_match
 
 
 def test_the_apples_oranges_preset_runs_on_an_image_folder(tmp_path):
-    """experiment=das_apples_oranges_gemma3_4b on the tiny model: apple/ and orange/ photos, the check at every layer."""
+    """experiment=das_apples_oranges_gemma3_4b on the tiny model (the tests' config picks synthetic shapes, so dataset= is named again)."""
     for concept, colour in (("apple", (200, 20, 20)), ("orange", (250, 150, 0))):
         (tmp_path / "photos" / concept).mkdir(parents=True)
         for i in range(3):
