@@ -252,6 +252,7 @@ def test_the_apples_oranges_preset_runs_on_an_image_folder(tmp_path):
     overrides = (
         "experiment=das_apples_oranges_gemma3_4b",
         "model=tiny",
+        "dataset=image_folder",
         f"dataset.root={tmp_path / 'photos'}",
         "experiment.n_permutations=20",
         "experiment.alignment_noise_images=2",
