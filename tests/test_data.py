@@ -77,7 +77,7 @@ def test_content_hash_sees_image_bytes(tmp_path):
 
 def test_builtin_list_has_the_plans_five_categories_with_partners():
     table = builtin_concept_table()
-    assert table.groupby("category").size().to_dict() == {"abstract": 10, "animals": 20, "landmarks": 20, "objects": 20, "scenes": 20}
+    assert table.groupby("category").size().to_dict() == {"abstract": 10, "animals": 20, "landmarks": 20, "objects": 20, "scenes": 22}
     by_name = table.set_index("concept")
     for concept, row in by_name.iterrows():
         assert row["partner"] in by_name.index, concept

@@ -1,4 +1,5 @@
-"""The research plan's concept list (90 concepts in five categories), each with a confusable partner.
+"""The research plan's concept list (90 concepts in five categories), each with a confusable partner,
+plus `snow` and `sand` (scenes), the concept and the setting of the plan's steering test (92 in all).
 
 The list ships with xmodal (builtin_concepts.csv); the photos are yours, under
 ``<image_root>/<concept>/``. Concepts without a folder are left out with a warning.

@@ -13,6 +13,7 @@ returns its flat metrics; ``xmodal.run`` writes result.json after it returns.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -57,6 +58,13 @@ class RunContext:
     def batch_size(self) -> int:
         """positions.batch_size, with `auto` resolved for this model, layer and dataset."""
         return resolve_batch_size(self.model, self.positions.batch_size, [self.layer], self.dataset, self.positions)
+
+    def verdict(self, name: str, passed: bool, bar: str, **evidence: float) -> None:
+        """One of a plan's success bars, met or not, with what decided it: result.json's `verdicts`, and the log."""
+        self.metadata.setdefault("verdicts", {})[name] = {"passed": bool(passed), "bar": bar, **{k: float(v) for k, v in evidence.items()}}
+        logging.getLogger(__name__).info(
+            "verdict %s: %s (%s; %s)", name, "met" if passed else "not met", bar, ", ".join(f"{k}={v:.4g}" for k, v in evidence.items())
+        )
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:

@@ -88,7 +88,7 @@ class OrganismJudge:
         return list(self.shape_classifier.predict(np.stack([shape_features(i) for i in images])))
 
     @staticmethod
-    def score(answer: str, concept: str) -> float:
+    def score(answer: str, concept: str, question: str = "") -> float:
         return float(answer == concept)
 
     def judge(self, images: Sequence[Image.Image], concepts: Sequence[str], categories: Sequence[str]) -> pd.DataFrame:
@@ -98,5 +98,7 @@ class OrganismJudge:
             if category not in self.categories:
                 continue
             answer = self.predict_colour(image) if category == "colour" else shape
-            rows.append({"concept": concept, "category": category, "protocol": "programmatic", "answer": answer, "recognised": float(answer == concept)})
-        return pd.DataFrame(rows, columns=["concept", "category", "protocol", "answer", "recognised"])
+            rows.append(
+                {"concept": concept, "category": category, "protocol": "programmatic", "question": "", "answer": answer, "recognised": float(answer == concept)}
+            )
+        return pd.DataFrame(rows, columns=["concept", "category", "protocol", "question", "answer", "recognised"])

@@ -9,12 +9,19 @@ depths), one line per configuration (model, SAE and every other override that
 varies), the null as a band. The layer gradient is tested too, not only drawn: per
 configuration, each such metric's Spearman rank correlation with relative depth and
 its permutation p-value (``layer_gradient``), each from that configuration's own jobs.
+
+Verdicts: each job's success bars (result.json's ``verdicts``) become ``verdict.<name>``
+columns, and seed 000's layer-gradient bar ("a clear increase in cross-modal overlap from
+early to late layers") is judged per overlap configuration from its layer gradient
+(``gradient_verdicts``, also in ``verdicts.csv``), saying when the sweep has too few layers
+for the permutation p to reach 0.05 at all.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import matplotlib
@@ -52,6 +59,7 @@ def job_row(sweep_dir: Path, job_dir: Path) -> dict:
         row.update(status="ok", error="")
         row.update({k: result.get(k) for k in IDENTITY})
         row.update(result["metrics"])
+        row.update({f"verdict.{name}": verdict["passed"] for name, verdict in result.get("verdicts", {}).items()})
         row["time_total_s"] = result["timings_s"].get("total")
         row["time_experiment_s"] = result["timings_s"].get("experiment")
         row["time_since_process_start_s"] = result["timings_s"].get("since_process_start")
@@ -142,6 +150,37 @@ def layer_gradient(summary: pd.DataFrame, n_permutations: int = 1000, seed: int 
     return pd.DataFrame(rows, columns=columns)
 
 
+# The metric each study's layer-gradient bar is judged on. Seed 000: its primary CrossModal_Score,
+# the correlation of a concept's text and image SAE codes over matched pairs (overlap's `pearson`).
+GRADIENT_BARS = {"overlap": "pearson"}
+GRADIENT_COLUMNS = ["experiment", "model", "sae", "metric", "n_layers", "spearman_rho", "p", "min_p", "passed", "bar", "note"]
+
+
+def gradient_verdicts(gradient: pd.DataFrame, n_permutations: int = 1000) -> pd.DataFrame:
+    """Seed 000's layer-gradient bar per configuration: `GRADIENT_BARS`'s metric rises with depth (rho > 0, p < 0.05).
+
+    `min_p` is the smallest p the sweep's layers allow (exact two-sided test: 2 / n_layers!, so 1/12 with
+    four layers); where it is 0.05 or more the bar cannot be met, and `note` says so.
+    """
+    rows = []
+    for row in gradient.to_dict("records"):
+        if GRADIENT_BARS.get(row.get("experiment")) != row["metric"] or not np.isfinite(row["p"]):
+            continue
+        n = int(row["n_layers"])
+        min_p = max(2.0 / math.factorial(n), 2.0 / (n_permutations + 1)) if math.factorial(n) > n_permutations else 2.0 / math.factorial(n)
+        note = f"{n} layers: p cannot go below {min_p:.3g}; sweep more layers (e.g. sae.all_layers=true)" if min_p >= 0.05 else ""
+        rows.append(
+            {
+                **{k: row.get(k) for k in ("experiment", "model", "sae", "metric", "n_layers", "spearman_rho", "p")},
+                "min_p": min_p,
+                "passed": bool(row["spearman_rho"] > 0 and row["p"] < 0.05),
+                "bar": f"seed 000: {row['metric']} rises from early to late layers (Spearman rho with depth > 0, permutation p < 0.05)",
+                "note": note,
+            }
+        )
+    return pd.DataFrame(rows, columns=GRADIENT_COLUMNS)
+
+
 def layer_curves(summary: pd.DataFrame, figure_dir: Path) -> list[Path]:
     """One figure per experiment and metric; one line per configuration (see configuration_columns)."""
     paths: list[Path] = []
@@ -219,6 +258,15 @@ def report_markdown(
         lines += ["", "## Results", "", done[cols].sort_values(cols[:3]).to_markdown(index=False, floatfmt=".3g")]
     if gradient is not None and len(gradient):
         lines += ["", "## Layer gradient (Spearman rho with relative depth, permutation p)", "", gradient.to_markdown(index=False, floatfmt=".3g")]
+    verdict_columns = [c for c in done.columns if c.startswith("verdict.")] if len(done) else []
+    bars = gradient_verdicts(gradient) if gradient is not None and len(gradient) else pd.DataFrame()
+    if verdict_columns or len(bars):
+        lines += ["", "## Verdicts (the plan's success bars; the bars are in each result.json and verdicts.csv)", ""]
+        if verdict_columns:
+            cols = [c for c in ["job", "model", "layer"] if c in done] + verdict_columns
+            lines += [done[cols].to_markdown(index=False), ""]
+        if len(bars):
+            lines += [bars.drop(columns="bar").to_markdown(index=False, floatfmt=".3g")]
     return "\n".join(lines) + "\n"
 
 
@@ -261,6 +309,8 @@ def write_sweep_report(sweep_dir: str | Path, wall_s: float | None = None, seque
     figures = layer_curves(summary, sweep_dir / "figures") + das_contact_sheets(summary, sweep_dir) if len(summary) else []
     gradient = layer_gradient(summary)
     atomic_write(sweep_dir / "layer_gradient.csv", lambda p: gradient.to_csv(p, index=False))
+    bars = gradient_verdicts(gradient)
+    atomic_write(sweep_dir / "verdicts.csv", lambda p: bars.to_csv(p, index=False))
     text = report_markdown(sweep_dir, summary, figures, wall_s, sequential, gradient)
     atomic_write(sweep_dir / "report.md", lambda p: Path(p).write_text(text))
     done = summary[summary["status"] == "ok"] if len(summary) else summary

@@ -44,7 +44,40 @@ class Upsample(StrEnum):
 class JudgeKind(StrEnum):
     organism = "organism"  # the programmatic judge named by programmatic_judge (the organism's world)
     vlm = "vlm"  # another VLM (judge_model) asked seed 004's questions
+    openai_compatible = "openai_compatible"  # seed 004's protocol: a chat-completions API asks, a second model grades by Appendix E's rubric
     none = "none"
+
+
+class JudgeScoring(StrEnum):
+    """How judge=vlm scores its answers (judge=openai_compatible always grades with the rubric)."""
+
+    match = "match"  # the answers that name the concept, matched as whole words (offline, deterministic)
+    rubric = "rubric"  # seed 004: Appendix E's binary rubric, answered by grader_model ("Result: 0/1")
+
+
+@dataclass
+class JudgeAPIConfig:
+    """judge=openai_compatible: where the chat-completions API is. Values come from the environment.
+
+    The config holds only the names of the variables, never the key itself.
+    """
+
+    model_env: str = "XMODAL_JUDGE_MODEL"  # the model asked seed 004's questions (the paper: gpt-5)
+    grader_model_env: str = "XMODAL_GRADER_MODEL"  # the rubric grader (the paper: gpt-5-mini)
+    base_url_env: str = "XMODAL_JUDGE_BASE_URL"  # e.g. https://api.openai.com/v1, or a local vLLM server's /v1
+    key_env: str = "XMODAL_JUDGE_API_KEY"
+    request_budget: int = 20000  # HTTP requests this job may send (retries count; cached answers do not)
+    max_retries: int = 5  # tries after the first on 429, 5xx, timeouts and refused connections
+    backoff_s: float = 2.0  # wait before the first retry, doubled before each next one
+    timeout_s: float = 120.0  # per request
+    cache_dir: str = "${paths.cache_dir}/judge_api"  # responses, keyed by model, image hash, prompt and sample index
+
+    def validate(self) -> None:
+        if self.request_budget < 1 or self.max_retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0:
+            raise ConfigError(
+                f"experiment.judge_api has request_budget={self.request_budget}, max_retries={self.max_retries}, backoff_s={self.backoff_s}, "
+                f"timeout_s={self.timeout_s}; the budget must be at least 1, retries and backoff at least 0, the timeout positive"
+            )
 
 
 @dataclass
@@ -75,7 +108,10 @@ class DASConfig(ExperimentConfig):
     judge: JudgeKind = JudgeKind.organism
     programmatic_judge: str = "xmodal.organism.judge.OrganismJudge"  # the class judge=organism builds (import path)
     judge_model: Optional[str] = None  # a conf/model name, for judge=vlm
+    scoring: JudgeScoring = JudgeScoring.match  # judge=vlm: word match, or Appendix E's rubric graded by grader_model
+    grader_model: Optional[str] = None  # a conf/model name (a text LLM, or the judge itself), for scoring=rubric
     judge_samples: int = 10
+    judge_api: JudgeAPIConfig = field(default_factory=JudgeAPIConfig)  # judge=openai_compatible's client
     judge_word_forms: bool = True  # the rubric also accepts the word's forms (swim, swam for swimming)
     judge_synonyms: dict[str, list[str]] = field(default_factory=dict)  # concept name -> more answers that name it
     alignment_concepts: list[str] = field(default_factory=list)  # two or more dataset concepts for the apples/oranges check
@@ -88,6 +124,11 @@ class DASConfig(ExperimentConfig):
         super().validate()
         if self.judge == JudgeKind.vlm and not self.judge_model:
             raise ConfigError("experiment.judge=vlm needs experiment.judge_model=<a conf/model name>, e.g. gemma3_12b")
+        self.judge_api.validate()
+        if self.judge == JudgeKind.vlm and self.scoring == JudgeScoring.rubric and not self.grader_model:
+            raise ConfigError(
+                "experiment.scoring=rubric needs experiment.grader_model=<a conf/model name> to grade with Appendix E's rubric, or use scoring=match"
+            )
         if len(self.concepts) == 1:
             raise ConfigError(
                 f"experiment.concepts={list(self.concepts)} needs at least two concepts (each is the other's control), or [] for all the dataset's"

@@ -14,8 +14,11 @@ Method (seed 004), at one decoder layer L:
    image is no control here: it is the baseline the representations are centred on, so its
    own centred representation is zero and its cosine undefined.
 4. Recognisability by an independent judge: programmatic on the organism (colour
-   histogram, shape classifier), or another VLM asked the paper's two questions. The
-   null is the same judge scoring images made for other concepts of the category.
+   histogram, shape classifier), another VLM asked the paper's two questions, or the
+   paper's own protocol over a chat-completions API (judge=openai_compatible: 10 samples
+   per image and question, each graded with Appendix E's rubric by a second model). The
+   null is the same judge scoring images made for other concepts of the category. The
+   judge is built before synthesis, so a missing key stops the job before any work.
 5. The apples/oranges check (Appendix A): at every layer, the cosine between two (or
    more) concept vectors and real images of each, matched against mismatched, with a
    permutation test over the image labels.
@@ -45,15 +48,21 @@ from xmodal.activations.capture import run_to_layers
 from xmodal.data.concepts import ConceptDataset, without_partners_outside
 from xmodal.errors import ConfigError, DatasetError
 from xmodal.experiments.base import Experiment, RunContext
-from xmodal.experiments.das import judges
+from xmodal.experiments.das import api_judge, judges
 from xmodal.experiments.das.alignment import apples_oranges
 from xmodal.experiments.das.concept_vectors import WORD_POSITIONS, baseline_words, concept_vectors, word_dataset
-from xmodal.experiments.das.config import ConceptBaseline, ConceptSource, DASConfig, JudgeKind
+from xmodal.experiments.das.config import ConceptBaseline, ConceptSource, DASConfig, JudgeKind, JudgeScoring
 from xmodal.experiments.das.synthesis import DASSettings, ImageReader, cosine_matrix, synthesise, to_pil
 from xmodal.metrics.statistics import pvalue, summarise_null
 from xmodal.reporting import figures
 
 log = logging.getLogger(__name__)
+
+
+def finite_mean(values: np.ndarray) -> float:
+    """Mean of the finite values (a score is NaN where no grade parsed); NaN when there are none."""
+    finite = np.asarray(values, dtype=float)[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
 
 
 @dataclass
@@ -105,6 +114,7 @@ class DASynthesis(Experiment):
     def run(self, ctx: RunContext) -> dict[str, float]:
         targets = self.targets(ctx.dataset)
         alignment_data = self.alignment_dataset(ctx.dataset) if self.config.alignment_concepts else None  # fail before synthesising
+        judge = self.make_judge(ctx, targets) if self.config.judge != JudgeKind.none else None  # a missing key fails here, before synthesis
         vectors = self.target_vectors(ctx, targets)
         lr, temperature = self.preset(ctx.layer, ctx.model.num_layers)
         settings = self.config.settings(lr, temperature)
@@ -136,9 +146,9 @@ class DASynthesis(Experiment):
         for target, image in zip(targets, pil_images):
             ctx.image("das_" + re.sub(r"[^\w-]+", "_", target.name), image)  # a bare word may hold spaces
         ctx.figure("images", figures.das_sheet(pil_images, [t.name for t in targets], ctx.layer))
-        if self.config.judge != JudgeKind.none:
+        if judge is not None:
             with ctx.timed("judge"):
-                metrics |= self.recognition(ctx, targets, pil_images)
+                metrics |= self.recognition(ctx, judge, targets, pil_images)
         if alignment_data is not None:
             with ctx.timed("alignment"):
                 metrics |= self.alignment(ctx, alignment_data)
@@ -228,34 +238,45 @@ class DASynthesis(Experiment):
         c = self.config
         if c.judge == JudgeKind.organism:
             return judges.programmatic_judge(c.programmatic_judge, ctx.seed)
+        if c.judge == JudgeKind.openai_compatible:
+            asker, grader = api_judge.from_environment(c.judge_api)
+            return api_judge.APIJudge(asker, grader, c.judge_samples)
         synonyms = {t.name: [*t.synonyms, *c.judge_synonyms.get(t.name, [])] for t in targets}
         accepted = judges.rubric({t.name: t.word for t in targets}, synonyms, c.judge_word_forms)
         ctx.table("rubric", judges.rubric_table(accepted))
         log.info("judge rubric (answers that name each concept): %s", "; ".join(f"{k}: {', '.join(v)}" for k, v in accepted.items()))
-        return judges.vlm_judge(str(c.judge_model), c.judge_samples, ctx.seed, accepted)
+        grader = str(c.grader_model) if c.scoring == JudgeScoring.rubric else None
+        return judges.vlm_judge(str(c.judge_model), c.judge_samples, ctx.seed, accepted, grader)
 
-    def recognition(self, ctx: RunContext, targets: list[Target], images: list[Image.Image]) -> dict[str, float]:
-        """Recognition rate per category and protocol, with the other-concepts null and a permutation p."""
-        judge = self.make_judge(ctx, targets)
+    def recognition(self, ctx: RunContext, judge: judges.Judge, targets: list[Target], images: list[Image.Image]) -> dict[str, float]:
+        """Recognition rate per category and protocol, with the other-concepts null and a permutation p.
+
+        A score may be NaN (a rubric grader whose replies gave no verdict): rates are means over the
+        scores there are, and `<key>_unparseable` counts the grades without a verdict.
+        """
         table = judge.judge(images, [t.name for t in targets], [t.category for t in targets])
         metrics: dict[str, float] = {f"judge_ceiling_{k}": v for k, v in getattr(judge, "ceiling", {}).items()}
         rows = []
         rng = np.random.default_rng(ctx.seed)
         for (category, protocol), group in table.groupby(["category", "protocol"]):
-            answers, names = group["answer"].tolist(), group["concept"].tolist()
-            scores = np.array([[judge.score(a, c) for c in names] for a in answers])  # (image, concept)
-            observed = float(np.mean(np.diag(scores)))
+            answers, names, questions = group["answer"].tolist(), group["concept"].tolist(), group["question"].tolist()
+            scores = np.array([[judge.score(a, c, q) for c in names] for a, q in zip(answers, questions)])  # (image, concept)
             n = len(names)
-            null_mean = float(scores[~np.eye(n, dtype=bool)].mean()) if n > 1 else float("nan")
-            null = np.array([np.mean(scores[np.arange(n), rng.permutation(n)]) for _ in range(self.config.n_permutations)])
+            observed = finite_mean(np.diag(scores))
+            null_mean = finite_mean(scores[~np.eye(n, dtype=bool)]) if n > 1 else float("nan")
+            null = np.array([finite_mean(scores[np.arange(n), rng.permutation(n)]) for _ in range(self.config.n_permutations)])
             key = f"recognition_{category or 'all'}" + ("" if protocol in ("programmatic", "category_hint") else f"_{protocol}")
             p_value = pvalue(observed, null)
             metrics |= {key: observed, f"{key}_null_mean": null_mean, f"{key}_p": p_value}
-            rows.append(
-                {"category": category, "protocol": protocol, "n_concepts": n, "recognition_rate": observed, "null_rate": null_mean, "p": metrics[f"{key}_p"]}
-            )
+            row = {"category": category, "protocol": protocol, "n_concepts": n, "recognition_rate": observed, "null_rate": null_mean, "p": p_value}
+            if "n_unparseable" in group:
+                metrics[f"{key}_unparseable"] = int(group["n_unparseable"].sum())
+                row["n_unparseable"] = int(group["n_unparseable"].sum())
+            rows.append(row)
         if table.empty:
             log.warning("the %s judge judges none of these concepts' categories", self.config.judge)
+        if isinstance(judge, api_judge.APIJudge):
+            metrics["judge_requests"] = judge.requests
         ctx.table("judgements", table)
         ctx.table("recognition", pd.DataFrame(rows))
         return metrics

@@ -14,10 +14,11 @@ class OverlapConfig(ExperimentConfig):
     name: str = "overlap"
     top_k: int = 50  # features per concept and modality for the Jaccard overlap
     corr_threshold: float = 0.6  # the plan's bar for a cross-modal feature
+    min_crossmodal_features: int = 10  # the plan's success bar: at least this many features above corr_threshold, each beyond the null
     n_permutations: int = 1000
     null: NullPairing = NullPairing.all  # within_category: re-pair only inside a category (alignment finer than categories)
     heatmap_features: int = 20
 
     def validate(self) -> None:
         super().validate()
-        self.require_at_least_one("top_k", "n_permutations")
+        self.require_at_least_one("top_k", "n_permutations", "min_crossmodal_features")

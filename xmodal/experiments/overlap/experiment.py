@@ -73,7 +73,19 @@ class CrossModalOverlap(Experiment):
         ctx.table("feature_correlations", feature_table)
         ctx.table("crossmodal_features", crossmodal_table)
         self.draw(ctx, text, image, concept_table, feature_table, null_table, nulls)
-        return self.summarise(ctx.layer, codes, concept_table, null_table)
+        metrics = self.summarise(ctx.layer, codes, concept_table, null_table)
+        metrics["n_crossmodal_features_significant"] = int((crossmodal_table["p_value"] < 0.05).sum()) if len(crossmodal_table) else 0
+        c = self.config
+        ctx.verdict(
+            "features_crossmodal",
+            metrics["n_crossmodal_features_significant"] >= c.min_crossmodal_features,
+            f"seed 000: at least {c.min_crossmodal_features} features with text-image r > {c.corr_threshold:g} across concepts, "
+            "each beyond the null (max-statistic permutation p < 0.05 over re-pairings of the concepts)",
+            n_features=metrics["n_crossmodal_features_significant"],
+            n_above_threshold=metrics["n_crossmodal_features"],
+            n_above_threshold_null_mean=metrics["n_crossmodal_features_null_mean"],
+        )
+        return metrics
 
     # 1. codes ---------------------------------------------------------------
     def encode(self, ctx: RunContext) -> ConceptCodes:

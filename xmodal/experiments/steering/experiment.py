@@ -16,7 +16,15 @@ Method (seed 000, cross-modal steering), at one decoder layer:
    position, and the KL divergence from the unsteered distribution there.
 4. Controls in the same run: strength 0; a random feature of matched scale; the same
    feature steered in the same mode (clamp or add) at another layer. Effects come with bootstrap confidence intervals,
-   and the feature-minus-random difference with a paired bootstrap interval.
+   and the feature-minus-random difference with a paired bootstrap interval and a paired
+   sign-flip permutation p-value (`steering_effect_p`).
+
+Two more forms from seed 000's plan:
+- `mode=ablate`: the feature clamped to 0 (the safety-transfer test: ablate a text feature,
+  then see whether the model still names the concept in its own images). One steered level,
+  written as strength 1; the effect sought is a drop, so the test is one-sided the other way.
+- `inputs=texts`: text-only prompts (`text_prompts`, no image) instead of images; with
+  `feature_source=image` this is the reverse direction, an image-derived feature steering text.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from dataclasses import replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -36,9 +44,9 @@ from xmodal.activations.steering import Steering, steer
 from xmodal.data.concepts import Concept
 from xmodal.errors import ConfigError, DatasetError
 from xmodal.experiments.base import Experiment, RunContext
-from xmodal.experiments.steering.config import FeatureSource, SteeringConfig
+from xmodal.experiments.steering.config import FeatureSource, SteeringConfig, SteeringInputs, SteeringMode
 from xmodal.metrics.mentions import mentions
-from xmodal.metrics.statistics import bootstrap_ci
+from xmodal.metrics.statistics import bootstrap_ci, null_draws, pvalue
 from xmodal.models.generation import describe_images
 from xmodal.reporting import figures
 
@@ -80,9 +88,20 @@ class SteeringEval(Experiment):
         return layer
 
     def images_to_describe(self, ctx: RunContext, concept: Concept) -> tuple[list, list[str]]:
-        """Up to `n_images` images (seeded choice) of the concepts in `images`, or of any other concept, and their sources."""
+        """Up to `n_images` images (seeded choice) of the concepts in `images`, or of any other concept, and their sources.
+
+        Under inputs=texts, the text prompts (each its own source); under mode=ablate with no `images`, the concept's own images.
+        """
+        if self.config.inputs == SteeringInputs.texts:
+            return list(self.config.text_prompts), list(self.config.text_prompts)
         rng = np.random.default_rng(ctx.seed)
-        if self.config.images:
+        if self.config.mode == SteeringMode.ablate and not self.config.images:
+            candidates = [img for img in ctx.dataset.images if img.concept == concept.name]
+            if not candidates:
+                raise DatasetError(
+                    f"experiment.mode=ablate describes images of {concept.name!r}, and dataset {ctx.dataset.name!r} has none; name others in experiment.images"
+                )
+        elif self.config.images:
             names = {c.name for c in ctx.dataset.concepts}
             unknown = [name for name in self.config.images if name not in names]
             if unknown:
@@ -124,6 +143,9 @@ class SteeringEval(Experiment):
         return feature, random_feature, float(scale[feature]), float(scale[random_feature])
 
     def steering(self, ctx: RunContext, feature: int, value: float, mode: str) -> Steering:
+        """The hook's settings; ablate is a clamp to 0 whatever `value` is."""
+        if mode == SteeringMode.ablate:
+            value, mode = 0.0, "clamp"
         sae = ctx.features.sae
         if mode == "clamp" and ctx.features.transcoder:
             raise ConfigError(
@@ -138,14 +160,24 @@ class SteeringEval(Experiment):
         return Steering(direction, value, mode, str(self.config.where), feature_activation if mode == "clamp" else None)
 
     # --------------------------------------------------------- measuring --
+    def model_inputs(self, ctx: RunContext, items: list) -> Any:
+        """A batch's inputs: images with the prompt, or (inputs=texts) text-only prompts in the chat template, left-padded."""
+        adapter = ctx.model
+        adapter.tokenizer.padding_side = "left"
+        if self.config.inputs == SteeringInputs.images:
+            return adapter.image_inputs(items, self.config.prompt, True).to(adapter.device)
+        rendered = [adapter.render_prompt(text, False, True) for text in items]
+        bos = getattr(adapter.tokenizer, "bos_token", None)
+        has_bos = bool(bos) and rendered[0].startswith(bos)
+        return adapter.tokenizer(rendered, padding=True, return_tensors="pt", add_special_tokens=not has_bos).to(adapter.device)
+
     @torch.inference_mode()
     def first_answer_logprobs(self, ctx: RunContext, images: list, steering: Steering | None, layer: int) -> torch.Tensor:
         """log p(next token) at the first answer position, (n_images, vocab)."""
         adapter = ctx.model
-        adapter.tokenizer.padding_side = "left"
         rows, batch = [], self.generation_batch_size(ctx)
         for start in range(0, len(images), batch):
-            inputs = adapter.image_inputs(images[start : start + batch], self.config.prompt, True).to(adapter.device)
+            inputs = self.model_inputs(ctx, images[start : start + batch])
             with self._maybe_steer(ctx, inputs, steering, layer):
                 logits = adapter.model(**inputs, use_cache=False).logits[:, -1].float()
             rows.append(torch.log_softmax(logits, dim=-1).cpu())
@@ -163,6 +195,8 @@ class SteeringEval(Experiment):
         return steer(ctx.model.hook_point(layer, ctx.features.writes), steering, image_mask)  # sae.site: resid_post, mlp_out, attn_out
 
     def describe(self, ctx: RunContext, images: list, steering: Steering | None, layer: int) -> list[str]:
+        if self.config.inputs == SteeringInputs.texts:
+            return self.continue_texts(ctx, images, steering, layer)
         return describe_images(
             ctx.model,
             images,
@@ -173,6 +207,20 @@ class SteeringEval(Experiment):
             around=lambda inputs: self._maybe_steer(ctx, inputs, steering, layer),
             **self.generation,
         )
+
+    @torch.inference_mode()
+    def continue_texts(self, ctx: RunContext, prompts: list[str], steering: Steering | None, layer: int) -> list[str]:
+        """The model's answer to each text-only prompt, greedy (or seeded sampling), steered at `layer`."""
+        c, batch, texts = self.config, self.generation_batch_size(ctx), []
+        sampling = dict(do_sample=True, temperature=c.temperature, top_k=0, top_p=1.0) if c.do_sample else dict(do_sample=False)
+        for start in range(0, len(prompts), batch):
+            inputs = self.model_inputs(ctx, prompts[start : start + batch])
+            if c.do_sample:
+                torch.manual_seed(ctx.seed + start)
+            with self._maybe_steer(ctx, inputs, steering, layer):
+                out = ctx.model.model.generate(**inputs, max_new_tokens=c.max_new_tokens, **sampling)
+            texts += [t.strip() for t in ctx.model.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
+        return texts
 
     # ---------------------------------------------------------------- run --
     def run(self, ctx: RunContext) -> dict[str, float]:
@@ -208,6 +256,16 @@ class SteeringEval(Experiment):
         metrics["feature_minus_random_mention_rate_max_strength"] = float(top.loc["feature", "minus_random"])
         metrics["feature_minus_random_ci_low_max_strength"] = float(top.loc["feature", "minus_random_ci_low"])
         metrics["feature_minus_random_ci_high_max_strength"] = float(top.loc["feature", "minus_random_ci_high"])
+        metrics |= self.effect_test(samples, ctx.seed)
+        direction = "fewer" if self.config.mode == SteeringMode.ablate else "more"
+        ctx.verdict(
+            "steering_beyond_random",
+            metrics["steering_effect_p"] < 0.05,
+            f"seed 000: the steered feature gives {direction} mentions of {concept.name!r} than a random feature of matched scale "
+            f"(paired sign-flip permutation over inputs, one-sided p < 0.05, mode={self.config.mode}, strength {max(self.strengths):g})",
+            effect=metrics["steering_effect"],
+            p=metrics["steering_effect_p"],
+        )
         log.info(
             "layer %d, feature %d (%s): mention rate %.2f at strength %g vs random feature %.2f and baseline %.2f",
             ctx.layer,
@@ -219,6 +277,26 @@ class SteeringEval(Experiment):
             metrics["baseline_mention_rate"],
         )
         return metrics
+
+    def effect_test(self, samples: pd.DataFrame, seed: int) -> dict[str, float]:
+        """Feature minus random feature at the top strength, paired over inputs, against sign flips of the differences.
+
+        One-sided: a rise in mentions for add and clamp, a drop for ablate. run() turns it into the
+        plan's success bar: an effect beyond the random-feature control (p < 0.05).
+        """
+        top = samples[samples["strength"] == max(self.strengths)]
+        feature = top[top["condition"] == "feature"]["mentions"].to_numpy(dtype=float)
+        random = top[top["condition"] == "random_feature"]["mentions"].to_numpy(dtype=float)
+        diff = feature - random
+        observed = float(diff.mean())
+        null = null_draws(lambda rng: float(np.mean(diff * rng.choice([-1.0, 1.0], size=len(diff)))), self.config.n_bootstrap, seed)
+        alternative = "less" if self.config.mode == SteeringMode.ablate else "greater"
+        p_value = pvalue(observed, null, alternative)
+        return {
+            "steering_effect": observed,
+            "steering_effect_null_mean": float(null.mean()),
+            "steering_effect_p": p_value,
+        }
 
     def conditions(
         self, layer: int, control_layer: int, feature: int, random_feature: int, scale: float, random_scale: float
