@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from xmodal.activations.extract import image_batch_hidden, image_input_loader, text_batch_rows
+from xmodal.activations.extract import image_batch_hidden, image_batch_ragged, image_input_loader, text_batch_rows
 from xmodal.activations.shards import PROGRESS, check_shard_sizes, remove_stale_temporaries, save_shard, write_json_atomic
 from xmodal.config import PositionsConfig
 from xmodal.data.concepts import ConceptDataset
@@ -361,6 +361,12 @@ def encode_and_pool(plan: ReadoutPlan, tokens: torch.Tensor, eoi: torch.Tensor) 
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
+def encode_and_pool_ragged(plan: ReadoutPlan, tokens: Sequence[torch.Tensor], eoi: torch.Tensor) -> dict[str, torch.Tensor]:
+    """encode_and_pool for images with their own token counts: (tokens_i, d) each, image by image."""
+    parts = [encode_and_pool(plan, t.unsqueeze(0), e.unsqueeze(0)) for t, e in zip(tokens, eoi)]
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+
 def text_outputs(plan: ReadoutPlan, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every concept's text tokens (CPU float32, one tensor each), encoded, pooled and kept as `plan` asks."""
     width = plan.space.d_sae
@@ -466,11 +472,18 @@ def stream_readouts(
     loader = image_input_loader(adapter, images, batches, positions)
     done, started = start, time.perf_counter()
     for batch, inputs in zip(batches, tqdm(loader, desc=f"{adapter.name}: images", disable=not progress, leave=False, total=len(batches))):
-        tokens, eoi = image_batch_hidden(adapter, inputs, layers)
         done += len(batch)
-        for writer in writers:
-            writer.add(encode_and_pool(writer.plan, tokens[writer.plan.layer], eoi[writer.plan.layer]))
-        del tokens, eoi
+        if adapter.ragged_images:
+            ragged, eoi = image_batch_ragged(adapter, inputs, layers)
+            for writer in writers:
+                writer.add(encode_and_pool_ragged(writer.plan, ragged[writer.plan.layer], eoi[writer.plan.layer]))
+            del ragged
+        else:
+            tokens, eoi = image_batch_hidden(adapter, inputs, layers)
+            for writer in writers:
+                writer.add(encode_and_pool(writer.plan, tokens[writer.plan.layer], eoi[writer.plan.layer]))
+            del tokens
+        del eoi
         held = sum(w.buffered_bytes for w in writers)
         for writer in writers:
             writer.progress["peak_buffer_bytes"] = max(writer.progress.get("peak_buffer_bytes", 0), held)

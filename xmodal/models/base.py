@@ -137,6 +137,26 @@ def hub_model_reachable(name_or_path: str, timeout_s: float = 3.0) -> bool:
 
 
 @dataclass
+class ImageLayout:
+    """How one image's soft tokens (its positions in the processor's image-token mask, in order) lie.
+
+    `grids` are the (rows, columns) of each block of content tokens in token order: one grid for a
+    fixed-resolution model, the base image then the tiles for anyres (LLaVA-NeXT, LLaVA-OneVision),
+    tiles then the thumbnail (InternVL, Idefics3). `content` is False at tokens that carry no patch:
+    newline and separator tokens inside the image-token mask; they are left out of every pooling and
+    of the stored token rows by default.
+    """
+
+    grids: list[tuple[int, int]]
+    content: torch.Tensor  # bool (image tokens,)
+
+    def __post_init__(self) -> None:
+        n_content = int(self.content.sum())
+        if sum(r * c for r, c in self.grids) != n_content:
+            raise ModelLoadError(f"image layout {self.grids} holds {sum(r * c for r, c in self.grids)} tokens but the image has {n_content} content tokens; the family adapter's layout is wrong")
+
+
+@dataclass
 class TextPrompt:
     """A tokenised text prompt and where the concept's tokens sit in it."""
 
@@ -156,6 +176,9 @@ class ModelAdapter:
     # run once and its keys and values reused (DAS). False where later text is visible to them
     # (PaliGemma's prefix-LM mask) or the family is untested: those run the whole prompt.
     reuses_text_prefix: ClassVar[bool] = False
+    # Dynamic resolution: images of different sizes get different numbers of image tokens (Qwen's
+    # image_grid_thw, anyres tiles), so batches are padded and each image is read by its own mask row.
+    ragged_images: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -358,12 +381,24 @@ class ModelAdapter:
         if not self.supports_images:
             raise ConfigError(f"model {self.name!r} ({self.family}) is text-only; it cannot read images")
         rendered = self.render_prompt(prompt, True, use_chat_template)
+        # Ragged families: the same prompt expands to different lengths, so the batch is padded.
+        padding = {"padding": True} if self.ragged_images else {}
         return self.processor(
             text=[rendered] * len(images),
             images=[[img.convert("RGB")] for img in images],
             return_tensors="pt",
             add_special_tokens=self._adds_bos(rendered),
+            **padding,
         )
+
+    def image_layouts(self, inputs: Any) -> list["ImageLayout"]:
+        """Each image's layout (one image per row of `inputs`): by default every image token is content,
+        in one grid (`image_token_grid`). Families with tiles, newlines or per-image grids override this."""
+        layouts = []
+        for row in self.image_token_mask(inputs["input_ids"]):
+            n_tokens = int(row.sum())
+            layouts.append(ImageLayout([self.image_token_grid(n_tokens)], torch.ones(n_tokens, dtype=torch.bool)))
+        return layouts
 
     def image_side(self) -> int:
         """The square side, in pixels, that the processor resizes images to."""

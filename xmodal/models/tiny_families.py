@@ -1,0 +1,200 @@
+"""Tiny random models of each VLM family's real transformers class, built locally (`model=tiny_<family>`).
+
+Random weights: for tests and mechanics only; their numbers say nothing about the real models.
+Each goes through its family's adapter, real model class and real processor (without the video
+part, see family_tokenizer.images_only_processor), with a byte-level tokenizer that carries the
+family's special tokens and a short chat template in the family's format. Image sizes are small
+(patches of 8 px) so that a forward pass takes milliseconds, and the dynamic-resolution families
+keep their dynamic resolution: a wide image gets more tokens than a square one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from xmodal.errors import ConfigError
+from xmodal.models.base import ModelAdapter, resolve_device, resolve_dtype
+from xmodal.models.family_tokenizer import byte_level_tokenizer, images_only_processor
+
+
+@dataclass
+class TinyBuild:
+    """What one family needs: its adapter class, config, model class and processor factory."""
+
+    adapter_class: type[ModelAdapter]
+    hf_config: Any
+    model_class: Any
+    processor: Callable[[], Any]
+
+
+@dataclass
+class TextSize:
+    num_hidden_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def config(self, vocab_size: int, **extra: Any) -> dict[str, Any]:
+        return dict(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            **extra,
+        )
+
+
+def _chatml_template(image: str) -> str:
+    """Qwen's ChatML format; `image` is what one image item becomes."""
+    return (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def _mistral_template(image: str) -> str:
+    """llava-v1.6-mistral's [INST] format."""
+    return (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}" + image + "\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+
+
+def _clip_vision(hidden: int = 32) -> dict[str, Any]:
+    return dict(
+        model_type="clip_vision_model",
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=hidden,
+    )
+
+
+# ---------------------------------------------------------------- families ----
+def _qwen2_5_vl(text: TextSize) -> TinyBuild:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from xmodal.models.qwen2_5_vl import Qwen2_5_VLAdapter
+
+    template = _chatml_template("<|vision_start|><|image_pad|><|vision_end|>")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+    tokenizer = byte_level_tokenizer(specials, template, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=named)
+    ids = {f"{key}_id": tokenizer.convert_tokens_to_ids(token) for key, token in named.items()}
+    head_dim = text.head_dim
+    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # the real 16/24/24 of 128, scaled
+    config = Qwen2_5_VLConfig(
+        text_config=text.config(len(tokenizer), rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section)),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=text.hidden_size,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=32,
+            fullatt_block_indexes=[1],
+        ),
+        **ids,
+    )
+
+    def processor() -> Any:
+        # 16x16 to 64x64 pixels: 1x1 to 4x4 merged tokens, the image's aspect kept
+        image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}, patch_size=8, merge_size=2, temporal_patch_size=2)
+        return images_only_processor(Qwen2_5_VLProcessor, image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+
+    return TinyBuild(Qwen2_5_VLAdapter, config, Qwen2_5_VLForConditionalGeneration, processor)
+
+
+def _llava_next(text: TextSize) -> TinyBuild:
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from xmodal.models.llava_next import LlavaNextAdapter
+
+    template = _mistral_template("<image>")
+    tokenizer = byte_level_tokenizer(
+        ["<unk>", "<s>", "</s>", "<image>", "<pad>"], template, bos_token="<s>", eos_token="</s>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"}
+    )
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]  # anyres: 1x1, 1x2, 2x1 and 2x2 tiles of 32 px
+    config = LlavaNextConfig(
+        text_config=dict(model_type="mistral", head_dim=text.head_dim, **text.config(len(tokenizer))),
+        vision_config=_clip_vision(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+
+    def processor() -> Any:
+        image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+        return LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=template,
+        )
+
+    return TinyBuild(LlavaNextAdapter, config, LlavaNextForConditionalGeneration, processor)
+
+
+FAMILIES: dict[str, Callable[[TextSize], TinyBuild]] = {
+    "qwen2_5_vl": _qwen2_5_vl,
+    "llava_next": _llava_next,
+}
+
+
+def tiny_family(
+    family: str,
+    name: str | None = None,
+    num_hidden_layers: int = 4,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_attention_heads: int = 2,
+    num_key_value_heads: int = 1,
+    init_seed: int = 0,
+    dtype: str = "float32",
+    device: str = "auto",
+    layer_presets: Sequence[int] = (),
+    sae_release: str | None = None,
+) -> ModelAdapter:
+    """A random-weight model of `family`'s real transformers class, through the family's adapter."""
+    if family not in FAMILIES:
+        raise ConfigError(f"model.family={family!r} has no tiny build; pick one of {', '.join(FAMILIES)}")
+    text = TextSize(num_hidden_layers, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)
+    build = FAMILIES[family](text)
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+
+    def load_model() -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]), torch_device:
+            torch.manual_seed(init_seed)
+            model = build.model_class._from_config(build.hf_config, dtype=torch_dtype)
+        return model.to(device=torch_device, dtype=torch_dtype).eval()
+
+    config_hash = hashlib.sha256(json.dumps(build.hf_config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+    identity = {"family": family, "name_or_path": f"xmodal-tiny-{family}:{config_hash[:16]}", "init_seed": init_seed, "dtype": dtype}
+    return build.adapter_class(name or f"tiny_{family}", build.hf_config, load_model, build.processor, identity, torch_device, layer_presets, sae_release)
