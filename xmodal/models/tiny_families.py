@@ -162,9 +162,87 @@ def _llava_next(text: TextSize) -> TinyBuild:
     return TinyBuild(LlavaNextAdapter, config, LlavaNextForConditionalGeneration, processor)
 
 
+def _qwen3_vl(text: TextSize) -> TinyBuild:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from xmodal.models.qwen3_vl import Qwen3VLAdapter
+
+    template = _chatml_template("<|vision_start|><|image_pad|><|vision_end|>")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+    tokenizer = byte_level_tokenizer(specials, template, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=named)
+    ids = {f"{key}_id": tokenizer.convert_tokens_to_ids(token) for key, token in named.items()}
+    half = text.head_dim // 2
+    section = [half - 2 * (5 * half // 16), 5 * half // 16, 5 * half // 16]  # the real 24/20/20 of 64, scaled
+    config = Qwen3VLConfig(
+        text_config=text.config(len(tokenizer), head_dim=text.head_dim, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section, mrope_interleaved=True)),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=text.hidden_size,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        ),
+        **ids,
+    )
+
+    def processor() -> Any:
+        image_processor = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}, patch_size=8, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
+        return images_only_processor(Qwen3VLProcessor, image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+
+    return TinyBuild(Qwen3VLAdapter, config, Qwen3VLForConditionalGeneration, processor)
+
+
+def _llava_onevision(text: TextSize) -> TinyBuild:
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    from xmodal.models.llava_onevision import LlavaOnevisionAdapter
+
+    template = _chatml_template("<image>\n")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    named = {"image_token": "<image>", "video_token": "<video>"}
+    tokenizer = byte_level_tokenizer(specials, template, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=named)
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64], [64, 96], [96, 64]]
+    config = LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", **text.config(len(tokenizer))),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+    )
+
+    def processor() -> Any:
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+        return images_only_processor(
+            LlavaOnevisionProcessor,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=template,
+            num_image_tokens=16,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+        )
+
+    return TinyBuild(LlavaOnevisionAdapter, config, LlavaOnevisionForConditionalGeneration, processor)
+
+
 FAMILIES: dict[str, Callable[[TextSize], TinyBuild]] = {
     "qwen2_5_vl": _qwen2_5_vl,
     "llava_next": _llava_next,
+    "qwen3_vl": _qwen3_vl,
+    "llava_onevision": _llava_onevision,
 }
 
 
