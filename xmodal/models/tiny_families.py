@@ -238,11 +238,79 @@ def _llava_onevision(text: TextSize) -> TinyBuild:
     return TinyBuild(LlavaOnevisionAdapter, config, LlavaOnevisionForConditionalGeneration, processor)
 
 
+def _internvl(text: TextSize) -> TinyBuild:
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from xmodal.models.internvl import InternVLAdapter
+
+    template = _chatml_template("<IMG_CONTEXT>\n")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+    named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+    tokenizer = byte_level_tokenizer(specials, template, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=named)
+    for key, token in named.items():
+        setattr(tokenizer, f"{key}_id", tokenizer.convert_tokens_to_ids(token))
+    config = InternVLConfig(
+        text_config=dict(model_type="qwen2", **text.config(len(tokenizer))),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=[32, 32], patch_size=[8, 8]),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=4,  # (32 / 8)^2 patches, pixel-shuffled by 0.5: 2 x 2 tokens per tile
+        downsample_ratio=0.5,
+    )
+
+    def processor() -> Any:
+        image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=6)
+        return images_only_processor(InternVLProcessor, image_processor=image_processor, tokenizer=tokenizer, chat_template=template, image_seq_length=4)
+
+    return TinyBuild(InternVLAdapter, config, InternVLForConditionalGeneration, processor)
+
+
+def _idefics3_tokenizer() -> tuple[Any, str]:
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}:"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+    )
+    tiles = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *tiles]
+    named = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"}
+    tokenizer = byte_level_tokenizer(specials, template, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<|end_of_text|>", extra_special_tokens=named)
+    return tokenizer, template
+
+
+def _idefics3_config(config_class: Any, text: TextSize, tokenizer: Any) -> Any:
+    return config_class(
+        text_config=dict(model_type="llama", head_dim=text.head_dim, **text.config(len(tokenizer))),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2,  # (32 / 8)^2 patches, shuffled by 2: 2 x 2 tokens per tile
+    )
+
+
+def _idefics3(text: TextSize) -> TinyBuild:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from xmodal.models.idefics3 import Idefics3Adapter
+
+    tokenizer, template = _idefics3_tokenizer()
+    config = _idefics3_config(Idefics3Config, text, tokenizer)
+
+    def processor() -> Any:
+        image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
+        return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=template)
+
+    return TinyBuild(Idefics3Adapter, config, Idefics3ForConditionalGeneration, processor)
+
+
 FAMILIES: dict[str, Callable[[TextSize], TinyBuild]] = {
     "qwen2_5_vl": _qwen2_5_vl,
     "llava_next": _llava_next,
     "qwen3_vl": _qwen3_vl,
     "llava_onevision": _llava_onevision,
+    "internvl": _internvl,
+    "idefics3": _idefics3,
 }
 
 
