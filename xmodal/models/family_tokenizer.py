@@ -52,7 +52,7 @@ def byte_level_tokenizer(
 
 
 def images_only_processor(processor_class: type, **kwargs: Any) -> Any:
-    """`processor_class` (the family's real processor) without its video processor.
+    """`processor_class` (the family's real processor) built without its video processor.
 
     The video processors of transformers need torchvision, which xmodal does not depend on and never
     uses: it reads images only. The tiny models build their processor this way; a real checkpoint
@@ -60,10 +60,10 @@ def images_only_processor(processor_class: type, **kwargs: Any) -> Any:
     """
 
     class ImagesOnly(processor_class):
-        def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **rest: Any) -> None:
-            super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **rest)
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None  # no video part: images only
+            return super().check_argument_for_proper_class(argument_name, argument)
 
     ImagesOnly.__name__ = ImagesOnly.__qualname__ = f"{processor_class.__name__}ImagesOnly"
-    processor = ImagesOnly(**kwargs)
-    processor.video_processor = None
-    return processor
+    return ImagesOnly(video_processor=None, **kwargs)

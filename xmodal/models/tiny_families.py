@@ -304,6 +304,68 @@ def _idefics3(text: TextSize) -> TinyBuild:
     return TinyBuild(Idefics3Adapter, config, Idefics3ForConditionalGeneration, processor)
 
 
+def _gemma4(text: TextSize) -> TinyBuild:
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4Processor
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from xmodal.models.gemma4 import Gemma4Adapter
+
+    template = (
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image_soft_token>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    named = {
+        "image_token": "<image_soft_token>",
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "audio_token": "<audio_soft_token>",
+        "boa_token": "<start_of_audio>",
+        "eoa_token": "<end_of_audio>",
+    }
+    specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", *named.values(), "<|video|>"]
+    tokenizer = byte_level_tokenizer(specials, template, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", extra_special_tokens=named)
+    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in named.items()}
+    for key, token_id in ids.items():
+        setattr(tokenizer, f"{key}_id", token_id)
+    layer_types = ["sliding_attention"] * (text.num_hidden_layers - 1) + ["full_attention"]
+    config = Gemma4Config(
+        text_config=dict(
+            head_dim=text.head_dim,
+            hidden_size_per_layer_input=0,
+            vocab_size_per_layer_input=len(tokenizer),
+            sliding_window=64,
+            layer_types=layer_types,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+            **text.config(len(tokenizer)),
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3, position_embedding_size=256
+        ),
+        audio_config=None,
+        image_token_id=ids["image_token"],
+        boi_token_id=ids["boi_token"],
+        eoi_token_id=ids["eoi_token"],
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
+        audio_token_id=None,
+        boa_token_id=None,
+        eoa_token_index=None,
+    )
+
+    def processor() -> Any:
+        # 4 px patches pooled 3 x 3, at most 70 soft tokens: about 100 x 100 px, the aspect kept
+        image_processor = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+        return images_only_processor(
+            Gemma4Processor, feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor, tokenizer=tokenizer, chat_template=template, image_seq_length=70
+        )
+
+    return TinyBuild(Gemma4Adapter, config, Gemma4ForConditionalGeneration, processor)
+
+
 FAMILIES: dict[str, Callable[[TextSize], TinyBuild]] = {
     "qwen2_5_vl": _qwen2_5_vl,
     "llava_next": _llava_next,
@@ -311,6 +373,7 @@ FAMILIES: dict[str, Callable[[TextSize], TinyBuild]] = {
     "llava_onevision": _llava_onevision,
     "internvl": _internvl,
     "idefics3": _idefics3,
+    "gemma4": _gemma4,
 }
 
 
