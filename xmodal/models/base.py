@@ -391,6 +391,13 @@ class ModelAdapter:
             **padding,
         )
 
+    def processor_image_mask(self, inputs: Any) -> torch.Tensor:
+        """The processor's own mask of image soft tokens: its ``mm_token_type_ids`` (1 at image tokens)
+        where it returns them, else its image token id (xmodal.verify checks image_token_mask against it)."""
+        if "mm_token_type_ids" in inputs:
+            return inputs["mm_token_type_ids"] == 1
+        return inputs["input_ids"] == self.processor.image_token_id
+
     def image_layouts(self, inputs: Any) -> list["ImageLayout"]:
         """Each image's layout (one image per row of `inputs`): by default every image token is content,
         in one grid (`image_token_grid`). Families with tiles, newlines or per-image grids override this."""
