@@ -153,7 +153,9 @@ class ImageLayout:
     def __post_init__(self) -> None:
         n_content = int(self.content.sum())
         if sum(r * c for r, c in self.grids) != n_content:
-            raise ModelLoadError(f"image layout {self.grids} holds {sum(r * c for r, c in self.grids)} tokens but the image has {n_content} content tokens; the family adapter's layout is wrong")
+            raise ModelLoadError(
+                f"image layout {self.grids} holds {sum(r * c for r, c in self.grids)} tokens but the image has {n_content} content tokens; the family adapter's layout is wrong"
+            )
 
 
 @dataclass

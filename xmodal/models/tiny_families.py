@@ -136,7 +136,12 @@ def _llava_next(text: TextSize) -> TinyBuild:
 
     template = _mistral_template("<image>")
     tokenizer = byte_level_tokenizer(
-        ["<unk>", "<s>", "</s>", "<image>", "<pad>"], template, bos_token="<s>", eos_token="</s>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"}
+        ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
+        template,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
     )
     pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]  # anyres: 1x1, 1x2, 2x1 and 2x2 tiles of 32 px
     config = LlavaNextConfig(
@@ -176,7 +181,9 @@ def _qwen3_vl(text: TextSize) -> TinyBuild:
     half = text.head_dim // 2
     section = [half - 2 * (5 * half // 16), 5 * half // 16, 5 * half // 16]  # the real 24/20/20 of 64, scaled
     config = Qwen3VLConfig(
-        text_config=text.config(len(tokenizer), head_dim=text.head_dim, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section, mrope_interleaved=True)),
+        text_config=text.config(
+            len(tokenizer), head_dim=text.head_dim, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section, mrope_interleaved=True)
+        ),
         vision_config=dict(
             depth=2,
             hidden_size=32,
@@ -194,7 +201,12 @@ def _qwen3_vl(text: TextSize) -> TinyBuild:
 
     def processor() -> Any:
         image_processor = Qwen2VLImageProcessorPil(
-            size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}, patch_size=8, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3
+            size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
+            patch_size=8,
+            merge_size=2,
+            temporal_patch_size=2,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
         )
         return images_only_processor(Qwen3VLProcessor, image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
@@ -214,7 +226,9 @@ def _llava_onevision(text: TextSize) -> TinyBuild:
     pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64], [64, 96], [96, 64]]
     config = LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", **text.config(len(tokenizer))),
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+        ),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=pinpoints,
@@ -274,8 +288,15 @@ def _idefics3_tokenizer() -> tuple[Any, str]:
     )
     tiles = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *tiles]
-    named = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"}
-    tokenizer = byte_level_tokenizer(specials, template, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<|end_of_text|>", extra_special_tokens=named)
+    named = {
+        "image_token": "<image>",
+        "fake_image_token": "<fake_token_around_image>",
+        "global_image_token": "<global-img>",
+        "end_of_utterance_token": "<end_of_utterance>",
+    }
+    tokenizer = byte_level_tokenizer(
+        specials, template, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<|end_of_text|>", extra_special_tokens=named
+    )
     return tokenizer, template
 
 
@@ -344,7 +365,15 @@ def _gemma4(text: TextSize) -> TinyBuild:
             **text.config(len(tokenizer)),
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3, position_embedding_size=256
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            patch_size=4,
+            pooling_kernel_size=3,
+            position_embedding_size=256,
         ),
         audio_config=None,
         image_token_id=ids["image_token"],
@@ -360,7 +389,12 @@ def _gemma4(text: TextSize) -> TinyBuild:
         # 4 px patches pooled 3 x 3, at most 70 soft tokens: about 100 x 100 px, the aspect kept
         image_processor = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
         return images_only_processor(
-            Gemma4Processor, feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor, tokenizer=tokenizer, chat_template=template, image_seq_length=70
+            Gemma4Processor,
+            feature_extractor=Gemma4AudioFeatureExtractor(),
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=template,
+            image_seq_length=70,
         )
 
     return TinyBuild(Gemma4Adapter, config, Gemma4ForConditionalGeneration, processor)
