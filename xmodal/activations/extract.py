@@ -85,6 +85,11 @@ def image_batch_hidden(adapter: ModelAdapter, inputs: dict, layers: Sequence[int
             f"model {adapter.name!r} gives these images different numbers of image tokens ({counts.tolist()}); "
             "this read takes fixed-count images only: resize the images to one size, or use a study that reads ragged images"
         )
+    if len(counts) and int(counts[0]) == 0:
+        raise ConfigError(
+            f"model {adapter.name!r}: the processor put no image token (id {adapter.image_token_id}) into the prompt; "
+            "use a processor and chat template that write the image placeholder"
+        )
     device_inputs = {k: to_device(v, adapter.device) for k, v in inputs.items()}
     captured = run_to_layers(adapter.model, adapter.decoder_layers(), device_inputs, layers)
     n_images, n_tokens = mask.shape[0], int(mask[0].sum())
@@ -107,7 +112,10 @@ def image_batch_ragged(adapter: ModelAdapter, inputs: dict, layers: Sequence[int
     for row, layout in zip(mask, layouts):
         where = row.nonzero().squeeze(-1)
         if len(where) == 0:
-            raise ConfigError(f"model {adapter.name!r}: an image got no image tokens in its prompt; the prompt must hold the image placeholder")
+            raise ConfigError(
+                f"model {adapter.name!r}: the processor put no image token (id {adapter.image_token_id}) into the prompt; "
+                "use a processor and chat template that write the image placeholder"
+            )
         if len(where) != len(layout.content):
             raise ConfigError(f"model {adapter.name!r}: an image has {len(where)} image tokens but its layout {layout.grids} covers {len(layout.content)}")
         positions.append(where)

@@ -136,6 +136,22 @@ def hub_model_reachable(name_or_path: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
+# Families whose images enter the decoder through cross-attention layers, not as tokens of its sequence:
+# there are no image-token positions in the residual stream for xmodal's image-token studies to read.
+CROSS_ATTENTION_MODEL_TYPES = {"mllama": "Mllama (Llama 3.2 Vision)", "idefics": "Idefics 1", "flamingo": "Flamingo"}
+
+
+def refuse_cross_attention(name: str, hf_config: Any) -> None:
+    """One clear line for a cross-attention VLM, before any weight loads."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in CROSS_ATTENTION_MODEL_TYPES:
+        raise ConfigError(
+            f"model {name!r} is {CROSS_ATTENTION_MODEL_TYPES[model_type]} (model_type={model_type!r}): its images enter through "
+            "cross-attention layers, so its residual stream has no image tokens for xmodal's image-token studies to read; "
+            "pick a family with image tokens (Qwen2.5-VL, Gemma 3/4, LLaVA, InternVL, Idefics3)"
+        )
+
+
 @dataclass
 class ImageLayout:
     """How one image's soft tokens (its positions in the processor's image-token mask, in order) lie.
@@ -237,6 +253,7 @@ class ModelAdapter:
         torch_device = resolve_device(device)
         common = dict(revision=revision, trust_remote_code=trust_remote_code)
         hf_config = hub_load(AutoConfig.from_pretrained, name_or_path, "model config", **common)
+        refuse_cross_attention(name, hf_config)
         placement = {}
         if device_map is not None:
             from omegaconf import DictConfig, OmegaConf
@@ -382,6 +399,11 @@ class ModelAdapter:
         """Processor outputs for a batch of images, all with the same prompt."""
         if not self.supports_images:
             raise ConfigError(f"model {self.name!r} ({self.family}) is text-only; it cannot read images")
+        if getattr(self.processor, "image_token", None) is None or getattr(self.processor, "image_processor", None) is None:
+            raise ConfigError(
+                f"model {self.name!r}: its processor ({type(self.processor).__name__}) has no image token or image processor, "
+                "so it cannot put images into a prompt; point model.name_or_path at a VLM checkpoint whose processor has both"
+            )
         rendered = self.render_prompt(prompt, True, use_chat_template)
         # Ragged families: the same prompt expands to different lengths, so the batch is padded.
         padding = {"padding": True} if self.ragged_images else {}
@@ -437,7 +459,10 @@ class ModelAdapter:
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the image soft-token positions."""
         if self.image_token_id is None:
-            raise ConfigError(f"model {self.name!r} has no image token id")
+            raise ConfigError(
+                f"model {self.name!r} has no image token id in its config (image_token_id=None), so its image positions "
+                "cannot be read; use a checkpoint whose config and processor define an image token"
+            )
         return input_ids == self.image_token_id
 
 
