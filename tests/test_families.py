@@ -145,14 +145,14 @@ def test_ragged_batch_gives_each_image_its_own_tokens(family, tiny_families):
     mask = adapter.processor_image_mask(inputs)
     assert torch.equal(mask, adapter.image_token_mask(inputs["input_ids"]))
     layouts = adapter.image_layouts(inputs)
-    tokens, eoi = image_batch_ragged(adapter, inputs, [1])
+    tokens, eoi, _ = image_batch_ragged(adapter, inputs, [1])
     for row, layout, rows in zip(mask, layouts, tokens[1]):
         assert len(layout.content) == int(row.sum())
         assert len(rows) == int(layout.content.sum()) == sum(r * c for r, c in layout.grids)
     assert eoi[1].shape == (2, adapter.hidden_size)
     # each image alone gives the same rows as in the padded batch
     for index, image in enumerate([wide, square]):
-        alone, _ = image_batch_ragged(adapter, dict(adapter.image_inputs([image], "What is it?", True)), [1])
+        alone, _, _ = image_batch_ragged(adapter, dict(adapter.image_inputs([image], "What is it?", True)), [1])
         torch.testing.assert_close(alone[1][0], tokens[1][index], rtol=0, atol=1e-5)
     if family in ("qwen2_5_vl", "qwen3_vl", "gemma4"):  # one grid at the image's own aspect
         (rows_w, cols_w), (rows_s, cols_s) = layouts[0].grids[0], layouts[1].grids[0]
@@ -194,6 +194,10 @@ def test_ragged_readout_keeps_each_image_its_token_count(tiny_families, tmp_path
     assert len(set(counts)) > 1
     for index, tokens in enumerate(readout.image_tokens):
         torch.testing.assert_close(readout.image_pooled[("mean", 5)][index], tokens.mean(dim=0), rtol=0, atol=1e-5)
+    # a feature's heat map lies at each image's own aspect: wide, square, tall
+    maps = readout.image_tokens.feature_maps_per_image([0])[0]
+    shapes = [readout.image_tokens.token_map(i, maps[i]).shape for i in range(3)]
+    assert shapes[0][1] > shapes[0][0] and shapes[1][0] == shapes[1][1] and shapes[2][0] > shapes[2][1], shapes
 
 
 def test_cross_attention_models_are_refused_in_one_line(tmp_path):

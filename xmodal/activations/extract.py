@@ -19,7 +19,7 @@ from xmodal.activations.capture import run_to_layers
 from xmodal.config import PositionsConfig
 from xmodal.data.concepts import ConceptDataset
 from xmodal.errors import ConfigError
-from xmodal.models.base import ModelAdapter, TextPrompt
+from xmodal.models.base import ImageLayout, ModelAdapter, TextPrompt
 
 
 @dataclass
@@ -100,9 +100,12 @@ def image_batch_hidden(adapter: ModelAdapter, inputs: dict, layers: Sequence[int
     return tokens, eoi
 
 
-def image_batch_ragged(adapter: ModelAdapter, inputs: dict, layers: Sequence[int]) -> tuple[dict[int, list[torch.Tensor]], dict[int, torch.Tensor]]:
+def image_batch_ragged(
+    adapter: ModelAdapter, inputs: dict, layers: Sequence[int]
+) -> tuple[dict[int, list[torch.Tensor]], dict[int, torch.Tensor], list[ImageLayout]]:
     """One forward pass over a padded batch of images whose token counts may differ; per layer, on the
-    model's device, each image's (content tokens, d_model) and (images, d_model) right after the image.
+    model's device, each image's (content tokens, d_model) and (images, d_model) right after the image;
+    and each image's layout (its grids, in the order of its content tokens).
 
     Each image's positions are its row of the processor's image-token mask (never a count), minus the
     tokens its layout marks as newline or separator (adapter.image_layouts)."""
@@ -128,7 +131,7 @@ def image_batch_ragged(adapter: ModelAdapter, inputs: dict, layers: Sequence[int
         tokens[layer] = [hidden[i, where[layout.content].to(hidden.device)] for i, (where, layout) in enumerate(zip(positions, layouts))]
         after = torch.tensor([int(where[-1]) + 1 for where in positions], device=hidden.device)
         eoi[layer] = hidden[torch.arange(len(positions), device=hidden.device), after]
-    return tokens, eoi
+    return tokens, eoi, layouts
 
 
 def image_batch_rows(adapter: ModelAdapter, inputs: Any, layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
