@@ -236,3 +236,47 @@ def _dataset_of_sizes(sizes):
         Image.new("RGB", size, (40 * index, 200, 90)).save(encoded, format="PNG")
         images.append(ConceptImage(["apple", "pear"][index % 2], f"drawn {size}", encoded.getvalue()))
     return ConceptDataset("sizes", [Concept("apple", "a red apple"), Concept("pear", "a green pear")], images)
+
+
+@pytest.mark.parametrize(
+    "study, family",
+    [("features", "llava_next"), ("features", "internvl"), ("lens", "qwen2_5_vl"), ("steering", "qwen2_5_vl")],
+)
+def test_sae_studies_finish_on_tiny_families(study, family, tmp_path):
+    """features (heat maps at each image's own grid, newlines left out), lens and steering on ragged families."""
+    from tests.conftest import run_in_process
+    from tests.test_sae import save_jumprelu_sae
+
+    save_jumprelu_sae(tmp_path / "sae" / "layer_1", d_in=64, d_sae=128)
+    extra = ["experiment.concept=red_circle", "experiment.images=[blue_square,green_circle]"] if study == "steering" else []
+    code = run_in_process(
+        f"experiment={study}",
+        f"model=tiny_{family}",
+        "sae=local",
+        f"sae.path='{tmp_path / 'sae' / 'layer_{layer}'}'",
+        "dataset=synthetic",
+        "dataset.images_per_concept=2",
+        *extra,
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        run_dir=tmp_path / "run",
+    )
+    assert code == 0, (tmp_path / "run" / "failure.json").read_text() if (tmp_path / "run" / "failure.json").exists() else code
+    assert (tmp_path / "run" / "result.json").exists()
+
+
+def test_das_refuses_a_ragged_family_in_one_line(tmp_path, capsys):
+    from tests.conftest import run_in_process
+
+    code = run_in_process(
+        "experiment=das",
+        "experiment.steps=3",
+        "experiment.concepts=[red_circle,blue_square]",
+        "experiment.alignment_concepts=[red_circle,blue_square,green_circle]",
+        "model=tiny_qwen2_5_vl",
+        "dataset=synthetic",
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        run_dir=tmp_path / "run",
+    )
+    assert code == 2
+    assert "pixel synthesis (experiment=das) cannot run on it yet" in "".join(capsys.readouterr())
+    assert not (tmp_path / "run" / "result.json").exists()

@@ -433,6 +433,12 @@ class ModelAdapter:
 
     def image_side(self) -> int:
         """The square side, in pixels, that the processor resizes images to."""
+        if self.ragged_images:
+            raise ConfigError(
+                f"model {self.name!r} ({self.family}) has no fixed square input: its processor resizes, tiles or "
+                "patchifies each image by its own size, so pixel synthesis (experiment=das) cannot run on it yet; "
+                "use a fixed-resolution family (gemma3, paligemma, llava)"
+            )
         image_processor = self.processor.image_processor
         size = getattr(image_processor, "crop_size", None) or image_processor.size  # CLIP crops after resizing
         side = size.get("height") or size.get("shortest_edge")
