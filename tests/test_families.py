@@ -280,3 +280,17 @@ def test_das_refuses_a_ragged_family_in_one_line(tmp_path, capsys):
     assert code == 2
     assert "pixel synthesis (experiment=das) cannot run on it yet" in "".join(capsys.readouterr())
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_activation_store_rows_take_ragged_images(tiny_families):
+    """xmodal.sae_train's store: each image contributes its own number of token rows."""
+    from xmodal.activations.store import IMAGE, stream_rows
+    from xmodal.config import PositionsConfig
+
+    adapter = tiny_families["qwen2_5_vl"]
+    dataset = _dataset_of_sizes([(96, 32), (48, 48), (32, 96), (64, 32)])
+    (rows, modality, item), *_ = stream_rows(adapter, dataset, [], [(IMAGE, [0, 1, 2, 3])], [1], PositionsConfig(batch_size=4), progress=False)
+    counts = torch.bincount(item, minlength=4).tolist()
+    expected = [int(adapter.image_token_mask(adapter.image_inputs([img.load()], "", True)["input_ids"]).sum()) for img in dataset.images]
+    assert counts == expected and len(set(counts)) > 1
+    assert rows[1].shape == (sum(counts), adapter.hidden_size) and bool((modality == IMAGE).all())
