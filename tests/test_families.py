@@ -108,3 +108,189 @@ def test_family_loads_from_local_directory_and_reads_right_positions(family, tin
             reference = adapter.model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
         for layer in layers:
             torch.testing.assert_close(captured[layer], reference[layer + 1], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the newer families ----
+# Tiny random models of each family's real transformers class (xmodal.models.tiny_families),
+# with byte-level tokenizers carrying the family's special tokens: dynamic resolution, anyres
+# tiles with newlines, tiles plus thumbnail, image splitting.
+TINY_FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma4", "llava_next", "llava_onevision", "internvl", "idefics3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_families():
+    from xmodal.models.tiny_families import tiny_family
+
+    return {family: tiny_family(family, device="cpu") for family in TINY_FAMILIES}
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_verify_passes_on_each_tiny_family(family, tiny_families):
+    from xmodal.verify import format_table, verify_model
+
+    checks = verify_model(tiny_families[family])
+    assert all(c.ok for c in checks), format_table(family, checks)
+    assert len(checks) == 9
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_ragged_batch_gives_each_image_its_own_tokens(family, tiny_families):
+    """A wide and a square image in one padded batch: each is read by its own row of the processor's
+    mask, minus the newline tokens its layout marks, and a wide image gets a wide grid."""
+    from xmodal.activations.extract import image_batch_ragged
+
+    adapter = tiny_families[family]
+    wide, square = Image.new("RGB", (96, 32), (200, 30, 30)), Image.new("RGB", (48, 48), (30, 200, 30))
+    inputs = dict(adapter.image_inputs([wide, square], "What is it?", True))
+    mask = adapter.processor_image_mask(inputs)
+    assert torch.equal(mask, adapter.image_token_mask(inputs["input_ids"]))
+    layouts = adapter.image_layouts(inputs)
+    tokens, eoi, _ = image_batch_ragged(adapter, inputs, [1])
+    for row, layout, rows in zip(mask, layouts, tokens[1]):
+        assert len(layout.content) == int(row.sum())
+        assert len(rows) == int(layout.content.sum()) == sum(r * c for r, c in layout.grids)
+    assert eoi[1].shape == (2, adapter.hidden_size)
+    # each image alone gives the same rows as in the padded batch
+    for index, image in enumerate([wide, square]):
+        alone, _, _ = image_batch_ragged(adapter, dict(adapter.image_inputs([image], "What is it?", True)), [1])
+        torch.testing.assert_close(alone[1][0], tokens[1][index], rtol=0, atol=1e-5)
+    if family in ("qwen2_5_vl", "qwen3_vl", "gemma4"):  # one grid at the image's own aspect
+        (rows_w, cols_w), (rows_s, cols_s) = layouts[0].grids[0], layouts[1].grids[0]
+        assert cols_w > rows_w and cols_s == rows_s
+        assert int(mask[0].sum()) != int(mask[1].sum())
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_overlap_finishes_on_each_tiny_family(family, tmp_path):
+    from tests.conftest import run_in_process
+
+    code = run_in_process(
+        "experiment=overlap",
+        f"model=tiny_{family}",
+        "sae=none",
+        "dataset=synthetic",
+        "dataset.images_per_concept=2",
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        run_dir=tmp_path / "run",
+    )
+    assert code == 0
+    assert (tmp_path / "run" / "result.json").exists()
+
+
+def test_ragged_readout_keeps_each_image_its_token_count(tiny_families, tmp_path):
+    """The streaming readout of a dynamic-resolution model stores each image's own token count."""
+    from xmodal.activations.readout import ReadoutPlan, TokenKeep, read_layer, stream_readouts
+    from xmodal.config import PositionsConfig
+    from xmodal.saes.loading import FeatureSpace
+
+    adapter = tiny_families["qwen2_5_vl"]
+    sizes = [(96, 32), (48, 48), (32, 96)]
+    dataset = _dataset_of_sizes(sizes)
+    plan = ReadoutPlan(1, FeatureSpace("raw", 1, None, adapter.hidden_size, {"kind": "raw"}), image_poolings=(("mean", 5),), tokens=TokenKeep.dense)
+    stream_readouts(adapter, dataset, [plan], [tmp_path / "layer1"], PositionsConfig(batch_size=3), batch_size=3, progress=False)
+    readout = read_layer(tmp_path / "layer1")
+    counts = readout.image_tokens.counts.tolist()
+    assert counts == [int(adapter.image_token_mask(adapter.image_inputs([img.load()], "", True)["input_ids"]).sum()) for img in dataset.images]
+    assert len(set(counts)) > 1
+    for index, tokens in enumerate(readout.image_tokens):
+        torch.testing.assert_close(readout.image_pooled[("mean", 5)][index], tokens.mean(dim=0), rtol=0, atol=1e-5)
+    # a feature's heat map lies at each image's own aspect: wide, square, tall
+    maps = readout.image_tokens.feature_maps_per_image([0])[0]
+    shapes = [readout.image_tokens.token_map(i, maps[i]).shape for i in range(3)]
+    assert shapes[0][1] > shapes[0][0] and shapes[1][0] == shapes[1][1] and shapes[2][0] > shapes[2][1], shapes
+
+
+def test_cross_attention_models_are_refused_in_one_line(tmp_path):
+    from transformers import MllamaConfig
+
+    from xmodal.errors import ConfigError
+
+    MllamaConfig().save_pretrained(tmp_path / "mllama")
+    with pytest.raises(ConfigError, match="cross-attention") as caught:
+        LlavaAdapter.from_pretrained("mllama", str(tmp_path / "mllama"), device="cpu")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_processor_without_an_image_token_fails_in_one_line_without_a_result(tmp_path, monkeypatch, capsys):
+    import xmodal.models.tiny_families as tiny_families_module
+    from tests.conftest import run_in_process
+
+    monkeypatch.setattr(tiny_families_module, "images_only_processor", lambda processor_class, **kwargs: kwargs["tokenizer"])
+    code = run_in_process(
+        "experiment=overlap", "model=tiny_qwen2_5_vl", "sae=none", "dataset=synthetic", f"paths.activation_cache={tmp_path / 'cache'}", run_dir=tmp_path / "run"
+    )
+    output = "".join(capsys.readouterr())
+    assert code == 2
+    assert "has no image token or image processor" in output
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def _dataset_of_sizes(sizes):
+    import io
+
+    from xmodal.data.concepts import Concept, ConceptDataset, ConceptImage
+
+    images = []
+    for index, size in enumerate(sizes):
+        encoded = io.BytesIO()
+        Image.new("RGB", size, (40 * index, 200, 90)).save(encoded, format="PNG")
+        images.append(ConceptImage(["apple", "pear"][index % 2], f"drawn {size}", encoded.getvalue()))
+    return ConceptDataset("sizes", [Concept("apple", "a red apple"), Concept("pear", "a green pear")], images)
+
+
+@pytest.mark.parametrize(
+    "study, family",
+    [("features", "llava_next"), ("features", "internvl"), ("lens", "qwen2_5_vl"), ("steering", "qwen2_5_vl")],
+)
+def test_sae_studies_finish_on_tiny_families(study, family, tmp_path):
+    """features (heat maps at each image's own grid, newlines left out), lens and steering on ragged families."""
+    from tests.conftest import run_in_process
+    from tests.test_sae import save_jumprelu_sae
+
+    save_jumprelu_sae(tmp_path / "sae" / "layer_1", d_in=64, d_sae=128)
+    extra = ["experiment.concept=red_circle", "experiment.images=[blue_square,green_circle]"] if study == "steering" else []
+    code = run_in_process(
+        f"experiment={study}",
+        f"model=tiny_{family}",
+        "sae=local",
+        f"sae.path='{tmp_path / 'sae' / 'layer_{layer}'}'",
+        "dataset=synthetic",
+        "dataset.images_per_concept=2",
+        *extra,
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        run_dir=tmp_path / "run",
+    )
+    assert code == 0, (tmp_path / "run" / "failure.json").read_text() if (tmp_path / "run" / "failure.json").exists() else code
+    assert (tmp_path / "run" / "result.json").exists()
+
+
+def test_das_refuses_a_ragged_family_in_one_line(tmp_path, capsys):
+    from tests.conftest import run_in_process
+
+    code = run_in_process(
+        "experiment=das",
+        "experiment.steps=3",
+        "experiment.concepts=[red_circle,blue_square]",
+        "experiment.alignment_concepts=[red_circle,blue_square,green_circle]",
+        "model=tiny_qwen2_5_vl",
+        "dataset=synthetic",
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        run_dir=tmp_path / "run",
+    )
+    assert code == 2
+    assert "pixel synthesis (experiment=das) cannot run on it yet" in "".join(capsys.readouterr())
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_activation_store_rows_take_ragged_images(tiny_families):
+    """xmodal.sae_train's store: each image contributes its own number of token rows."""
+    from xmodal.activations.store import IMAGE, stream_rows
+    from xmodal.config import PositionsConfig
+
+    adapter = tiny_families["qwen2_5_vl"]
+    dataset = _dataset_of_sizes([(96, 32), (48, 48), (32, 96), (64, 32)])
+    (rows, modality, item), *_ = stream_rows(adapter, dataset, [], [(IMAGE, [0, 1, 2, 3])], [1], PositionsConfig(batch_size=4), progress=False)
+    counts = torch.bincount(item, minlength=4).tolist()
+    expected = [int(adapter.image_token_mask(adapter.image_inputs([img.load()], "", True)["input_ids"]).sum()) for img in dataset.images]
+    assert counts == expected and len(set(counts)) > 1
+    assert rows[1].shape == (sum(counts), adapter.hidden_size) and bool((modality == IMAGE).all())

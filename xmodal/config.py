@@ -107,6 +107,19 @@ class TinyModelConfig(ModelConfig):
     tokenizer_cache: str = "${paths.model_cache}"
 
 
+@dataclass
+class TinyFamilyModelConfig(ModelConfig):
+    """A random-weight model of a VLM family's real transformers class (xmodal.models.tiny_families)."""
+
+    family: str = MISSING  # qwen2_5_vl, llava_next, ...
+    num_hidden_layers: int = 4
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    init_seed: int = 0
+
+
 # ------------------------------------------------------------------ sae ----
 class SAESite(str, Enum):
     """Where in a decoder layer an SAE reads (and a steered feature writes)."""
@@ -378,6 +391,7 @@ def register_configs() -> None:
         ("model", "base_pretrained", PretrainedModelConfig),
         ("model", "base_tiny", TinyModelConfig),
         ("model", "base_tiny_clip", TinyClipModelConfig),
+        ("model", "base_tiny_family", TinyFamilyModelConfig),
         ("dataset", "base_hub", HubDatasetConfig),
         ("sae", "base_none", NoSAEConfig),
         ("sae", "base_pretrained", PretrainedSAEConfig),

@@ -19,7 +19,7 @@ from xmodal.activations.capture import run_to_layers, site_points
 from xmodal.config import PositionsConfig
 from xmodal.data.concepts import ConceptDataset
 from xmodal.errors import ConfigError
-from xmodal.models.base import ModelAdapter, TextPrompt
+from xmodal.models.base import ImageLayout, ModelAdapter, TextPrompt
 
 
 @dataclass
@@ -83,6 +83,17 @@ def image_batch_hidden(
     device, (images, image tokens, d_model) at the soft tokens and (images, d_model) right after the image,
     read at `site`."""
     mask = adapter.image_token_mask(inputs["input_ids"])
+    counts = mask.sum(dim=1)
+    if len(counts) and bool((counts != counts[0]).any()):
+        raise ConfigError(
+            f"model {adapter.name!r} gives these images different numbers of image tokens ({counts.tolist()}); "
+            "this read takes fixed-count images only: resize the images to one size, or use a study that reads ragged images"
+        )
+    if len(counts) and int(counts[0]) == 0:
+        raise ConfigError(
+            f"model {adapter.name!r}: the processor put no image token (id {adapter.image_token_id}) into the prompt; "
+            "use a processor and chat template that write the image placeholder"
+        )
     device_inputs = {k: to_device(v, adapter.device) for k, v in inputs.items()}
     captured = run_to_layers(adapter.model, site_points(adapter, site), device_inputs, layers)
     n_images, n_tokens = mask.shape[0], int(mask[0].sum())
@@ -91,6 +102,40 @@ def image_batch_hidden(
     tokens = {layer: captured[layer][mask.to(captured[layer].device)].view(n_images, n_tokens, -1) for layer in layers}
     eoi = {layer: captured[layer][rows.to(captured[layer].device), eoi_positions.to(captured[layer].device)] for layer in layers}
     return tokens, eoi
+
+
+def image_batch_ragged(
+    adapter: ModelAdapter, inputs: dict, layers: Sequence[int], site: str = "resid_post"
+) -> tuple[dict[int, list[torch.Tensor]], dict[int, torch.Tensor], list[ImageLayout]]:
+    """One forward pass over a padded batch of images whose token counts may differ; per layer, on the
+    model's device, each image's (content tokens, d_model) and (images, d_model) right after the image;
+    and each image's layout (its grids, in the order of its content tokens).
+
+    Each image's positions are its row of the processor's image-token mask (never a count), minus the
+    tokens its layout marks as newline or separator (adapter.image_layouts)."""
+    mask = adapter.image_token_mask(inputs["input_ids"])
+    layouts = adapter.image_layouts(inputs)
+    positions = []
+    for row, layout in zip(mask, layouts):
+        where = row.nonzero().squeeze(-1)
+        if len(where) == 0:
+            raise ConfigError(
+                f"model {adapter.name!r}: the processor put no image token (id {adapter.image_token_id}) into the prompt; "
+                "use a processor and chat template that write the image placeholder"
+            )
+        if len(where) != len(layout.content):
+            raise ConfigError(f"model {adapter.name!r}: an image has {len(where)} image tokens but its layout {layout.grids} covers {len(layout.content)}")
+        positions.append(where)
+    device_inputs = {k: to_device(v, adapter.device) for k, v in inputs.items()}
+    captured = run_to_layers(adapter.model, site_points(adapter, site), device_inputs, layers)
+    tokens: dict[int, list[torch.Tensor]] = {}
+    eoi: dict[int, torch.Tensor] = {}
+    for layer in layers:
+        hidden = captured[layer]
+        tokens[layer] = [hidden[i, where[layout.content].to(hidden.device)] for i, (where, layout) in enumerate(zip(positions, layouts))]
+        after = torch.tensor([int(where[-1]) + 1 for where in positions], device=hidden.device)
+        eoi[layer] = hidden[torch.arange(len(positions), device=hidden.device), after]
+    return tokens, eoi, layouts
 
 
 def image_batch_rows(

@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from xmodal.activations.extract import image_batch_hidden, image_input_loader, text_batch_rows
+from xmodal.activations.extract import image_batch_hidden, image_batch_ragged, image_input_loader, text_batch_rows
 from xmodal.activations.shards import PROGRESS, check_shard_sizes, remove_stale_temporaries, save_shard, write_json_atomic
 from xmodal.config import PositionsConfig
 from xmodal.data.concepts import ConceptDataset
@@ -117,6 +117,36 @@ class TokenRows:
         counts = [self._read(shard, ["counts"])["counts"] for shard in shards]
         self.counts = torch.cat(counts).long() if counts else torch.zeros(0, dtype=torch.long)
         self._shard_start = np.cumsum([0] + [s["images"] for s in shards])
+        # Ragged readouts (dynamic-resolution models) keep each image's grids; fixed-count ones do not.
+        self.grids: list[list[tuple[int, int]]] | None = None
+        if shards and self._has(shards[0], "grids"):
+            self.grids = []
+            for shard in shards:
+                data = self._read(shard, ["grids", "grid_counts"])
+                for block in data["grids"].split(data["grid_counts"].tolist()):
+                    self.grids.append([(int(r), int(c)) for r, c in block.tolist()])
+
+    def _has(self, shard: dict, name: str) -> bool:
+        with safe_open(self.directory / shard["file"], framework="pt") as handle:
+            return name in handle.keys()
+
+    def token_map(self, image: int, values: np.ndarray) -> np.ndarray:
+        """(rows, columns) of one image's per-token `values` on its largest grid (the tile grid of an
+        anyres image, the one grid of a dynamic-resolution image), at the image's own aspect."""
+        if self.grids is None:
+            raise StoreError(f"readout {self.directory} keeps no per-image grids (a fixed-count model); use the model's image_token_grid")
+        grids = self.grids[image]
+        sizes = [r * c for r, c in grids]
+        largest = int(np.argmax(sizes))
+        start = sum(sizes[:largest])
+        rows, cols = grids[largest]
+        return np.asarray(values)[start : start + rows * cols].reshape(rows, cols)
+
+    def feature_maps_per_image(self, chosen: Sequence[int]) -> list[list[np.ndarray]]:
+        """Per chosen feature, its value at every token of each image: one (tokens_i,) array per image."""
+        chosen = [int(f) for f in chosen]
+        per_image = [tokens[:, chosen].numpy() for tokens in self]
+        return [[m[:, n] for m in per_image] for n in range(len(chosen))]
 
     def _read(self, shard: dict, names: Sequence[str]) -> dict[str, torch.Tensor]:
         with safe_open(self.directory / shard["file"], framework="pt") as handle:
@@ -370,6 +400,18 @@ def encode_and_pool(plan: ReadoutPlan, tokens: torch.Tensor, eoi: torch.Tensor) 
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
+def encode_and_pool_ragged(
+    plan: ReadoutPlan, tokens: Sequence[torch.Tensor], eoi: torch.Tensor, grids: Sequence[Sequence[tuple[int, int]]]
+) -> dict[str, torch.Tensor]:
+    """encode_and_pool for images with their own token counts: (tokens_i, d) each, image by image.
+    Each image's grids ((rows, columns) of its content tokens, in order) are kept beside its codes."""
+    parts = [encode_and_pool(plan, t.unsqueeze(0), e.unsqueeze(0)) for t, e in zip(tokens, eoi)]
+    out = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    out["grids"] = torch.tensor([list(g) for image in grids for g in image], dtype=torch.int32).view(-1, 2)
+    out["grid_counts"] = torch.tensor([len(image) for image in grids], dtype=torch.int32)
+    return out
+
+
 def text_outputs(plan: ReadoutPlan, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every concept's text tokens (CPU float32, one tensor each), encoded, pooled and kept as `plan` asks."""
     width = plan.space.d_sae
@@ -484,11 +526,19 @@ def stream_readouts(
     loader = image_input_loader(adapter, images, batches, positions)
     done, started = start, time.perf_counter()
     for batch, inputs in zip(batches, tqdm(loader, desc=f"{adapter.name}: images", disable=not progress, leave=False, total=len(batches))):
-        tokens, eoi = image_batch_hidden(adapter, inputs, layers, site)
         done += len(batch)
-        for writer in writers:
-            writer.add(encode_and_pool(writer.plan, tokens[writer.plan.layer], eoi[writer.plan.layer]))
-        del tokens, eoi
+        if adapter.ragged_images:
+            ragged, eoi, layouts = image_batch_ragged(adapter, inputs, layers, site)
+            grids = [layout.grids for layout in layouts]
+            for writer in writers:
+                writer.add(encode_and_pool_ragged(writer.plan, ragged[writer.plan.layer], eoi[writer.plan.layer], grids))
+            del ragged
+        else:
+            tokens, eoi = image_batch_hidden(adapter, inputs, layers, site)
+            for writer in writers:
+                writer.add(encode_and_pool(writer.plan, tokens[writer.plan.layer], eoi[writer.plan.layer]))
+            del tokens
+        del eoi
         held = sum(w.buffered_bytes for w in writers)
         for writer in writers:
             writer.progress["peak_buffer_bytes"] = max(writer.progress.get("peak_buffer_bytes", 0), held)

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from xmodal.activations.extract import image_batch_rows, image_input_loader, text_batch_rows
+from xmodal.activations.extract import image_batch_ragged, image_batch_rows, image_input_loader, text_batch_rows
 from xmodal.activations.shards import PROGRESS, check_shard_sizes, remove_stale_temporaries, save_shard, write_json_atomic
 from xmodal.config import PositionsConfig
 from xmodal.data.concepts import ConceptDataset
@@ -120,7 +120,11 @@ def stream_rows(
     image_batches = [items for modality, items in plan if modality == IMAGE]
     loader = iter(image_input_loader(adapter, dataset.images, image_batches, positions))
     for modality, items in tqdm(plan, desc=desc, disable=not progress, unit="batch"):
-        if modality == IMAGE:
+        if modality == IMAGE and adapter.ragged_images:  # each image its own number of (content) tokens
+            ragged, _, _ = image_batch_ragged(adapter, next(loader), layers, site)
+            rows = {layer: torch.cat(r).float().cpu() for layer, r in ragged.items()}
+            item = torch.tensor(items).repeat_interleave(torch.tensor([len(r) for r in ragged[layers[0]]]))
+        elif modality == IMAGE:
             tokens, _ = image_batch_rows(adapter, next(loader), layers, site)
             rows = {layer: t.flatten(0, 1) for layer, t in tokens.items()}
             per_item = tokens[layers[0]].shape[1]

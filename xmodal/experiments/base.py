@@ -159,6 +159,9 @@ class RunContext:
         if not features or not self.model.has_decoder:  # a dual encoder's image is one embedding: no patches to map
             return
         readout = self.readout()
+        if readout.image_tokens.grids is not None:  # ragged images: each at its own grid and aspect
+            self.figure(name, figures.patch_heatmap_rows(self._ragged_heatmap_rows(readout, features, labels, top_images), self.layer))
+            return
         maps = readout.image_tokens.feature_maps(features)
         grid = self.model.image_token_grid(readout.tokens_per_image)
         rows = []
@@ -175,6 +178,22 @@ class RunContext:
                 )
             )
         self.figure(name, figures.patch_heatmap_rows(rows, self.layer))
+
+    def _ragged_heatmap_rows(self, readout: Any, features: list[int], labels: Sequence[str], top_images: int) -> list[tuple]:
+        tokens = readout.image_tokens
+        rows = []
+        for feature_maps, label in zip(tokens.feature_maps_per_image(features), labels):
+            pooled = np.array([m.mean() if len(m) else 0.0 for m in feature_maps])
+            order = [i for i in np.argsort(-pooled, kind="stable")[:top_images] if pooled[i] > 0]
+            rows.append(
+                (
+                    label,
+                    [self.dataset.images[i].load() for i in order],
+                    [tokens.token_map(i, feature_maps[i]) for i in order],
+                    [readout.image_concepts[i] for i in order],
+                )
+            )
+        return rows
 
     def tensors(self, name: str, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
         self.writer.tensors(name, tensors, metadata)

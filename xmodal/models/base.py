@@ -171,6 +171,44 @@ SITE_MODULES: dict[HookSite, tuple[tuple[str, HookSide], ...]] = {
 }
 
 
+# Families whose images enter the decoder through cross-attention layers, not as tokens of its sequence:
+# there are no image-token positions in the residual stream for xmodal's image-token studies to read.
+CROSS_ATTENTION_MODEL_TYPES = {"mllama": "Mllama (Llama 3.2 Vision)", "idefics": "Idefics 1", "flamingo": "Flamingo"}
+
+
+def refuse_cross_attention(name: str, hf_config: Any) -> None:
+    """One clear line for a cross-attention VLM, before any weight loads."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in CROSS_ATTENTION_MODEL_TYPES:
+        raise ConfigError(
+            f"model {name!r} is {CROSS_ATTENTION_MODEL_TYPES[model_type]} (model_type={model_type!r}): its images enter through "
+            "cross-attention layers, so its residual stream has no image tokens for xmodal's image-token studies to read; "
+            "pick a family with image tokens (Qwen2.5-VL, Gemma 3/4, LLaVA, InternVL, Idefics3)"
+        )
+
+
+@dataclass
+class ImageLayout:
+    """How one image's soft tokens (its positions in the processor's image-token mask, in order) lie.
+
+    `grids` are the (rows, columns) of each block of content tokens in token order: one grid for a
+    fixed-resolution model, the base image then the tiles for anyres (LLaVA-NeXT, LLaVA-OneVision),
+    tiles then the thumbnail (InternVL, Idefics3). `content` is False at tokens that carry no patch:
+    newline and separator tokens inside the image-token mask; they are left out of every pooling and
+    of the stored token rows by default.
+    """
+
+    grids: list[tuple[int, int]]
+    content: torch.Tensor  # bool (image tokens,)
+
+    def __post_init__(self) -> None:
+        n_content = int(self.content.sum())
+        if sum(r * c for r, c in self.grids) != n_content:
+            raise ModelLoadError(
+                f"image layout {self.grids} holds {sum(r * c for r, c in self.grids)} tokens but the image has {n_content} content tokens; the family adapter's layout is wrong"
+            )
+
+
 @dataclass
 class TextPrompt:
     """A tokenised text prompt and where the concept's tokens sit in it."""
@@ -193,6 +231,9 @@ class ModelAdapter:
     reuses_text_prefix: ClassVar[bool] = False
     # Where each site sits in a decoder layer; a family whose layers name their modules otherwise overrides it.
     site_modules: ClassVar[dict[HookSite, tuple[tuple[str, HookSide], ...]]] = SITE_MODULES
+    # Dynamic resolution: images of different sizes get different numbers of image tokens (Qwen's
+    # image_grid_thw, anyres tiles), so batches are padded and each image is read by its own mask row.
+    ragged_images: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -249,6 +290,7 @@ class ModelAdapter:
         torch_device = resolve_device(device)
         common = dict(revision=revision, trust_remote_code=trust_remote_code)
         hf_config = hub_load(AutoConfig.from_pretrained, name_or_path, "model config", **common)
+        refuse_cross_attention(name, hf_config)
         placement = {}
         if device_map is not None:
             from omegaconf import DictConfig, OmegaConf
@@ -437,16 +479,46 @@ class ModelAdapter:
         """Processor outputs for a batch of images, all with the same prompt."""
         if not self.supports_images:
             raise ConfigError(f"model {self.name!r} ({self.family}) is text-only; it cannot read images")
+        if getattr(self.processor, "image_token", None) is None or getattr(self.processor, "image_processor", None) is None:
+            raise ConfigError(
+                f"model {self.name!r}: its processor ({type(self.processor).__name__}) has no image token or image processor, "
+                "so it cannot put images into a prompt; point model.name_or_path at a VLM checkpoint whose processor has both"
+            )
         rendered = self.render_prompt(prompt, True, use_chat_template)
+        # Ragged families: the same prompt expands to different lengths, so the batch is padded.
+        padding = {"padding": True} if self.ragged_images else {}
         return self.processor(
             text=[rendered] * len(images),
             images=[[img.convert("RGB")] for img in images],
             return_tensors="pt",
             add_special_tokens=self._adds_bos(rendered),
+            **padding,
         )
+
+    def processor_image_mask(self, inputs: Any) -> torch.Tensor:
+        """The processor's own mask of image soft tokens: its ``mm_token_type_ids`` (1 at image tokens)
+        where it returns them, else its image token id (xmodal.verify checks image_token_mask against it)."""
+        if "mm_token_type_ids" in inputs:
+            return inputs["mm_token_type_ids"] == 1
+        return inputs["input_ids"] == self.processor.image_token_id
+
+    def image_layouts(self, inputs: Any) -> list["ImageLayout"]:
+        """Each image's layout (one image per row of `inputs`): by default every image token is content,
+        in one grid (`image_token_grid`). Families with tiles, newlines or per-image grids override this."""
+        layouts = []
+        for row in self.image_token_mask(inputs["input_ids"]):
+            n_tokens = int(row.sum())
+            layouts.append(ImageLayout([self.image_token_grid(n_tokens)], torch.ones(n_tokens, dtype=torch.bool)))
+        return layouts
 
     def image_side(self) -> int:
         """The square side, in pixels, that the processor resizes images to."""
+        if self.ragged_images:
+            raise ConfigError(
+                f"model {self.name!r} ({self.family}) has no fixed square input: its processor resizes, tiles or "
+                "patchifies each image by its own size, so pixel synthesis (experiment=das) cannot run on it yet; "
+                "use a fixed-resolution family (gemma3, paligemma, llava)"
+            )
         image_processor = self.processor.image_processor
         size = getattr(image_processor, "crop_size", None) or image_processor.size  # CLIP crops after resizing
         side = size.get("height") or size.get("shortest_edge")
@@ -473,7 +545,10 @@ class ModelAdapter:
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the image soft-token positions."""
         if self.image_token_id is None:
-            raise ConfigError(f"model {self.name!r} has no image token id")
+            raise ConfigError(
+                f"model {self.name!r} has no image token id in its config (image_token_id=None), so its image positions "
+                "cannot be read; use a checkpoint whose config and processor define an image token"
+            )
         return input_ids == self.image_token_id
 
 

@@ -30,6 +30,10 @@ class Gemma3Adapter(ModelAdapter):
             "cache": prefix_cache,
         }
 
+    def processor_image_mask(self, inputs: Any) -> torch.Tensor:
+        # Gemma3Processor's image_token is the <start_of_image> placeholder; token_type_ids marks the soft tokens.
+        return inputs["token_type_ids"] == 1
+
     @classmethod
     def auto_model_class(cls) -> Any:
         from transformers import Gemma3ForConditionalGeneration

@@ -51,20 +51,21 @@ class FeatureCards(Experiment):
             chosen = self.choose_features(codes)
             stats, best = self.feature_statistics(codes, chosen, ctx.seed)
         with ctx.timed("token_activations"):
-            image_tokens = acts.image_tokens.feature_maps(chosen)
+            ragged = acts.image_tokens.grids is not None  # dynamic resolution: each image its own grid
+            image_tokens = acts.image_tokens.feature_maps_per_image(chosen) if ragged else acts.image_tokens.feature_maps(chosen)
             word_tokens = [acts.text_tokens_of(i)[:, chosen].numpy() for i in range(len(acts.concepts))]
         token_labels = self.word_token_labels(ctx, acts)
         ctx.table("features", stats)
         examples = self.top_examples(codes, chosen, word_tokens, token_labels)
         ctx.table("examples", examples)
-        grid = ctx.model.image_token_grid(acts.tokens_per_image)
+        grid = None if ragged else ctx.model.image_token_grid(acts.tokens_per_image)
         with ctx.timed("figures"):
             images = ctx.dataset.images  # activation row i is dataset image i (extraction keeps the order)
             for n, feature in enumerate(chosen):
                 top = examples[(examples["feature"] == feature) & (examples["modality"] == "image")]
                 # by row: several images can share one source description
                 pictures = [images[i].load() for i in top["row"]]
-                maps = [image_tokens[n][i].reshape(grid) for i in top["row"]]
+                maps = [acts.image_tokens.token_map(i, image_tokens[n][i]) if ragged else image_tokens[n][i].reshape(grid) for i in top["row"]]
                 words = examples[(examples["feature"] == feature) & (examples["modality"] == "text")]
                 ctx.figure(
                     f"feature_{feature}",
@@ -208,22 +209,31 @@ class FeatureCards(Experiment):
         ctx: RunContext,
         acts: LayerReadout,
         chosen: list[int],
-        image_tokens: list[np.ndarray],
+        image_tokens: list[np.ndarray] | list[list[np.ndarray]],
         word_tokens: list[np.ndarray],
         token_labels: list[list[str]],
         codes: ConceptCodes,
     ) -> dict[str, Any]:
         """SAEDashboard's NeuronpediaDashboardBatch shape: the top examples as one bin; image tokens named by grid cell."""
-        rows, cols = ctx.model.image_token_grid(acts.tokens_per_image)
-        cell_names = [f"<image r{r}c{c}>" for r in range(rows) for c in range(cols)]
+        grids = acts.image_tokens.grids
+
+        def cell_names(image: int) -> list[str]:
+            if grids is None:
+                rows, cols = ctx.model.image_token_grid(acts.tokens_per_image)
+                return [f"<image r{r}c{c}>" for r in range(rows) for c in range(cols)]
+            # ragged images: grid g of the image (its base view, tiles, thumbnail), row and column in it
+            return [f"<image g{g} r{r}c{c}>" for g, (rows, cols) in enumerate(grids[image]) for r in range(rows) for c in range(cols)]
+
         logit_effects = self.logit_effects(ctx, chosen)
         features = []
         for n, f in enumerate(chosen):
-            every = np.concatenate([image_tokens[n].ravel(), *[w[:, n] for w in word_tokens]])
+            every = np.concatenate(
+                [np.concatenate([np.ravel(m) for m in image_tokens[n]]) if len(image_tokens[n]) else np.zeros(0), *[w[:, n] for w in word_tokens]]
+            )
             active = every[every > 0]
             heights, edges = np.histogram(active, bins=20) if active.size else (np.zeros(0), np.zeros(1))
             examples = [
-                {"tokens": cell_names, "values": image_tokens[n][i].tolist(), "source": codes.image_sources[i]}
+                {"tokens": cell_names(i), "values": image_tokens[n][i].tolist(), "source": codes.image_sources[i]}
                 for i in active_first(codes.image[:, f], self.config.top_images)
             ]
             examples += [
