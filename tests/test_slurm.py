@@ -189,6 +189,7 @@ def test_a_sweep_is_one_array_whose_tasks_end_in_the_job_completion_log(cluster,
         lambda: len([line for line in cluster.jobcomp_lines() if f"ArrayJobId={array} " in line]) == 3, "3 lines in the job completion log", cluster, timeout=60
     )
     completed = [line for line in cluster.jobcomp_lines() if f"ArrayJobId={array} " in line]
+    print("job completion log:", *completed, sep="\n")  # shown with pytest -s: the records a reader can compare
     assert len(completed) == 3 and all("JobState=COMPLETED" in line and "Partition=debug" in line for line in completed)
     assert {line.split("ArrayTaskId=")[1].split()[0] for line in completed} == {"0", "1", "2"}
     summary = pd.read_parquet(sweep / "summary.parquet")
