@@ -160,6 +160,8 @@ def test_whole_study_presets_set_model_sae_dataset_and_study(preset):
     """experiment=<study>_<model>: one choice sets the study, its model, SAE, dataset and layer; overrides still win."""
     study = preset.split("_")[0]
     cfg = compose_with(f"experiment={preset}")
+    if "root" in cfg.dataset.keys() and OmegaConf.is_missing(cfg.dataset, "root"):  # an image folder: the user names it
+        cfg = compose_with(f"experiment={preset}", "dataset.root=/data/photos")
     schema.validate(cfg)
     assert cfg.experiment.name == study and isinstance(OmegaConf.to_object(cfg.experiment), STUDY_CONFIGS[study])
     default = compose_with(f"experiment={study}")
