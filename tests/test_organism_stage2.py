@@ -203,7 +203,7 @@ def test_an_unshipped_sae_width_names_the_widths_there_are():
     assert shipped_widths("frozen") == [256] and shipped_widths("instruct") == [512, 1024] and shipped_widths("planted") == [512]
     instruct = organism_sae("organism", 9, device="cpu", variant="instruct", width=512)
     assert (instruct.d_sae, instruct.sae.cfg.d_in) == (512, 640)
-    with pytest.raises(SAEError, match="sae.width=1000 is not shipped for the instruct organism; the widths are 512, 1024"):
+    with pytest.raises(SAEError, match=r"sae.width=1000 is not shipped for the instruct organism \(joint\); the widths are 512, 1024"):
         organism_sae("organism", 9, width=1000)
 
 
