@@ -134,7 +134,7 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str, dict]]:
         "organism_sae_layer": (["model=organism", "sae=organism", "dataset=organism_concepts", "layer=7"], "not layer=7", {}),
         "organism_sae_width": (
             ["model=organism", "sae=organism", "dataset=organism_concepts", "layer=9", "sae.width=2048"],
-            "sae.width=2048 is not shipped for the instruct organism; the widths are 512, 1024",
+            "sae.width=2048 is not shipped for the instruct organism (joint); the widths are 512, 1024",
             {},
         ),
         "text_only_dataset": (["experiment=overlap", "dataset=das_appendix_e"], "experiment=overlap needs images, and dataset 'das_appendix_e' has none", {}),
