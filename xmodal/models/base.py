@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import operator
 import os
 import tempfile
@@ -509,6 +510,18 @@ class ModelAdapter:
         for row in self.image_token_mask(inputs["input_ids"]):
             n_tokens = int(row.sum())
             layouts.append(ImageLayout([self.image_token_grid(n_tokens)], torch.ones(n_tokens, dtype=torch.bool)))
+        return layouts
+
+    def square_tile_layouts(self, inputs: Any, per_tile: int) -> list["ImageLayout"]:
+        """Layouts of families that cut an image into square tiles of `per_tile` tokens each, every token
+        content (InternVL's tiles and thumbnail, Idefics3's split image and its global view)."""
+        side = math.isqrt(per_tile)
+        layouts = []
+        for row in self.image_token_mask(inputs["input_ids"]):
+            n_tokens = int(row.sum())
+            if n_tokens % per_tile:
+                raise ConfigError(f"model {self.name!r}: an image has {n_tokens} image tokens, not a whole number of {per_tile}-token tiles")
+            layouts.append(ImageLayout([(side, side)] * (n_tokens // per_tile), torch.ones(n_tokens, dtype=torch.bool)))
         return layouts
 
     def image_side(self) -> int:

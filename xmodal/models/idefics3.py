@@ -8,12 +8,8 @@ mask; the layout lists one square grid per tile, in raster order, the global ima
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
-import torch
-
-from xmodal.errors import ConfigError
 from xmodal.models.base import ImageLayout, ModelAdapter
 
 
@@ -35,12 +31,4 @@ class Idefics3Adapter(ModelAdapter):
         return f"User:{image}{text}<end_of_utterance>\nAssistant:"
 
     def image_layouts(self, inputs: Any) -> list[ImageLayout]:
-        per_tile = int(self.processor.image_seq_len)
-        side = math.isqrt(per_tile)
-        layouts = []
-        for row in self.image_token_mask(inputs["input_ids"]):
-            n_tokens = int(row.sum())
-            if n_tokens % per_tile:
-                raise ConfigError(f"model {self.name!r}: an image has {n_tokens} image tokens, not a whole number of {per_tile}-token tiles")
-            layouts.append(ImageLayout([(side, side)] * (n_tokens // per_tile), torch.ones(n_tokens, dtype=torch.bool)))
-        return layouts
+        return self.square_tile_layouts(inputs, int(self.processor.image_seq_len))

@@ -8,12 +8,8 @@ per tile, tiles in raster order, the thumbnail last.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
-import torch
-
-from xmodal.errors import ConfigError
 from xmodal.models.base import ImageLayout, ModelAdapter
 
 
@@ -33,12 +29,4 @@ class InternVLAdapter(ModelAdapter):
         return f"<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n"
 
     def image_layouts(self, inputs: Any) -> list[ImageLayout]:
-        per_tile = int(self.processor.image_seq_length)
-        side = math.isqrt(per_tile)
-        layouts = []
-        for row in self.image_token_mask(inputs["input_ids"]):
-            n_tokens = int(row.sum())
-            if n_tokens % per_tile:
-                raise ConfigError(f"model {self.name!r}: an image has {n_tokens} image tokens, not a whole number of {per_tile}-token tiles")
-            layouts.append(ImageLayout([(side, side)] * (n_tokens // per_tile), torch.ones(n_tokens, dtype=torch.bool)))
-        return layouts
+        return self.square_tile_layouts(inputs, int(self.processor.image_seq_length))
