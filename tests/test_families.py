@@ -8,6 +8,7 @@ the image positions against the processor's image-token mask.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -114,7 +115,7 @@ def test_family_loads_from_local_directory_and_reads_right_positions(family, tin
 # Tiny random models of each family's real transformers class (xmodal.models.tiny_families),
 # with byte-level tokenizers carrying the family's special tokens: dynamic resolution, anyres
 # tiles with newlines, tiles plus thumbnail, image splitting.
-TINY_FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma4", "llava_next", "llava_onevision", "internvl", "idefics3"]
+TINY_FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma4", "llava_next", "llava_onevision", "internvl", "idefics3", "smolvlm"]
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +176,33 @@ def test_overlap_finishes_on_each_tiny_family(family, tmp_path):
     )
     assert code == 0
     assert (tmp_path / "run" / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_a_preset_sweep_runs_on_every_tiny_family(tmp_path):
+    """layer=preset:0,preset:1 over every family in one sweep: each job resolves the family's own presets."""
+    import pandas as pd
+
+    from tests.conftest import run_in_process
+
+    models = ",".join(f"tiny_{family}" for family in TINY_FAMILIES)
+    code = run_in_process(
+        "-m",
+        "experiment=overlap",
+        f"model={models}",
+        "layer=preset:0,preset:1",
+        "sae=none",
+        "dataset=synthetic",
+        "dataset.images_per_concept=2",
+        "experiment.n_permutations=20",
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        run_dir=tmp_path / "sweep",
+    )
+    summary = pd.read_parquet(tmp_path / "sweep" / "summary.parquet")
+    assert code == 0, summary[["model", "layer", "status", "error"]]
+    assert len(summary) == 2 * len(TINY_FAMILIES) and (summary["status"] == "ok").all()
+    assert set(summary["model"]) == {f"tiny_{family}" for family in TINY_FAMILIES}
+    assert all(sorted(group["layer"]) == [1, 2] for _, group in summary.groupby("model"))  # tiny_<family>: presets [1, 2]
 
 
 def test_ragged_readout_keeps_each_image_its_token_count(tiny_families, tmp_path):
@@ -238,10 +266,9 @@ def _dataset_of_sizes(sizes):
     return ConceptDataset("sizes", [Concept("apple", "a red apple"), Concept("pear", "a green pear")], images)
 
 
-@pytest.mark.parametrize(
-    "study, family",
-    [("features", "llava_next"), ("features", "internvl"), ("lens", "qwen2_5_vl"), ("steering", "qwen2_5_vl")],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("study", ["features", "lens", "steering"])
 def test_sae_studies_finish_on_tiny_families(study, family, tmp_path):
     """features (heat maps at each image's own grid, newlines left out), lens and steering on ragged families."""
     from tests.conftest import run_in_process
@@ -264,22 +291,60 @@ def test_sae_studies_finish_on_tiny_families(study, family, tmp_path):
     assert (tmp_path / "run" / "result.json").exists()
 
 
-def test_das_refuses_a_ragged_family_in_one_line(tmp_path, capsys):
+@pytest.mark.slow
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_das_synthesises_square_images_on_each_tiny_family(family, tmp_path):
+    """Pixel synthesis through the map probed off each family's processor (tiles, patches, padding),
+    with the apples-oranges alignment at every layer; each image is the family's synthesis side."""
     from tests.conftest import run_in_process
+    from xmodal.models.tiny_families import tiny_family
 
     code = run_in_process(
         "experiment=das",
         "experiment.steps=3",
+        "experiment.judge=none",
         "experiment.concepts=[red_circle,blue_square]",
         "experiment.alignment_concepts=[red_circle,blue_square,green_circle]",
-        "model=tiny_qwen2_5_vl",
+        f"model=tiny_{family}",
         "dataset=synthetic",
+        "dataset.images_per_concept=2",
         f"paths.activation_cache={tmp_path / 'cache'}",
         run_dir=tmp_path / "run",
     )
-    assert code == 2
-    assert "pixel synthesis (experiment=das) cannot run on it yet" in "".join(capsys.readouterr())
-    assert not (tmp_path / "run" / "result.json").exists()
+    assert code == 0, (tmp_path / "run" / "failure.json").read_text() if (tmp_path / "run" / "failure.json").exists() else code
+    side = tiny_family(family, device="cpu").synthesis_side()
+    for name in ("red_circle", "blue_square"):
+        assert Image.open(tmp_path / "run" / "images" / f"das_{name}.png").size == (side, side)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_next", "idefics3", "gemma4"])
+def test_the_probed_pixel_map_is_the_processor_on_any_image(family, tiny_families):
+    """The map gives the processor's own pixel tensor for a batch of new images, and gradients reach the pixels."""
+    adapter = tiny_families[family]
+    side = adapter.synthesis_side()
+    to_pixel_values = adapter.synthesis_pixels("What is it?")
+    images = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    pil = [Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()) for image in images]
+    expected = adapter.image_inputs(pil, "What is it?", True, **adapter.synthesis_processor_kwargs)["pixel_values"]
+    unit = (images * 255).round() / 255
+    unit.requires_grad_(True)
+    got = to_pixel_values(unit)
+    torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-4)
+    got.sum().backward()
+    assert unit.grad is not None and bool(unit.grad.abs().sum() > 0)
+
+
+def test_a_processor_that_resamples_is_refused_in_one_line():
+    from xmodal.errors import ConfigError
+    from xmodal.models.pixels import PixelMap
+
+    def halves(image):  # a processor that resizes: each output pixel mixes four inputs
+        small = image.resize((image.width // 2, image.height // 2), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255)
+
+    with pytest.raises(ConfigError, match="resamples a 16x16 image") as caught:
+        PixelMap.probe(16, halves, "halving")
+    assert "\n" not in str(caught.value)
 
 
 def test_activation_store_rows_take_ragged_images(tiny_families):

@@ -233,6 +233,13 @@ class AppendixEDatasetConfig(DatasetConfig):
 
 
 @dataclass
+class SentencesDatasetConfig(DatasetConfig):
+    """Whole sentences, text only: the shipped shift set, or a file of 'category<TAB>sentence' lines."""
+
+    path: Optional[str] = None  # None: xmodal/data/shift_sentences.txt
+
+
+@dataclass
 class HubDatasetConfig(DatasetConfig):
     """A Hugging Face hub dataset through `datasets` (needs network or its cache)."""
 
@@ -339,6 +346,8 @@ class PositionsConfig:
     top_n: int = 5
     batch_size: Any = 8  # a whole number, or auto: the largest batch that fits the GPU (activations/batch_size.py)
     num_workers: int = 0  # DataLoader worker processes that decode and resize images while the model runs
+    # Each concept text cut to its first N tokens of the model's own tokenizer (seed 001 cuts captions at 64)
+    max_concept_tokens: Optional[int] = None
 
 
 @dataclass
@@ -401,6 +410,7 @@ def register_configs() -> None:
         ("dataset", "base_image_folder", ImageFolderDatasetConfig),
         ("dataset", "base_builtin", BuiltinDatasetConfig),
         ("dataset", "base_appendix_e", AppendixEDatasetConfig),
+        ("dataset", "base_sentences", SentencesDatasetConfig),
         ("dataset", "base_coco", CocoDatasetConfig),
         ("logger", "base_none", LoggerConfig),
         ("logger", "base_wandb", WandbLoggerConfig),
@@ -438,6 +448,8 @@ def validate(cfg: DictConfig) -> None:
     check_batch_size(cfg.positions.batch_size)
     if cfg.positions.num_workers < 0:
         raise ConfigError(f"positions.num_workers={cfg.positions.num_workers} must be 0 (load images in the main process) or more")
+    if cfg.positions.max_concept_tokens is not None and cfg.positions.max_concept_tokens < 1:
+        raise ConfigError(f"positions.max_concept_tokens={cfg.positions.max_concept_tokens} must be at least 1, or null to keep whole texts")
     if "{concept}" not in cfg.positions.text_prompt:
         raise ConfigError(f"positions.text_prompt={cfg.positions.text_prompt!r} must contain '{{concept}}' where the concept goes")
     experiment = OmegaConf.to_object(cfg.experiment)  # the study's config dataclass

@@ -155,5 +155,5 @@ def _image_probe(adapter: ModelAdapter, dataset: Any, positions: Any) -> dict:
 
 
 def _text_probe(adapter: ModelAdapter, dataset: Any, positions: Any) -> dict:
-    prompts = [adapter.text_prompt(positions.text_prompt, c.text, positions.use_chat_template) for c in dataset.concepts]
+    prompts = [adapter.text_prompt(positions.text_prompt, c.text, positions.use_chat_template, positions.max_concept_tokens) for c in dataset.concepts]
     return {"input_ids": torch.tensor([max((p.input_ids for p in prompts), key=len)])}

@@ -201,7 +201,7 @@ def extract_activations(
     batch_size = resolve_batch_size(adapter, positions.batch_size, layers, dataset, positions)
 
     concepts = dataset.concepts if "text" in modalities else []
-    prompts = [adapter.text_prompt(positions.text_prompt, c.text, positions.use_chat_template) for c in concepts]
+    prompts = [adapter.text_prompt(positions.text_prompt, c.text, positions.use_chat_template, positions.max_concept_tokens) for c in concepts]
     text_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for batch in tqdm(_batches(len(prompts), batch_size), desc=f"{adapter.name}: text", disable=not progress, leave=False):
         for layer, rows in text_batch_rows(adapter, [prompts[i] for i in batch], layers).items():

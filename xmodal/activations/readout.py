@@ -100,6 +100,7 @@ def readout_key(adapter: ModelAdapter, dataset_hash: str, plan: ReadoutPlan, pos
         "text_prompt": positions.text_prompt,
         "image_prompt": positions.image_prompt,
         "use_chat_template": positions.use_chat_template,
+        **({"max_concept_tokens": positions.max_concept_tokens} if positions.max_concept_tokens is not None else {}),  # unset: keys as before
         "dataset": dataset_hash,
         "modalities": sorted(modalities),
         **plan.identity(),
@@ -503,7 +504,7 @@ def stream_readouts(
     # Text: every concept once (small: a few tokens per concept), before the images.
     pending_text = [w for w in writers if not w.progress["text_done"]]
     if pending_text:
-        prompts = [adapter.text_prompt(positions.text_prompt, c.text, positions.use_chat_template) for c in concepts]
+        prompts = [adapter.text_prompt(positions.text_prompt, c.text, positions.use_chat_template, positions.max_concept_tokens) for c in concepts]
         rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
         for start in tqdm(range(0, len(prompts), batch_size), desc=f"{adapter.name}: text", disable=not progress, leave=False):
             for layer, batch_rows in text_batch_rows(adapter, prompts[start : start + batch_size], layers, site).items():

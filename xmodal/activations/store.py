@@ -65,6 +65,7 @@ class StoreSpec:
     shard_tokens: int
     dtype: str
     site: str = "resid_post"  # where in each layer the rows are read (mlp_out, attn_out: sae_train's store.site)
+    max_concept_tokens: int | None = None  # texts cut to this many tokens (positions.max_concept_tokens)
     format: int = STORE_FORMAT
 
     def describe(self) -> str:
@@ -130,7 +131,7 @@ def stream_rows(
             per_item = tokens[layers[0]].shape[1]
             item = torch.tensor(items).repeat_interleave(per_item)
         else:
-            prompts = [adapter.text_prompt(positions.text_prompt, texts[i], positions.use_chat_template) for i in items]
+            prompts = [adapter.text_prompt(positions.text_prompt, texts[i], positions.use_chat_template, positions.max_concept_tokens) for i in items]
             per_prompt = text_batch_rows(adapter, prompts, layers, site)
             rows = {layer: torch.cat(r) for layer, r in per_prompt.items()}
             item = torch.tensor(items).repeat_interleave(torch.tensor([len(p.concept_positions) for p in prompts]))
@@ -177,6 +178,7 @@ def build_store(
         shard_tokens=shard_tokens,
         dtype=dtype,
         site=str(getattr(site, "value", site)),
+        max_concept_tokens=positions.max_concept_tokens,
     )
     state = _claim(directory, spec)
     if state.complete:

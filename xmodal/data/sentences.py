@@ -13,7 +13,9 @@ from xmodal.data.concepts import Concept, ConceptDataset
 from xmodal.errors import DatasetError
 
 
-def sentence_dataset(path: str | None = None) -> ConceptDataset:
+def sentence_dataset(path: str | None = None, name: str | None = None) -> ConceptDataset:
+    """The sentences of `path` (None: the shipped set); `name` is the config's and is not used: the
+    dataset's name says which file it came from."""
     if path is None:
         text, where = files("xmodal.data").joinpath("shift_sentences.txt").read_text(encoding="utf-8"), "shift_sentences.txt"
     else:

@@ -461,8 +461,15 @@ class ModelAdapter:
         bos = getattr(self.tokenizer, "bos_token", None)
         return not (bos and rendered.startswith(bos))
 
-    def text_prompt(self, prompt_template: str, concept_text: str, use_chat_template: bool) -> TextPrompt:
-        """Tokenise the concept inside its prompt and find the concept's token positions."""
+    def cut_to_tokens(self, text: str, max_tokens: int) -> str:
+        """`text` up to the end of its `max_tokens`-th token under this model's tokenizer."""
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]]
+
+    def text_prompt(self, prompt_template: str, concept_text: str, use_chat_template: bool, max_concept_tokens: int | None = None) -> TextPrompt:
+        """Tokenise the concept inside its prompt (cut to `max_concept_tokens` first) and find its token positions."""
+        if max_concept_tokens is not None:
+            concept_text = self.cut_to_tokens(concept_text, max_concept_tokens)
         rendered = self.render_prompt(prompt_template.replace("{concept}", _SENTINEL), False, use_chat_template)
         start = rendered.find(_SENTINEL)
         rendered = rendered.replace(_SENTINEL, concept_text)
@@ -476,8 +483,9 @@ class ModelAdapter:
             raise DatasetError(f"concept text {concept_text!r} gives no tokens inside the prompt; give the concept a non-empty text")
         return TextPrompt(list(encoded["input_ids"]), positions)
 
-    def image_inputs(self, images: Sequence[Image.Image], prompt: str, use_chat_template: bool) -> Any:
-        """Processor outputs for a batch of images, all with the same prompt."""
+    def image_inputs(self, images: Sequence[Image.Image], prompt: str, use_chat_template: bool, **processor_kwargs: Any) -> Any:
+        """Processor outputs for a batch of images, all with the same prompt (`processor_kwargs`: e.g.
+        the image processor's settings that pixel synthesis asks for, `synthesis_processor_kwargs`)."""
         if not self.supports_images:
             raise ConfigError(f"model {self.name!r} ({self.family}) is text-only; it cannot read images")
         if getattr(self.processor, "image_token", None) is None or getattr(self.processor, "image_processor", None) is None:
@@ -494,6 +502,7 @@ class ModelAdapter:
             return_tensors="pt",
             add_special_tokens=self._adds_bos(rendered),
             **padding,
+            **processor_kwargs,
         )
 
     def processor_image_mask(self, inputs: Any) -> torch.Tensor:
@@ -529,8 +538,8 @@ class ModelAdapter:
         if self.ragged_images:
             raise ConfigError(
                 f"model {self.name!r} ({self.family}) has no fixed square input: its processor resizes, tiles or "
-                "patchifies each image by its own size, so pixel synthesis (experiment=das) cannot run on it yet; "
-                "use a fixed-resolution family (gemma3, paligemma, llava)"
+                "patchifies each image by its own size, and its adapter names no synthesis_side, so pixel synthesis "
+                "(experiment=das) cannot run on it; add one to the family's adapter"
             )
         image_processor = self.processor.image_processor
         size = getattr(image_processor, "crop_size", None) or image_processor.size  # CLIP crops after resizing
@@ -538,6 +547,25 @@ class ModelAdapter:
         if not side or size.get("width", side) != side:
             raise ConfigError(f"model {self.name!r} expects {size} images; xmodal needs square inputs here")
         return int(side)
+
+    # ------------------------------------------------------- synthesis --
+    # Pixel synthesis (experiment=das) optimises square images of one side, read differentiably.
+    synthesis_processor_kwargs: ClassVar[dict[str, Any]] = {}  # processor settings for those images
+    synthesis_grey: ClassVar[float] = 0.5  # the neutral image's level in [0, 1], the baseline of its activations
+
+    def synthesis_side(self) -> int:
+        """The side of the square images that pixel synthesis optimises: one that the processor takes
+        without resampling (dynamic-resolution families name theirs)."""
+        return self.image_side()
+
+    def synthesis_pixels(self, prompt: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Differentiable (n, 3, S, S) in [0, 1] -> the pixel tensor the processor gives for those images.
+        Fixed-resolution families normalise; the others use the map probed off their own processor."""
+        if not self.ragged_images:
+            return self.normalise_pixels
+        from xmodal.models.pixels import probed_pixel_map
+
+        return probed_pixel_map(self, self.synthesis_side(), prompt, self.synthesis_processor_kwargs)
 
     def normalise_pixels(self, unit_images: torch.Tensor) -> torch.Tensor:
         """What the processor would feed the vision tower for (batch, 3, side, side) images in [0, 1].

@@ -8,6 +8,7 @@ patch; padding at -1).
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +28,13 @@ class Gemma4Adapter(ModelAdapter):
         from transformers import Gemma4ForConditionalGeneration
 
         return Gemma4ForConditionalGeneration
+
+    def synthesis_side(self) -> int:
+        """The side a square image is resized to under the soft-token budget: a multiple of pooling x patch."""
+        image_processor = self.processor.image_processor
+        patch, pooling = int(image_processor.patch_size), int(image_processor.pooling_kernel_size)
+        budget = int(image_processor.max_soft_tokens) * pooling**2 * patch**2
+        return max(1, math.isqrt(budget) // (pooling * patch)) * pooling * patch
 
     def image_layouts(self, inputs: Any) -> list[ImageLayout]:
         """rows x columns of pooled patch blocks, from the largest patch coordinates of each image."""

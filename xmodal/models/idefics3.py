@@ -26,6 +26,15 @@ class Idefics3Adapter(ModelAdapter):
 
         return Idefics3ForConditionalGeneration
 
+    # Pixel synthesis shows the global view alone: split, an image is first upscaled, which resamples.
+    synthesis_processor_kwargs: ClassVar[dict[str, Any]] = {"do_image_splitting": False, "do_resize": False}
+    # The model drops an image whose normalised pixels are all 0 as batch padding, and with its mean
+    # and std of 0.5 an exact mid-grey is such an image: the neutral image is the processor's 128 grey.
+    synthesis_grey: ClassVar[float] = 128 / 255
+
+    def synthesis_side(self) -> int:
+        return int(self.processor.image_processor.max_image_size["longest_edge"])
+
     def plain_prompt(self, text: str, with_image: bool) -> str:
         image = self.processor.image_token if with_image else ""
         return f"User:{image}{text}<end_of_utterance>\nAssistant:"

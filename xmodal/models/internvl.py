@@ -24,6 +24,10 @@ class InternVLAdapter(ModelAdapter):
 
         return InternVLForConditionalGeneration
 
+    def synthesis_side(self) -> int:
+        """One tile's side: a square image of it is one tile, with no thumbnail."""
+        return int(self.processor.image_processor.size.height)
+
     def plain_prompt(self, text: str, with_image: bool) -> str:
         image = f"{self.processor.image_token}\n" if with_image else ""
         return f"<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n"

@@ -26,6 +26,12 @@ class LlavaNextAdapter(ModelAdapter):
 
         return LlavaNextForConditionalGeneration
 
+    def synthesis_side(self) -> int:
+        """The tile side: one tile, and a base image that needs no resize (padding is a constant)."""
+        image_processor = self.processor.image_processor
+        size = getattr(image_processor, "crop_size", None) or image_processor.size
+        return int(size.height or size.shortest_edge)
+
     def plain_prompt(self, text: str, with_image: bool) -> str:
         # llava-v1.6-mistral's format, for checkpoints that ship no chat template.
         image = f"{self.processor.image_token}\n" if with_image else ""

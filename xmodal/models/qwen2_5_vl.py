@@ -7,6 +7,7 @@ batches are padded and read by mask row (``ragged_images``).
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +26,13 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         return Qwen2_5_VLForConditionalGeneration
+
+    def synthesis_side(self) -> int:
+        """A multiple of patch x merge (so smart_resize keeps it) near 448 px, within the pixel budget."""
+        image_processor = self.processor.image_processor
+        factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+        largest = math.isqrt(int(image_processor.size.longest_edge)) // factor
+        return factor * max(1, min(448 // factor, largest))
 
     def plain_prompt(self, text: str, with_image: bool) -> str:
         image = f"<|vision_start|>{self.processor.image_token}<|vision_end|>" if with_image else ""

@@ -325,6 +325,29 @@ def _idefics3(text: TextSize) -> TinyBuild:
     return TinyBuild(Idefics3Adapter, config, Idefics3ForConditionalGeneration, processor)
 
 
+def _smolvlm(text: TextSize) -> TinyBuild:
+    """Idefics3's tokens and splitting with SmolVLM's class and processor (which needs num2words)."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.processing_utils import ProcessorMixin
+
+    from xmodal.models.smolvlm import SmolVLMAdapter
+
+    tokenizer, template = _idefics3_tokenizer()
+    config = _idefics3_config(SmolVLMConfig, text, tokenizer)
+
+    class SmolVLMImagesProcessor(SmolVLMProcessor):
+        def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
+            # SmolVLM's own override only adds the video processor's frame settings, and there is none
+            return ProcessorMixin.apply_chat_template(self, conversation, chat_template=chat_template, **kwargs)
+
+    def processor() -> Any:
+        image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
+        return images_only_processor(SmolVLMImagesProcessor, image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=template)
+
+    return TinyBuild(SmolVLMAdapter, config, SmolVLMForConditionalGeneration, processor)
+
+
 def _gemma4(text: TextSize) -> TinyBuild:
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4Processor
     from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
@@ -407,6 +430,7 @@ FAMILIES: dict[str, Callable[[TextSize], TinyBuild]] = {
     "llava_onevision": _llava_onevision,
     "internvl": _internvl,
     "idefics3": _idefics3,
+    "smolvlm": _smolvlm,
     "gemma4": _gemma4,
 }
 

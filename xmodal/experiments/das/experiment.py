@@ -44,7 +44,6 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from xmodal.activations.capture import run_to_layers
 from xmodal.data.concepts import ConceptDataset, without_partners_outside
 from xmodal.errors import ConfigError, DatasetError
 from xmodal.experiments.base import Experiment, RunContext
@@ -52,7 +51,7 @@ from xmodal.experiments.das import api_judge, judges
 from xmodal.experiments.das.alignment import apples_oranges
 from xmodal.experiments.das.concept_vectors import WORD_POSITIONS, baseline_words, concept_vectors, word_dataset
 from xmodal.experiments.das.config import ConceptBaseline, ConceptSource, DASConfig, JudgeKind, JudgeScoring
-from xmodal.experiments.das.synthesis import DASSettings, ImageReader, cosine_matrix, synthesise, to_pil
+from xmodal.experiments.das.synthesis import DASSettings, ImageReader, cosine_matrix, square_image_tokens, synthesise, to_pil
 from xmodal.metrics.statistics import pvalue, summarise_null
 from xmodal.reporting import figures
 
@@ -301,12 +300,9 @@ class DASynthesis(Experiment):
         if n == 0:
             return None
         rng = np.random.default_rng(ctx.seed)
-        side = ctx.model.image_side()
+        side = ctx.model.synthesis_side()
         noise = [Image.fromarray(rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)) for _ in range(n)]
-        inputs = ctx.model.image_inputs(noise, ctx.positions.image_prompt, ctx.positions.use_chat_template).to(ctx.model.device)
-        mask = ctx.model.image_token_mask(inputs["input_ids"])
-        hidden = run_to_layers(ctx.model.model, ctx.model.decoder_layers(), inputs, layers)  # all noise images in one pass
-        return {layer: hidden[layer][mask].view(n, -1, hidden[layer].shape[-1]).float().cpu() for layer in layers}
+        return square_image_tokens(ctx.model, noise, ctx.positions.image_prompt, ctx.positions.use_chat_template, layers)
 
     def alignment(self, ctx: RunContext, subset: ConceptDataset) -> dict[str, float]:
         """Appendix A at every layer up to the model's last, for the alignment concepts (two or more)."""
@@ -314,11 +310,9 @@ class DASynthesis(Experiment):
         layers = list(range(ctx.model.num_layers))
         image_acts = ctx.activations(layers, dataset=subset, modalities=("image",))
         vectors = self.text_vectors(ctx, [c.text for c in subset.concepts], layers)
-        grey = Image.new("RGB", (ctx.model.image_side(),) * 2, (128, 128, 128))
-        inputs = ctx.model.image_inputs([grey], ctx.positions.image_prompt, ctx.positions.use_chat_template).to(ctx.model.device)
-        mask = ctx.model.image_token_mask(inputs["input_ids"])[0]
-        hidden = run_to_layers(ctx.model.model, ctx.model.decoder_layers(), inputs, layers)
-        grey_means = {layer: hidden[layer][0, mask].float().mean(dim=0).cpu() for layer in layers}
+        grey = Image.new("RGB", (ctx.model.synthesis_side(),) * 2, (128, 128, 128))
+        grey_tokens = square_image_tokens(ctx.model, [grey], ctx.positions.image_prompt, ctx.positions.use_chat_template, layers)
+        grey_means = {layer: tokens[0].mean(dim=0) for layer, tokens in grey_tokens.items()}
         noise_tokens = self.white_noise_tokens(ctx, layers)
         labels = np.array([names.index(c) for c in image_acts[layers[0]].image_concepts])
         pairs, summary = apples_oranges(

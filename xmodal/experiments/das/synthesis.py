@@ -118,9 +118,17 @@ def patch_coordinates(n_tokens: int) -> torch.Tensor:
     grid = math.isqrt(n_tokens)
     if grid * grid != n_tokens:
         raise ConfigError(f"{n_tokens} image tokens do not form a square grid; the centre prior needs one")
-    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
-    rows, cols = torch.meshgrid(centres, centres, indexing="ij")
-    return torch.stack([rows.flatten(), cols.flatten()], dim=-1)
+    return grid_centres([(grid, grid)])
+
+
+def grid_centres(grids: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """(tokens, 2) centres of the content tokens of each (rows, columns) grid in token order, in image
+    sides. Each grid spans the whole image: a base view and its tiles, or a tiled view and its thumbnail."""
+    centres = []
+    for rows, cols in grids:
+        y, x = torch.meshgrid((torch.arange(rows) + 0.5) / rows, (torch.arange(cols) + 0.5) / cols, indexing="ij")
+        centres.append(torch.stack([y.flatten(), x.flatten()], dim=-1))
+    return torch.cat(centres).float()
 
 
 def aggregate(
@@ -130,16 +138,18 @@ def aggregate(
     sigma: float,
     aggregation: str = "weighted",
     prior_placement: str = "inside",
+    centres: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(batch, tokens, d) centred patch activations -> (batch, d) image representations.
 
     `concept` is (batch, d): each row's target, which the semantic weights compare against.
     `prior_placement` "inside": softmax((cos + log prior) / T); "outside": softmax(cos / T + log prior).
+    `centres`: (tokens, 2) where each token lies in the image (default: one square grid).
     """
     if aggregation == "mean":
         return centred.mean(dim=1)
     semantic = F.cosine_similarity(centred, concept.unsqueeze(1), dim=-1)  # (batch, tokens)
-    coords = patch_coordinates(centred.shape[1]).to(centred.device)
+    coords = (centres if centres is not None else patch_coordinates(centred.shape[1])).to(centred.device)
     log_prior = -((coords - 0.5) ** 2).sum(dim=-1) / (2 * sigma**2)
     logits = (semantic + log_prior) / temperature if prior_placement == "inside" else semantic / temperature + log_prior
     weights = torch.softmax(logits, dim=1)
@@ -159,16 +169,22 @@ class ImageReader:
         adapter.check_layer(layer)
         self.adapter, self.layer, self.prompt = adapter, layer, prompt
         self.reuse_prefix = reuse_prefix and adapter.reuses_text_prefix
-        self.side = adapter.image_side()
+        self.side = adapter.synthesis_side()
+        self.to_pixel_values = adapter.synthesis_pixels(prompt)
         self._templates: dict[int, Any] = {}
         self.dtype = next(adapter.model.parameters()).dtype
         self._prefix: tuple[Any, int, int] | None = None  # (prefix keys and values, image start, image end)
+        # Separator and newline tokens carry no patch: left out, as from every pooling.
+        layout = adapter.image_layouts(self._template(1))[0]
+        self.content = layout.content.to(adapter.device)
+        self.centres = grid_centres(layout.grids)
 
     def _template(self, n: int) -> Any:
         """Processor outputs for n grey images: the token ids stay, the pixels get replaced."""
         if n not in self._templates:
             grey = Image.new("RGB", (self.side, self.side), (128, 128, 128))
-            self._templates[n] = self.adapter.image_inputs([grey] * n, self.prompt, True).to(self.adapter.device)
+            inputs = self.adapter.image_inputs([grey] * n, self.prompt, True, **self.adapter.synthesis_processor_kwargs)
+            self._templates[n] = inputs.to(self.adapter.device)
         return self._templates[n]
 
     def _prefix_cache(self) -> tuple[Any, int, int]:
@@ -198,14 +214,14 @@ class ImageReader:
         """(n, 3, S, S) in [0, 1] -> (n, image tokens, d_model) float32."""
         n = unit_images.shape[0]
         inputs = self._inputs(n)
-        inputs["pixel_values"] = self.adapter.normalise_pixels(unit_images.to(self.adapter.device)).to(self.dtype)
+        inputs["pixel_values"] = self.to_pixel_values(unit_images.to(self.adapter.device)).to(self.dtype)
         hidden = run_to_layers(self.adapter.model, self.adapter.decoder_layers(), inputs, [self.layer], grad=grad)[self.layer]
         mask = self.adapter.image_token_mask(inputs["input_ids"]).to(hidden.device)  # a layer may sit on another GPU
-        return hidden[mask].view(n, -1, hidden.shape[-1]).float().to(self.adapter.device)
+        return hidden[mask].view(n, -1, hidden.shape[-1]).float().to(self.adapter.device)[:, self.content]
 
     def grey_mean(self) -> torch.Tensor:
         """(d_model,): the mean patch activation of a neutral grey image (the image baseline)."""
-        grey = torch.full((1, 3, self.side, self.side), GREY)
+        grey = torch.full((1, 3, self.side, self.side), self.adapter.synthesis_grey)
         return self.patches(grey, grad=False)[0].mean(dim=0)
 
 
@@ -234,7 +250,7 @@ def synthesise(reader: ImageReader, concept_vectors: torch.Tensor, settings: DAS
         sigma = settings.sigma_start + (settings.sigma_end - settings.sigma_start) * step / max(1, settings.steps - 1)
         views = augment(image(), settings.batch_size, shift, settings.noise_std, generator)
         centred = reader.patches(views) - grey_mean
-        representation = aggregate(centred, targets, settings.temperature, sigma, settings.aggregation, settings.prior_placement)
+        representation = aggregate(centred, targets, settings.temperature, sigma, settings.aggregation, settings.prior_placement, reader.centres)
         cosine = F.cosine_similarity(representation, targets, dim=-1).view(n, settings.batch_size).mean(dim=1)
         loss = -cosine.sum()  # each concept's own loss; summing keeps their gradients separate
         optimiser.zero_grad(set_to_none=False)
@@ -259,9 +275,21 @@ def cosine_matrix(reader: ImageReader, images: torch.Tensor, concept_vectors: to
     out = np.zeros((images.shape[0], concept_vectors.shape[0]))
     for j, concept in enumerate(concept_vectors.float().to(centred.device)):
         target = concept.expand(images.shape[0], -1)
-        representation = aggregate(centred, target, settings.temperature, settings.sigma_end, settings.aggregation, settings.prior_placement)
+        representation = aggregate(centred, target, settings.temperature, settings.sigma_end, settings.aggregation, settings.prior_placement, reader.centres)
         out[:, j] = F.cosine_similarity(representation, target, dim=-1).cpu().numpy()
     return np.nan_to_num(out)  # a zero representation (the grey image itself) has cosine 0
+
+
+@torch.no_grad()
+def square_image_tokens(
+    adapter: ModelAdapter, images: Sequence[Image.Image], prompt: str, use_chat_template: bool, layers: list[int]
+) -> dict[int, torch.Tensor]:
+    """Content image-token resid_post (n, tokens, d) per layer of square images of the synthesis side, in one pass."""
+    inputs = adapter.image_inputs(images, prompt, use_chat_template, **adapter.synthesis_processor_kwargs).to(adapter.device)
+    mask = adapter.image_token_mask(inputs["input_ids"])
+    content = adapter.image_layouts(inputs)[0].content
+    hidden = run_to_layers(adapter.model, adapter.decoder_layers(), inputs, layers)
+    return {layer: hidden[layer][mask].view(len(images), -1, hidden[layer].shape[-1])[:, content].float().cpu() for layer in layers}
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

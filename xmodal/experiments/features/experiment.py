@@ -164,7 +164,7 @@ class FeatureCards(Experiment):
         texts = {c.name: c.text for c in ctx.dataset.concepts}
         labels = []
         for i, concept in enumerate(acts.concepts):
-            prompt = ctx.model.text_prompt(ctx.positions.text_prompt, texts[concept], ctx.positions.use_chat_template)
+            prompt = ctx.model.text_prompt(ctx.positions.text_prompt, texts[concept], ctx.positions.use_chat_template, ctx.positions.max_concept_tokens)
             tokens = [ctx.model.tokenizer.decode([prompt.input_ids[p]]) for p in prompt.concept_positions]
             n_rows = len(acts.text_tokens_of(i))
             labels.append(tokens if len(tokens) == n_rows else [f"<token {k}>" for k in range(n_rows)])
