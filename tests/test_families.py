@@ -228,6 +228,76 @@ def test_ragged_readout_keeps_each_image_its_token_count(tiny_families, tmp_path
     assert shapes[0][1] > shapes[0][0] and shapes[1][0] == shapes[1][1] and shapes[2][0] > shapes[2][1], shapes
 
 
+def test_sae_train_on_ragged_images_and_the_sae_loads_as_local(tmp_path):
+    """xmodal.sae_train on tiny_qwen2_5_vl over images of three sizes: the store holds each image's own
+    token count, and the SAE it writes is read by a study as sae=local."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from tests.conftest import run_in_process
+    from xmodal.models.tiny_families import tiny_family
+
+    sizes = [(96, 32), (48, 48), (32, 96)]
+    for concept, colour in (("apple", (200, 30, 30)), ("pear", (40, 190, 60)), ("plum", (90, 40, 160))):
+        (tmp_path / "photos" / concept).mkdir(parents=True)
+        for index, size in enumerate(sizes):
+            Image.new("RGB", size, tuple(min(255, c + 20 * index) for c in colour)).save(tmp_path / "photos" / concept / f"{index}.png")
+    # concept texts long enough (bytes are tokens here) that the held-out shard holds text rows too
+    texts = {"apple": "a round red apple on a plain table", "pear": "a ripe green pear beside a glass", "plum": "a small purple plum in the shade"}
+    (tmp_path / "photos" / "concepts.csv").write_text("concept,text\n" + "".join(f"{c},{t}\n" for c, t in texts.items()))
+    dataset = ["dataset=image_folder", f"dataset.root={tmp_path / 'photos'}"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xmodal.sae_train",
+            "model=tiny_qwen2_5_vl",
+            *dataset,
+            "layers=[1]",
+            "store.texts=concepts",
+            "store.shard_tokens=40",
+            "positions.batch_size=1",  # one item a batch: the shuffled plan mixes texts into every shard
+            "store.eval_fraction=0.4",
+            f"store.dir={tmp_path / 'store'}",
+            f"out_dir={tmp_path / 'sae'}",
+            "training.d_sae=32",
+            "training.k=8",
+            "training.training_tokens=4000",
+            "training.batch_size=64",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    adapter = tiny_family("qwen2_5_vl", device="cpu")
+    counts = [int(adapter.image_token_mask(adapter.image_inputs([Image.new("RGB", size)], "", True)["input_ids"]).sum()) for size in sizes]
+    assert len(set(counts)) > 1  # the three sizes give three token counts
+    quality = pd.read_csv(tmp_path / "sae" / "quality.csv").set_index("tokens")
+    manifest = json.loads((tmp_path / "store" / "progress.json").read_text())
+    assert sum(shard["image_rows"] for shard in manifest["shards"]) == 3 * sum(counts)  # every image its own rows
+    assert quality.loc["image", "n_tokens"] > 0 and quality.loc["image", "d_sae"] == 32
+    code = run_in_process(
+        "experiment=overlap",
+        "model=tiny_qwen2_5_vl",
+        *dataset,
+        "layer=1",
+        "sae=local",
+        f"sae.path='{tmp_path / 'sae' / 'layer_{layer}'}'",
+        "experiment.n_permutations=20",
+        f"paths.activation_cache={tmp_path / 'cache'}",
+        run_dir=tmp_path / "overlap",
+    )
+    assert code == 0
+    result = json.loads((tmp_path / "overlap" / "result.json").read_text())
+    assert result["sae"] == "local" and result["sae_width"] == 32
+
+
 def test_cross_attention_models_are_refused_in_one_line(tmp_path):
     from transformers import MllamaConfig
 
@@ -359,3 +429,45 @@ def test_activation_store_rows_take_ragged_images(tiny_families):
     expected = [int(adapter.image_token_mask(adapter.image_inputs([img.load()], "", True)["input_ids"]).sum()) for img in dataset.images]
     assert counts == expected and len(set(counts)) > 1
     assert rows[1].shape == (sum(counts), adapter.hidden_size) and bool((modality == IMAGE).all())
+
+
+# What the README's table of pretrained SAEs for the new families says: release -> the model it was trained on.
+README_SAES = {
+    "qwen2.5-7b-instruct-andyrdt": "Qwen/Qwen2.5-7B-Instruct",
+    "llama-3.1-8b-instruct-andyrdt": "meta-llama/Llama-3.1-8B-Instruct",
+    "goodfire-llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
+    "qwen-scope-3-1.7b-base-w32k-l50": "Qwen/Qwen3-1.7B-Base",
+    "qwen-scope-3-1.7b-base-w32k-l100": "Qwen/Qwen3-1.7B-Base",
+    "qwen-scope-3-8b-base-w64k-l50": "Qwen/Qwen3-8B-Base",
+    "qwen-scope-3-8b-base-w64k-l100": "Qwen/Qwen3-8B-Base",
+    "mwhanna-qwen3-1.7b-transcoders-lowl0": "qwen3-1.7b",
+    "mwhanna-qwen3-4b-transcoders": "qwen3-4b",
+    "mwhanna-qwen3-8b-transcoders": "qwen3-8b",
+}
+
+
+def test_the_readme_names_the_pretrained_saes_sae_lens_has_for_the_new_families():
+    """Each release the README names is in sae-lens's directory for that model; no release there reads one
+    of the new families' VLM checkpoints; every Qwen3 base xmodal pairs with Qwen3-VL that has SAEs is named."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from tests.conftest import REPO
+
+    directory = get_pretrained_saes_directory()
+    readme = (REPO / "README.md").read_text()
+    for release, model in README_SAES.items():
+        assert release in directory and directory[release].model == model, release
+        assert f"`{release}`" in readme, release
+    families = ("qwen2_5_vl", "qwen3_vl", "gemma4", "llava_next", "llava_onevision", "internvl3", "idefics3", "smolvlm2")
+    checkpoints = {
+        OmegaConf.load(path).name_or_path.lower()
+        for path in Path(REPO / "conf" / "model").glob("*.yaml")
+        if path.stem.startswith(families) and "name_or_path" in OmegaConf.load(path)
+    }
+    assert len(checkpoints) >= 14
+    assert not {release for release, entry in directory.items() if entry.model.lower() in checkpoints}
+    bases = {OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml").name_or_path for name in ("qwen3_1_7b_base", "qwen3_8b_base")}
+    assert bases <= set(README_SAES.values())

@@ -356,3 +356,13 @@ def test_sae_train_default_folders_name_model_architecture_and_width():
         cfg = compose(config_name="sae_train", overrides=["training.architecture=batchtopk", "training.d_sae=1024"])
     assert cfg.out_dir == "outputs/sae_train/organism_batchtopk_1024"
     assert cfg.store.dir == "outputs/activation_store/organism_organism_concepts_seed0"
+
+
+def test_mixed_batches_wait_for_a_whole_batch_when_chunks_are_smaller_than_one():
+    """Shards smaller than a training batch: rows carry over until a batch is whole, never an empty batch."""
+    from xmodal.activations.store import mixed_batches
+
+    chunks = iter([torch.arange(i * 10, i * 10 + 10).float().view(-1, 1) for i in range(7)])  # 70 rows in chunks of 10
+    batches = list(mixed_batches(chunks, 1, 32, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == [32, 32]  # the 6 rows left over wait for more
+    assert len(torch.cat(batches).unique()) == 64

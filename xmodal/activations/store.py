@@ -322,7 +322,8 @@ def mixed_batches(chunks: Iterator[torch.Tensor], buffer_rows: int, batch_size: 
             mixed = torch.cat(pending)
             mixed = mixed[torch.randperm(len(mixed), generator=generator)]
             usable = len(mixed) - len(mixed) % batch_size
-            yield from mixed[:usable].split(batch_size)
+            if usable:  # (an empty tensor splits into one empty batch)
+                yield from mixed[:usable].split(batch_size)
             pending = [mixed[usable:]]
 
 

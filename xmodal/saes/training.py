@@ -13,6 +13,8 @@ from typing import Any, Iterator
 
 import torch
 
+from xmodal.errors import ConfigError
+
 
 def shuffled_batches(activations: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """Endless epochs over the rows, reshuffled each epoch with a seeded generator."""
@@ -89,7 +91,10 @@ def train_sae(
     if decoder_init not in ("data", "random"):
         raise ValueError(f"decoder_init={decoder_init!r}; use 'data' or 'random'")
     if decoder_init == "data" and len(sample) < d_sae:
-        raise ValueError(f"decoder_init='data' needs at least d_sae={d_sae} activation rows, got {len(sample)}")
+        raise ConfigError(
+            f"training.decoder_init=data needs at least training.d_sae={d_sae} activation rows to start the decoder from, got {len(sample)}; "
+            "lower training.d_sae, set training.decoder_init=random, or give the store more tokens"
+        )
     torch.manual_seed(seed)
     common = dict(
         d_in=sample.shape[1],
