@@ -14,6 +14,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never talk to W&B unless they ask
+# pytest-xdist runs a worker per core (pyproject's addopts): each worker, and every process its tests
+# start, gets its share of the cores, so that torch's and BLAS's thread pools do not oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_variable, str(_share))
+    if "torch" in sys.modules:  # imported by a plugin before this file: its pool is already sized
+        sys.modules["torch"].set_num_threads(_share)
 # Hashes of local weights: in the session's own file, not the user's cache.
 os.environ.setdefault("XMODAL_HASH_CACHE", str(Path(tempfile.mkdtemp(prefix="xmodal-hashes-")) / "file_hashes.json"))
 
