@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from xmodal.errors import ConfigError
 from xmodal.saes.training import train_topk_sae
 
 
@@ -54,5 +55,5 @@ def test_unknown_architecture_is_refused():
 def test_bad_decoder_init_is_refused():
     with pytest.raises(ValueError, match="decoder_init='pca'"):
         train_topk_sae(torch.zeros(10, 4), 0, 8, 2, 10, 5, 1e-3, 0, decoder_init="pca")
-    with pytest.raises(ValueError, match="at least d_sae=8"):
+    with pytest.raises(ConfigError, match="at least training.d_sae=8 activation rows"):
         train_topk_sae(torch.zeros(4, 4), 0, 8, 2, 10, 5, 1e-3, 0, decoder_init="data")

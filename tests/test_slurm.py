@@ -347,7 +347,9 @@ def test_the_store_runs_as_an_array_and_a_requeued_task_resumes_after_its_last_s
         *FITS_THE_NODE,
         "model=tiny",
         "dataset=synthetic",
-        "dataset.images_per_concept=16",  # about 50 shards: the requeue (and SLURM's KillWait after it) lands well inside the fill
+        # About 200 shards, some 25 s of filling: the requeue, and the 5 s of SLURM's KillWait before the kill
+        # (submitit ignores the SIGTERM), land well inside the fill.
+        "dataset.images_per_concept=64",
         "layers=[1],[2]",
         "store.texts=concepts",
         "store.shard_tokens=60",
