@@ -30,6 +30,8 @@ class PixelMap:
     def __init__(self, side: int, shape: tuple[int, ...], source: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
         self.side, self.shape = side, shape
         self.source, self.scale, self.offset = source, scale, offset
+        # What the hot path needs: where to read (a constant reads 0, then scale 0 keeps only its offset).
+        self._read, self._scale, self._offset = source.clamp(min=0), scale * (source >= 0), offset
 
     @classmethod
     def probe(cls, side: int, pixel_values: Callable[[Image.Image], torch.Tensor], name: str) -> PixelMap:
@@ -65,11 +67,10 @@ class PixelMap:
         """(n, 3, S, S) in [0, 1] -> the processor's pixel tensor for the n images, differentiably
         (each image's block concatenated on the first axis, as the processor batches them)."""
         n = unit_images.shape[0]
-        device = unit_images.device
+        if self._read.device != unit_images.device:  # moved once: every synthesis step calls this
+            self._read, self._scale, self._offset = (t.to(unit_images.device) for t in (self._read, self._scale, self._offset))
         values = 255 * unit_images.permute(0, 2, 3, 1).reshape(n, -1)  # (y, x, channel) order, as probed
-        source = self.source.to(device)
-        gathered = values[:, source.clamp(min=0)] * (source >= 0)
-        out = gathered * self.scale.to(device) + self.offset.to(device)
+        out = values[:, self._read] * self._scale + self._offset
         return out.reshape(n * self.shape[0], *self.shape[1:])
 
 
